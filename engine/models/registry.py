@@ -1,0 +1,61 @@
+"""Model registry: one small function per backbone variant, and `create_model` building the multi-exit model."""
+from __future__ import annotations
+
+from torch import nn
+
+from engine.models.multi_exit import MultiExitModel
+from engine.models.resnet import BasicBlock, Bottleneck, PreActBlock, ResNet
+from engine.registry import Registry
+
+MODELS = Registry("model")
+register_model = MODELS.register
+
+_DEPTHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4, 6, 3)),
+           "resnet50": (Bottleneck, (3, 4, 6, 3)), "resnet101": (Bottleneck, (3, 4, 23, 3)),
+           "preact_resnet18": (PreActBlock, (2, 2, 2, 2))}
+
+
+def _resnet(name: str, depths=None, **kw) -> ResNet:
+    block, layers = _DEPTHS[name]
+    return ResNet(block, depths or layers, **kw)
+
+
+@register_model
+def resnet18(**kw) -> ResNet:
+    return _resnet("resnet18", **kw)
+
+
+@register_model
+def resnet34(**kw) -> ResNet:
+    return _resnet("resnet34", **kw)
+
+
+@register_model
+def resnet50(**kw) -> ResNet:
+    return _resnet("resnet50", **kw)
+
+
+@register_model
+def resnet101(**kw) -> ResNet:
+    return _resnet("resnet101", **kw)
+
+
+@register_model
+def preact_resnet18(**kw) -> ResNet:
+    """CS-KD's CIFAR_ResNet18 (pre-activation blocks); use with stem='cifar'."""
+    return _resnet("preact_resnet18", **kw)
+
+
+def create_backbone(model_cfg) -> nn.Module:
+    kw = dict(num_classes=model_cfg.num_classes, in_chans=model_cfg.in_chans)
+    if model_cfg.name.startswith("timm:"):
+        from engine.models.timm_backbone import create_timm_backbone
+
+        return create_timm_backbone(model_cfg.name[len("timm:"):], drop_rate=model_cfg.drop_rate, **kw)
+    factory = MODELS.get(model_cfg.name)
+    return factory(stem=model_cfg.stem, width=model_cfg.width, depths=model_cfg.depths,
+                   zero_init_residual=model_cfg.zero_init_residual, drop_rate=model_cfg.drop_rate, **kw)
+
+
+def create_model(model_cfg, exits_cfg) -> MultiExitModel:
+    return MultiExitModel(create_backbone(model_cfg), exits_cfg.stages, exits_cfg.head, exits_cfg.hint_adapter)

@@ -1,0 +1,104 @@
+"""`build_data(cfg, ...)`: one entry point from `data.*` config to train / val / test loaders of any backend."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipelines.base import DataBundle, DataError
+from pipelines.datasets import (FASHION_MNIST_CLASSES, load_digits_split, load_fashion_mnist, scan_image_folder,
+                                split_dir)
+from pipelines.synthetic import SyntheticLoader
+from pipelines.torch_loader import FolderLoader, TensorLoader
+from pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def _carve(n: int, val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed (seed-determined) split of train into train/val indices."""
+    if val >= n:
+        raise DataError(f"data.val_split={val} leaves no training data (train has {n} samples)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 12345))
+    return perm[val:], perm[:val]
+
+
+def _limit(n: int, limit: int) -> int:
+    return min(n, limit) if limit else n
+
+
+def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> DataBundle:
+    d = cfg.data
+    if d.backend in ("dali", "dali-cpu"):
+        from pipelines.dali import build_dali_data
+
+        return build_dali_data(cfg, device, rank, world)
+    mf = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
+    if d.backend == "synthetic" or d.dataset == "synthetic":
+        k, c, s = cfg.model.num_classes, cfg.model.in_chans, d.image_size
+        n = d.limit_train or 100 * d.batch_size
+        mk = lambda bs, num: SyntheticLoader(num, bs, k, c, s, device, memory_format=mf, seed=cfg.seed)  # noqa: E731
+        return DataBundle(mk(d.batch_size, n), mk(d.eval_batch_size, d.eval_batch_size),
+                          None, k, c, [str(i) for i in range(k)])
+    if d.dataset in ("fashion_mnist", "digits"):
+        return _in_memory(cfg, device, rank, world, mf)
+    return _folder(cfg, device, rank, world, mf)
+
+
+def _in_memory(cfg, device, rank, world, mf) -> DataBundle:
+    d = cfg.data
+    if d.dataset == "fashion_mnist":
+        splits, classes = load_fashion_mnist(d.root), FASHION_MNIST_CLASSES
+    else:
+        splits, classes = load_digits_split(), [str(i) for i in range(10)]
+    (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
+    xval = yval = None
+    if d.val_split:
+        tr, va = _carve(len(ytr), d.val_split, cfg.seed)
+        xval, yval, xtr, ytr = xtr[va], ytr[va], xtr[tr], ytr[tr]
+    ntr = _limit(len(ytr), d.limit_train)
+    xtr, ytr = xtr[:ntr], ytr[:ntr]
+    ne = _limit(len(yte), d.limit_eval)
+    xte, yte = xte[:ne], yte[:ne]
+    mean = torch.tensor(d.mean) if d.mean else (xtr.float() / 255).mean(dim=(0, 2, 3))
+    std = torch.tensor(d.std) if d.std else (xtr.float() / 255).std(dim=(0, 2, 3))
+
+    def mk(x, y, train):
+        return TensorLoader(x, y, d.batch_size if train else d.eval_batch_size, train, d.augment, d.image_size,
+                            mean, std, device, rank, world, cfg.seed, mf)
+
+    val = mk(xval[: _limit(len(yval), d.limit_eval)], yval[: _limit(len(yval), d.limit_eval)], False) \
+        if xval is not None else None
+    return DataBundle(mk(xtr, ytr, True), val, mk(xte, yte, False), len(classes), xtr.shape[1], classes)
+
+
+def _folder(cfg, device, rank, world, mf) -> DataBundle:
+    d = cfg.data
+    if d.root is None:
+        raise DataError("data.dataset=imagefolder needs data.root (a folder with train/ and val/ or test/)")
+    root = Path(d.root)
+    if not root.is_dir():
+        raise DataError(f"data.root {root} does not exist")
+    train_dir = split_dir(root, ("train",))
+    if train_dir is None:
+        raise DataError(f"{root} has no train/ folder (expected root/train/<class>/<image>)")
+    train, classes = scan_image_folder(train_dir)
+    val_dir, test_dir = split_dir(root, ("val", "valid", "validation")), split_dir(root, ("test",))
+    val = scan_image_folder(val_dir, classes)[0] if val_dir else None
+    test = scan_image_folder(test_dir, classes)[0] if test_dir else None
+    if d.val_split:
+        tr, va = _carve(len(train), d.val_split, cfg.seed)
+        # With a carved split, the folder's own val/ becomes the held-out test set (ImageNet convention).
+        test = test if test is not None else val
+        train, val = [train[i] for i in tr], [train[i] for i in va]
+    train = train[: _limit(len(train), d.limit_train)]
+    mean = torch.tensor(d.mean or (IMAGENET_MEAN if cfg.model.in_chans == 3 else [0.5] * cfg.model.in_chans))
+    std = torch.tensor(d.std or (IMAGENET_STD if cfg.model.in_chans == 3 else [0.5] * cfg.model.in_chans))
+
+    def mk(samples, is_train):
+        if samples is None:
+            return None
+        samples = samples if is_train else samples[: _limit(len(samples), d.limit_eval)]
+        return FolderLoader(samples, d.batch_size if is_train else d.eval_batch_size, is_train, d.augment,
+                            d.image_size, cfg.model.in_chans, mean, std, device, d.workers, rank, world, cfg.seed,
+                            d.skip_corrupt, mf)
+
+    return DataBundle(mk(train, True), mk(val, False), mk(test, False), len(classes), cfg.model.in_chans, classes)
