@@ -266,6 +266,11 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads '1e-6' (no dot) as a string: accept what float() accepts
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {value!r}")
         return float(value)
@@ -392,6 +397,27 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg.data, name)
         if v is not None and len(v) != cfg.model.in_chans:
             raise ConfigError(f"data.{name}: needs {cfg.model.in_chans} values (model.in_chans), got {v}")
+    _validate_methods(cfg)
+
+
+def _validate_methods(cfg: Config) -> None:
+    """What each method needs from the data and the other sections (engine/objectives/*)."""
+    o, name = cfg.objective, cfg.objective.name
+    if name in ("cskd", "byot_cskd", "mixup_cskd") and cfg.data.sampler != "class_pair":
+        raise ConfigError(f"objective.name={name!r} needs data.sampler=class_pair (CS-KD anchor/partner batches)")
+    if name in ("cskd", "byot_cskd") and o.cskd.sample_wise and not cfg.data.extra_view:
+        raise ConfigError("objective.cskd.sample_wise=true (CS-KD-E) needs data.extra_view=true")
+    if name in ("mixup", "mixup_cskd") and o.mixup_alpha <= 0:
+        raise ConfigError(f"objective.name={name!r} needs objective.mixup_alpha > 0 (e.g. 1.0)")
+    if name == "kd" and not o.teacher.checkpoint:
+        raise ConfigError("objective.name='kd' needs objective.teacher.checkpoint")
+    if name == "sd_generation" and cfg.generations == 1 and not o.teacher.checkpoint:
+        raise ConfigError("objective.name='sd_generation' needs objective.teacher.checkpoint (or generations > 1)")
+    if cfg.generations > 1 and name not in ("ce", "sd_generation"):
+        raise ConfigError(f"generations={cfg.generations}: generation 0 trains with 'ce' and later ones with "
+                          f"'sd_generation'; set objective.name to one of them (got {name!r})")
+    if name in ("ls_wrong_classes", "ls_all_classes"):  # the name fixes the convention; keep the record truthful
+        o.label_smoothing.convention = name[len("ls_"):]
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -186,6 +186,10 @@ def _finish(cfg: Config, c: Components, run: RunDir, st: TrainState) -> dict:
             summary["test_best"] = evaluate(target, test, c.info.device, cfg.precision.amp, cfg.logging.ece_bins,
                                             c.info)
             target.load_state_dict(live)
+    if c.info.is_main:  # reliability diagram + per-exit accuracy chart (PNG) into the run directory
+        from engine.plots import write_run_plots
+
+        summary["plots"] = write_run_plots(cfg.checkpoint.dir, summary)
     run.log({"kind": "final", **summary})
     return summary
 

@@ -40,10 +40,15 @@ class ByotWeights:
         return cls(tuple(ce), tuple(kd), tuple(hint))
 
 
+def upcast(t: Tensor) -> Tensor:
+    """Losses accumulate in at least fp32 (fp64 inputs stay fp64, so float64 references compare exactly)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def kd_loss(student: Tensor, teacher: Tensor, temperature: float, kind: str = "kl", t_squared: bool = True) -> Tensor:
     """Mean over rows of KL(softmax(t/T) || softmax(s/T)) or of the soft cross-entropy; the teacher is detached."""
-    log_q = F.log_softmax(student.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    log_q = F.log_softmax(upcast(student) / temperature, dim=-1)
+    log_p = F.log_softmax(upcast(teacher.detach()) / temperature, dim=-1)
     p = log_p.exp()
     per_row = (p * (log_p - log_q)).sum(-1) if kind == "kl" else -(p * log_q).sum(-1)
     loss = per_row.mean()
@@ -51,10 +56,10 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float, kind: str = "k
 
 
 def hint_loss(feat: Tensor, target: Tensor, kind: str = "sse") -> Tensor:
-    target = target.detach().float()
-    feat = feat.float()
+    target = upcast(target.detach())
+    feat = upcast(feat)
     if kind == "sse":
-        mask = ((feat > 0) | (target > 0)).float()
+        mask = ((feat > 0) | (target > 0)).to(feat.dtype)
         return ((feat - target).pow(2) * mask).sum()
     if kind == "l2":
         return torch.dist(feat, target)
@@ -69,7 +74,7 @@ def byot_terms(logits: list[Tensor], features: list[Tensor], targets: Tensor, w:
     terms: dict[str, Tensor] = {}
     teacher_logits, teacher_feat = logits[-1], features[-1]
     for i, z in enumerate(logits):
-        terms[f"ce_{i}"] = w.ce[i] * F.cross_entropy(z.float(), targets, ignore_index=ignore_index)
+        terms[f"ce_{i}"] = w.ce[i] * F.cross_entropy(upcast(z), targets, ignore_index=ignore_index)
     for i, z in enumerate(logits[:-1]):
         terms[f"kd_{i}"] = w.kd[i] * kd_loss(z, teacher_logits, temperature, kd, t_squared)
     for i, f in enumerate(features[:-1]):
@@ -107,4 +112,4 @@ class CrossEntropy(Objective):
         super().__init__()
 
     def loss(self, out: ExitOutputs, batch: Batch) -> LossOutput:
-        return sum_terms({"ce": F.cross_entropy(out.logits[-1].float(), batch.labels)})
+        return sum_terms({"ce": F.cross_entropy(upcast(out.logits[-1]), batch.labels)})

@@ -1,0 +1,84 @@
+"""Bad input exits non-zero with the path or key named, and leaves no checkpoint behind."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["model.stem=cifar", "model.width=0.125", "model.depths=[1,1,1,1]", "model.num_classes=2",
+        "data.dataset=imagefolder", "data.image_size=16", "data.augment=crop_flip", "data.batch_size=4",
+        "data.workers=0", "schedule.epochs=1", "logging.progress=false"]
+
+
+def _run(tmp_path, *overrides):
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "train", *BASE, f"checkpoint.dir={run_dir}", *overrides],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return r, run_dir
+
+
+def _folder(root: Path, classes=("a", "b"), n=6) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def _no_checkpoint(run_dir: Path) -> bool:
+    return not run_dir.exists() or not (list(run_dir.glob("*.pt")) + list(run_dir.glob(".*tmp")))
+
+
+def test_missing_data_path(tmp_path):
+    r, run_dir = _run(tmp_path, f"data.root={tmp_path / 'nowhere'}")
+    assert r.returncode != 0 and str(tmp_path / "nowhere") in r.stderr
+    assert _no_checkpoint(run_dir)
+
+
+def test_empty_class_folder(tmp_path):
+    root = _folder(tmp_path / "data")
+    (root / "train" / "c").mkdir()
+    r, run_dir = _run(tmp_path, f"data.root={root}", "model.num_classes=3")
+    assert r.returncode != 0 and str(root / "train" / "c") in r.stderr
+    assert _no_checkpoint(run_dir)
+
+
+def test_corrupt_image(tmp_path):
+    root = _folder(tmp_path / "data")
+    bad = root / "train" / "a" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    r, run_dir = _run(tmp_path, f"data.root={root}")
+    assert r.returncode != 0 and str(bad) in r.stderr
+    assert _no_checkpoint(run_dir)
+
+
+def test_corrupt_image_skipped_when_asked(tmp_path):
+    root = _folder(tmp_path / "data")
+    (root / "train" / "a" / "broken.jpg").write_bytes(b"not an image")
+    r, run_dir = _run(tmp_path, f"data.root={root}", "data.skip_corrupt=true")
+    assert r.returncode == 0, r.stderr
+    assert (run_dir / "last.pt").is_file()
+
+
+def test_unknown_config_key(tmp_path):
+    r, run_dir = _run(tmp_path, "optim.momentun=0.9")
+    assert r.returncode == 2 and "optim.momentun" in r.stderr
+    assert _no_checkpoint(run_dir)
+
+
+def test_wrong_class_count_names_the_key(tmp_path):
+    root = _folder(tmp_path / "data")
+    r, run_dir = _run(tmp_path, f"data.root={root}", "model.num_classes=5")
+    assert r.returncode == 2 and "model.num_classes" in r.stderr
+    assert _no_checkpoint(run_dir)
+
+
+@pytest.mark.parametrize("cmd", [["bench"], ["profile", "nothing"]])
+def test_subcommand_usage(cmd):
+    r = subprocess.run([sys.executable, "-m", "engine.cli", *cmd], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "usage" in r.stderr
