@@ -76,3 +76,36 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
         train(bad, device="cpu")
     assert ck.read_bytes() == before
     assert torch.load(ck, weights_only=False)["state"]["epoch"] == 1
+
+
+def test_sigterm_writes_checkpoint_and_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.helpers import DIGITS, TINY_MODEL
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "engine.cli", "train", *TINY_MODEL, *DIGITS, "schedule.milestones=[1000]",
+            "logging.log_every=1", "logging.progress=false", f"checkpoint.dir={run}", "--device", "cpu"]
+    proc = subprocess.Popen([*args, "schedule.epochs=100"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and
+                                          (run / "metrics.jsonl").read_text().count('"train"') >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "resume" in out
+    state = torch.load(run / "last.pt", weights_only=False)["state"]
+    assert state["step"] >= 3
+    done = subprocess.run([*args, f"schedule.epochs={state['epoch'] + 1}", "--resume", "auto"], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "train"]
+    assert steps == list(range(1, steps[-1] + 1))  # no step lost or repeated across the interruption

@@ -1,0 +1,93 @@
+"""`build_dali_data`: data.backend = dali (GPU, mixed decode) or dali-cpu, for data.dataset = imagefolder.
+
+Same folder rules, labels, splits and normalisation as the torch backend (`pipelines/folder_splits.py`); the
+graphs are in `pipelines/dali_pipes.py`, the iterators in `pipelines/dali_loader.py`. Config keys used:
+data.{root, image_size, augment, batch_size, eval_batch_size, workers (= DALI CPU threads), dali_prefetch,
+dali_hw_decoder_load, sampler, extra_view, skip_corrupt, val_split, limit_train, limit_eval, mean, std},
+model.in_chans, precision.{amp, channels_last}, objective.cskd.allow_self_partner, seed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from engine.config import ConfigError
+from pipelines.base import DataBundle
+from pipelines.folder_splits import Samples, folder_splits
+from pipelines.image_check import find_bad_images
+from pipelines.samplers import ClassPairBatchSampler
+
+log = logging.getLogger(__name__)
+
+
+def _check_backend(cfg, device: torch.device) -> str:
+    d = cfg.data
+    if d.dataset != "imagefolder":
+        raise ConfigError(f"data.backend={d.backend} reads image folders, but data.dataset={d.dataset}; write the "
+                          "images out (`selfdistill data fashion-mnist --out DIR`) and set data.dataset=imagefolder "
+                          "data.root=DIR, or use data.backend=torch")
+    if d.backend == "dali":
+        if device.type != "cuda":
+            raise ConfigError(f"data.backend=dali decodes on the GPU but the training device is {device}; "
+                              "use data.backend=dali-cpu")
+        return "mixed"
+    return "cpu"
+
+
+def _drop_corrupt(samples: Samples | None, split: str) -> tuple[Samples | None, int]:
+    """data.skip_corrupt: DALI cannot skip a file mid-epoch, so bad files are left out before the pipeline is
+    built. The quick check reads each file's first and last bytes; files it flags are fully decoded to confirm."""
+    if not samples:
+        return samples, 0
+    bad = {p for p, _ in find_bad_images([p for p, _ in samples])}
+    if bad:
+        log.warning("data.skip_corrupt: leaving %d corrupt %s image(s) out, e.g. %s", len(bad), split,
+                    ", ".join(sorted(bad)[:3]))
+    return [s for s in samples if s[0] not in bad], len(bad)
+
+
+def build_dali_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> DataBundle:
+    d = cfg.data
+    decoder = _check_backend(cfg, device)
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"data.backend={d.backend} needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+                          "(or `pip install -e .[dali]`), or use data.backend=torch") from None
+    from pipelines.dali_loader import DaliFolderLoader, DaliPairLoader, torch_dtype
+    from pipelines.dali_pipes import Recipe
+
+    splits = folder_splits(cfg)
+    fp16, out_dtype = torch_dtype(cfg.precision.amp)
+    recipe = Recipe(size=d.image_size, augment=d.augment, train=True, gray=cfg.model.in_chans == 1,
+                    mean=tuple(splits.mean), std=tuple(splits.std), fp16=fp16,
+                    channels_last=cfg.precision.channels_last, decoder=decoder, hw_decoder_load=d.dali_hw_decoder_load)
+    common = {"device": device, "seed": cfg.seed, "threads": d.workers, "prefetch": d.dali_prefetch,
+              "out_dtype": out_dtype}
+    skipped = {}
+    train, val, test = splits.train, splits.val, splits.test
+    if d.skip_corrupt:
+        (train, skipped["train"]), (val, skipped["val"]), (test, skipped["test"]) = (
+            _drop_corrupt(s, name) for s, name in ((train, "train"), (val, "val"), (test, "test")))
+
+    if d.sampler == "class_pair":
+        sampler = ClassPairBatchSampler([y for _, y in train], d.batch_size, rank, world, cfg.seed,
+                                        allow_self=cfg.objective.cskd.allow_self_partner, drop_last=True)
+        train_loader = DaliPairLoader(train, sampler, recipe, extra_view=d.extra_view, **common)
+    else:
+        train_loader = DaliFolderLoader(train, replace(recipe, views=2 if d.extra_view else 1),
+                                        d.batch_size, rank=rank, world=world, **common)
+    eval_recipe = replace(recipe, train=False)
+
+    def evaluation(samples: Samples | None, split: str):
+        if samples is None:
+            return None
+        loader = DaliFolderLoader(samples, eval_recipe, d.eval_batch_size, rank=rank, world=world, **common)
+        loader.skipped = skipped.get(split, 0)
+        return loader
+
+    train_loader.skipped = skipped.get("train", 0)
+    return DataBundle(train_loader, evaluation(val, "val"), evaluation(test, "test"), len(splits.classes),
+                      cfg.model.in_chans, splits.classes)
