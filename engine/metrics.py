@@ -1,7 +1,8 @@
-"""Classification and calibration metrics on collected logits (host side, after evaluation).
+"""Classification, calibration and retrieval metrics on collected logits and features (after evaluation).
 
 ECE follows Guo et al. 2017 with equal-width confidence bins: sum_b |B|/N * |acc(B) - conf(B)|, the bins
-(lo, hi] as in the Beta-smoothing code's `ECELoss`.
+(lo, hi] as in the Beta-smoothing code's `ECELoss`. Recall@1 (CS-KD, Yun et al. 2020): the share of samples whose
+nearest other sample by cosine similarity of the exit's pooled (penultimate) features has the same label.
 """
 from __future__ import annotations
 
@@ -40,25 +41,67 @@ def reliability(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, li
 
 
 def ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
-    r = reliability(probs, labels, n_bins)
-    total = len(labels)
+    return ece_from_reliability(reliability(probs, labels, n_bins))
+
+
+def ece_from_reliability(r: dict[str, list[float]]) -> float:
+    total = sum(r["count"]) or 1
     return 100.0 * sum(c / total * abs(a - f) for c, a, f in zip(r["count"], r["accuracy"], r["confidence"]))
 
 
-def summarize_probs(probs: Tensor, labels: Tensor, n_bins: int) -> dict[str, float]:
-    """top-1/top-5 (%), NLL and ECE (%) of one predictor."""
+@torch.no_grad()
+def recall_at_1(features: Tensor, labels: Tensor, chunk: int = 2048) -> float:
+    """Recall@1 (%): for each sample, is its nearest *other* sample by cosine similarity of the same class?
+
+    Runs on the features' device in row chunks ([chunk, N] similarities at a time); one host read at the end.
+    Ties go to the lowest index. Fewer than 2 samples: NaN.
+    """
+    n = features.shape[0]
+    if n < 2:
+        return float("nan")
+    f = F.normalize(features.float().flatten(1), dim=1)
+    labels = labels.to(f.device)
+    hits = torch.zeros((), dtype=torch.long, device=f.device)
+    for s in range(0, n, chunk):
+        rows = torch.arange(s, min(s + chunk, n), device=f.device)
+        sim = f[rows] @ f.T  # [c, N]
+        sim[torch.arange(len(rows), device=f.device), rows] = -float("inf")  # never one's own neighbour
+        hits += (labels[sim.argmax(1)] == labels[rows]).sum()
+    return 100.0 * hits.item() / n
+
+
+def summarize_probs(probs: Tensor, labels: Tensor, n_bins: int,
+                    rows: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """top-1/top-5 (%), NLL and ECE (%) of one predictor; `rows` (if given) receives its reliability bins."""
     res = topk_accuracy(probs, labels)
     res["nll"] = nll(probs, labels)
-    res["ece"] = ece(probs, labels, n_bins)
+    r = reliability(probs, labels, n_bins)
+    res["ece"] = ece_from_reliability(r)
+    if rows is not None:
+        rows.update(r)
     return res
 
 
-def exit_metrics(logits: list[Tensor], labels: Tensor, n_bins: int = 15) -> dict[str, dict[str, float]]:
-    """Per exit (`exit0` shallow .. `exitN` deepest) and both BYOT ensembles: mean of logits, mean of probs."""
+def exit_metrics(logits: list[Tensor], labels: Tensor, n_bins: int = 15,
+                 features: list[Tensor] | None = None) -> dict[str, dict]:
+    """Per exit (`exit0` shallow .. `exitN` deepest) and both BYOT ensembles: mean of logits, mean of probs.
+
+    With `features` (one pooled [N, D] per exit) each exit also gets `recall1`. The reliability bins of every
+    predictor come back under the private key `_reliability` (tables and per-epoch logs skip `_` keys).
+    """
+    recall = [recall_at_1(f, labels) for f in features] if features is not None else None
     logits = [z.double().cpu() for z in logits]
     labels = labels.cpu()
-    out = {f"exit{i}": summarize_probs(F.softmax(z, 1), labels, n_bins) for i, z in enumerate(logits)}
+    rel: dict[str, dict] = {}
+    out: dict[str, dict] = {}
+    for i, z in enumerate(logits):
+        out[f"exit{i}"] = summarize_probs(F.softmax(z, 1), labels, n_bins, rel.setdefault(f"exit{i}", {}))
+        if recall is not None:
+            out[f"exit{i}"]["recall1"] = recall[i]
     if len(logits) > 1:
-        out["ens_logits"] = summarize_probs(F.softmax(torch.stack(logits).mean(0), 1), labels, n_bins)
-        out["ens_probs"] = summarize_probs(torch.stack([F.softmax(z, 1) for z in logits]).mean(0), labels, n_bins)
+        out["ens_logits"] = summarize_probs(F.softmax(torch.stack(logits).mean(0), 1), labels, n_bins,
+                                            rel.setdefault("ens_logits", {}))
+        out["ens_probs"] = summarize_probs(torch.stack([F.softmax(z, 1) for z in logits]).mean(0), labels, n_bins,
+                                           rel.setdefault("ens_probs", {}))
+    out["_reliability"] = rel
     return out

@@ -154,7 +154,8 @@ def _end_of_epoch(cfg: Config, c: Components, run: RunDir, st: TrainState) -> No
     rec: dict = {"kind": "eval", "epoch": st.epoch, "step": st.step}
     model = _eval_model(cfg, c)
     if selector is not None:
-        res = evaluate(model, selector, c.info.device, cfg.precision.amp, cfg.logging.ece_bins, c.info)
+        # Recall@1 gathers every pooled feature across ranks: once at the end, not every epoch.
+        res = evaluate(model, selector, c.info.device, cfg.precision.amp, cfg.logging.ece_bins, c.info, recall=False)
         metric = res[deepest_key(res)]["top1"]
         rec["select"] = {k: v for k, v in res.items() if not k.startswith("_")}
         if metric > st.best_metric:

@@ -25,6 +25,16 @@ def _limit(n: int, limit: int) -> int:
     return min(n, limit) if limit else n
 
 
+def _pair_sampler(cfg, labels, rank: int, world: int):
+    """CS-KD class-pair sampler for the training split (data.sampler=class_pair), else None."""
+    if cfg.data.sampler != "class_pair":
+        return None
+    from pipelines.samplers import ClassPairBatchSampler
+
+    return ClassPairBatchSampler(labels, cfg.data.batch_size, rank, world, cfg.seed,
+                                 allow_self=cfg.objective.cskd.allow_self_partner, drop_last=True)
+
+
 def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> DataBundle:
     d = cfg.data
     if d.backend in ("dali", "dali-cpu"):
@@ -33,6 +43,9 @@ def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> Data
         return build_dali_data(cfg, device, rank, world)
     mf = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
     if d.backend == "synthetic" or d.dataset == "synthetic":
+        if d.sampler == "class_pair" or d.extra_view:
+            raise DataError("the synthetic loader yields no class-pair partners or second views; "
+                            "use data.sampler=random and data.extra_view=false with synthetic data")
         k, c, s = cfg.model.num_classes, cfg.model.in_chans, d.image_size
         n = d.limit_train or 100 * d.batch_size
         mk = lambda bs, num: SyntheticLoader(num, bs, k, c, s, device, memory_format=mf, seed=cfg.seed)  # noqa: E731
@@ -63,7 +76,9 @@ def _in_memory(cfg, device, rank, world, mf) -> DataBundle:
 
     def mk(x, y, train):
         return TensorLoader(x, y, d.batch_size if train else d.eval_batch_size, train, d.augment, d.image_size,
-                            mean, std, device, rank, world, cfg.seed, mf)
+                            mean, std, device, rank, world, cfg.seed, mf,
+                            pairs=_pair_sampler(cfg, y, rank, world) if train else None,
+                            extra_view=d.extra_view and train)
 
     val = mk(xval[: _limit(len(yval), d.limit_eval)], yval[: _limit(len(yval), d.limit_eval)], False) \
         if xval is not None else None
@@ -99,6 +114,8 @@ def _folder(cfg, device, rank, world, mf) -> DataBundle:
         samples = samples if is_train else samples[: _limit(len(samples), d.limit_eval)]
         return FolderLoader(samples, d.batch_size if is_train else d.eval_batch_size, is_train, d.augment,
                             d.image_size, cfg.model.in_chans, mean, std, device, d.workers, rank, world, cfg.seed,
-                            d.skip_corrupt, mf)
+                            d.skip_corrupt, mf,
+                            pairs=_pair_sampler(cfg, [y for _, y in samples], rank, world) if is_train else None,
+                            extra_view=d.extra_view and is_train)
 
     return DataBundle(mk(train, True), mk(val, False), mk(test, False), len(classes), cfg.model.in_chans, classes)

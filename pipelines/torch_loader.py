@@ -2,10 +2,17 @@
 
 Sharding follows DistributedSampler for training (epoch-seeded permutation, padded by wrap-around so every rank
 has the same number of steps) and strides without padding for evaluation, so each sample is seen exactly once.
+
+CS-KD (`data.sampler=class_pair`): a `ClassPairBatchSampler` picks each batch's anchors (the same epoch
+permutation as the random sampler) and one same-class partner per anchor; `Batch.images`/`labels` hold the
+anchors and `Batch.extra["partner"]` the partners. `data.extra_view` adds `Batch.extra["view"]`, a second
+augmentation of the anchors (CS-KD-E). Every group gets its own random augmentation, seeded by (seed, epoch,
+batch, rank, group) so resumed runs see the same images; the anchors' augmentation is the one a plain run uses.
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -17,6 +24,13 @@ from engine.types import Batch
 from pipelines.base import DataError
 from pipelines.transforms import (center_crop_box, normalize, random_crop_flip, random_resized_crop_box,
                                   seeded_generator)
+
+ANCHOR, PARTNER, VIEW = 0, 1, 2  # augmentation streams: group 0 keeps the plain loader's random stream
+
+
+def aug_generator(device: torch.device, seed: int, epoch: int, batch: int, rank: int, group: int) -> torch.Generator:
+    keys = (seed, epoch, batch, rank) if group == ANCHOR else (seed, epoch, batch, rank, group)
+    return seeded_generator(device, *keys)
 
 
 def shard_indices(n: int, rank: int, world: int, train: bool, seed: int, epoch: int) -> Tensor:
@@ -42,6 +56,8 @@ class _ShardedLoader:
         self.drop_last = drop_last and train
         self.epoch, self.start_batch = 0, 0
         self.num_samples = len(shard_indices(n, rank, world, train, seed, 0))
+        self.pairs = None  # ClassPairBatchSampler (CS-KD), training only
+        self.extra_view = False
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -50,33 +66,53 @@ class _ShardedLoader:
         return len(batch_slices(self.num_samples, self.batch_size, self.drop_last))
 
     def _batches(self) -> list[Tensor]:
+        """Index batches from `start_batch` on; with a class-pair sampler each is [anchors | partners]."""
+        if self.pairs is not None:
+            return [torch.tensor(b) for b in self.pairs.batches(self.epoch)][self.start_batch:]
         idx = shard_indices(self.n, self.rank, self.world, self.train, self.seed, self.epoch)
         return [idx[s] for s in batch_slices(len(idx), self.batch_size, self.drop_last)][self.start_batch:]
 
+    def _streams(self) -> list[int]:
+        return [ANCHOR] + [PARTNER] * (self.pairs is not None) + [VIEW] * bool(self.extra_view)
+
+    def _groups(self, idx: Tensor) -> list[tuple[int, Tensor]]:
+        """(augmentation stream, indices) per image group of one batch: anchors, partners, second views."""
+        anchors = idx if self.pairs is None else idx[: len(idx) // 2]
+        parts = {ANCHOR: anchors, PARTNER: idx[len(idx) // 2:], VIEW: anchors}
+        return [(g, parts[g]) for g in self._streams()]
+
 
 class TensorLoader(_ShardedLoader):
-    """A dataset held on the device as uint8; batches are gathered and augmented there."""
+    """A dataset held on the device as uint8; batches are gathered and augmented there.
+
+    `pairs` (a ClassPairBatchSampler over the same labels, training only) and `extra_view` add
+    `Batch.extra["partner"]` / `Batch.extra["view"]` (see the module doc)."""
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, train: bool, augment: str, image_size: int,
                  mean: Tensor, std: Tensor, device: torch.device, rank: int = 0, world: int = 1, seed: int = 0,
-                 memory_format: torch.memory_format = torch.contiguous_format):
+                 memory_format: torch.memory_format = torch.contiguous_format, pairs=None, extra_view: bool = False):
         super().__init__(len(labels), batch_size, train, rank, world, seed, drop_last=True)
         self.images, self.labels = images.to(device), labels.to(device)
         self.augment, self.image_size, self.device = augment, image_size, device
         self.mean, self.std = mean.to(device), std.to(device)
         self.memory_format = memory_format
+        self.pairs, self.extra_view = pairs, extra_view
+
+    def _prepare(self, idx: Tensor, b: int, group: int) -> Tensor:
+        x = self.images[idx]
+        if x.shape[-1] != self.image_size:
+            x = torch.nn.functional.interpolate(x.float(), size=self.image_size, mode="bilinear",
+                                                antialias=True).round().clamp(0, 255).to(torch.uint8)
+        if self.train and self.augment != "none":
+            x = random_crop_flip(x, 4, aug_generator(self.device, self.seed, self.epoch, b, self.rank, group))
+        return normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
 
     def __iter__(self) -> Iterator[Batch]:
         for b, idx in enumerate(self._batches(), start=self.start_batch):
-            idx = idx.to(self.device, non_blocking=True)
-            x = self.images[idx]
-            if x.shape[-1] != self.image_size:
-                x = torch.nn.functional.interpolate(x.float(), size=self.image_size, mode="bilinear",
-                                                    antialias=True).round().clamp(0, 255).to(torch.uint8)
-            if self.train and self.augment != "none":
-                x = random_crop_flip(x, 4, seeded_generator(self.device, self.seed, self.epoch, b, self.rank))
-            x = normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
-            yield Batch(x, self.labels[idx])
+            groups = [(g, i.to(self.device, non_blocking=True)) for g, i in self._groups(idx)]
+            x = self._prepare(groups[0][1], b, ANCHOR)
+            extra = {("partner" if g == PARTNER else "view"): self._prepare(i, b, g) for g, i in groups[1:]}
+            yield Batch(x, self.labels[groups[0][1]], extra)
 
 
 class FolderDataset(Dataset):
@@ -91,7 +127,10 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int] | None:
+        """`key` = index, or (index, augmentation stream) so a partner or second view that is the same file as an
+        anchor still gets its own random crop."""
+        i, group = key if isinstance(key, tuple) else (key, ANCHOR)
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
@@ -101,7 +140,7 @@ class FolderDataset(Dataset):
             if self.skip_corrupt:
                 return None
             raise DataError(f"cannot decode image {path}: {e} (set data.skip_corrupt=true to skip such files)") from None
-        gen = seeded_generator(torch.device("cpu"), self.seed, self.epoch, i)
+        gen = seeded_generator(torch.device("cpu"), self.seed, self.epoch, i, *((group,) if group else ()))
         s = self.image_size
         if self.augment == "random_resized_crop":
             box = random_resized_crop_box(*img.size, gen) if self.train else center_crop_box(*img.size)
@@ -121,28 +160,53 @@ def _collate(items: list) -> tuple[Tensor, Tensor, int]:
     return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), len(items) - len(good)
 
 
+def _collate_groups(items: list, groups: int) -> tuple[list[Tensor], Tensor, int]:
+    """items = `groups` equal runs (anchors, partners, views); a position is dropped from every group when any
+    of its images failed to decode, so partners stay aligned with their anchors."""
+    n = len(items) // groups
+    keep = [k for k in range(n) if all(items[g * n + k] is not None for g in range(groups))]
+    if not keep:
+        return [torch.empty(0, dtype=torch.uint8)] * groups, torch.empty(0, dtype=torch.long), n
+    xs = [torch.stack([items[g * n + k][0] for k in keep]) for g in range(groups)]
+    return xs, torch.tensor([items[k][1] for k in keep]), n - len(keep)
+
+
 class FolderLoader(_ShardedLoader):
     def __init__(self, samples: list[tuple[str, int]], batch_size: int, train: bool, augment: str, image_size: int,
                  in_chans: int, mean: Tensor, std: Tensor, device: torch.device, workers: int, rank: int = 0,
                  world: int = 1, seed: int = 0, skip_corrupt: bool = False,
-                 memory_format: torch.memory_format = torch.contiguous_format):
+                 memory_format: torch.memory_format = torch.contiguous_format, pairs=None, extra_view: bool = False):
         super().__init__(len(samples), batch_size, train, rank, world, seed, drop_last=True)
         self.dataset = FolderDataset(samples, image_size, train, augment, in_chans, seed, skip_corrupt)
         self.augment, self.workers, self.device = augment, workers, device
         self.mean, self.std, self.memory_format = mean.to(device), std.to(device), memory_format
+        self.pairs, self.extra_view = pairs, extra_view
         self.skipped = 0  # corrupt files skipped so far (data.skip_corrupt)
+
+    def _device_batch(self, x: Tensor, b: int, group: int) -> Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.train and self.augment == "crop_flip":
+            x = random_crop_flip(x, 4, aug_generator(self.device, self.seed, self.epoch, b, self.rank, group))
+        return normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
 
     def __iter__(self) -> Iterator[Batch]:
         self.dataset.epoch = self.epoch
-        batches = [b.tolist() for b in self._batches()]
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
+        streams = self._streams()
+        grouped = len(streams) > 1
+        if not grouped:
+            batches, collate = [b.tolist() for b in self._batches()], _collate
+        else:
+            batches = [[(i, g) for g, idx in self._groups(b) for i in idx.tolist()] for b in self._batches()]
+            collate = partial(_collate_groups, groups=len(streams))
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=collate,
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
         for b, (x, y, skipped) in enumerate(loader, start=self.start_batch):
             self.skipped += skipped
             if len(y) == 0:
                 continue
-            x = x.to(self.device, non_blocking=True)
-            if self.train and self.augment == "crop_flip":
-                x = random_crop_flip(x, 4, seeded_generator(self.device, self.seed, self.epoch, b, self.rank))
-            x = normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
-            yield Batch(x, y.to(self.device, non_blocking=True))
+            if not grouped:
+                yield Batch(self._device_batch(x, b, ANCHOR), y.to(self.device, non_blocking=True))
+                continue
+            extra = {("partner" if g == PARTNER else "view"): self._device_batch(xg, b, g)
+                     for g, xg in zip(streams[1:], x[1:])}
+            yield Batch(self._device_batch(x[0], b, ANCHOR), y.to(self.device, non_blocking=True), extra)

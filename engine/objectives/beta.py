@@ -1,0 +1,95 @@
+"""Beta smoothing (Zhang & Sabuncu, NeurIPS 2020, "Self-distillation as instance-specific label smoothing").
+
+As in `ZhiluZhang123/neurips_2020_distillation` (`loss.py::soft_beta_loss`, `train_smoothing.py`):
+
+    p~ = softmax(f_ema(x))              EMA "mean teacher", no grad, in train mode (batch statistics)
+    c_i = p~_i[y_i]                     teacher confidence on the true class
+    b_(1) <= ... <= b_(n) ~ Beta(beta, 1), sorted; the k-th smallest goes to the k-th least confident sample
+    t_i = b_i·onehot(y_i) + (1 - b_i)/(K - 1) on every other class
+    L = (1 - alpha)·CE(z, y) + alpha·(-(1/n) sum_i sum_k t_ik log(p_ik + 1e-8))          alpha 0.6, beta 3
+
+The EMA model is held inside this objective (so it is checkpointed with it and a resumed run continues the same
+teacher). It starts from its own random initialisation, like the official `ema_model`, and after optimizer step
+number s (1-based, the official `global_step`) its parameters move by decay min(1 - 1/(s+1), ema_decay); BN
+buffers are not averaged. The draws, sort and assignment run on the training device with no host read: for
+Beta(beta, 1) the inverse CDF is u^(1/beta), so b = sort(u)^(1/beta) with u ~ U(0, 1) on device.
+Multi-exit models: the loss and the teacher confidence use the deepest exit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.ema import ModelEMA
+from engine.objectives.base import Objective, register_objective, sum_terms
+from engine.objectives.baselines import LOG_EPS, soft_target_ce
+from engine.objectives.byot import upcast
+from engine.types import Batch, ExitOutputs, LossOutput
+
+EMA_SEED_OFFSET = 7_777  # the EMA's own initialisation is drawn from seed + this, off the global RNG stream
+
+
+def sample_beta_sorted(n: int, beta: float, device: torch.device | str, generator: torch.Generator | None = None,
+                       dtype: torch.dtype = torch.float32) -> Tensor:
+    """n draws of Beta(beta, 1), ascending: F^-1(u) = u^(1/beta) is increasing, so sorting u sorts b."""
+    u = torch.rand(n, device=device, generator=generator, dtype=dtype)
+    return u.sort().values.pow(1.0 / beta)
+
+
+def assign_by_confidence(confidence: Tensor, sorted_draws: Tensor) -> Tensor:
+    """b_i such that the k-th least confident sample gets the k-th smallest draw."""
+    order = confidence.argsort()
+    return torch.empty_like(sorted_draws).scatter_(0, order, sorted_draws)
+
+
+def beta_targets(labels: Tensor, num_classes: int, b: Tensor) -> Tensor:
+    on = F.one_hot(labels, num_classes).to(b.dtype)
+    return on * b[:, None] + (1.0 - on) * ((1.0 - b) / (num_classes - 1))[:, None]
+
+
+def true_class_confidence(teacher_logits: Tensor, labels: Tensor) -> Tensor:
+    return F.softmax(upcast(teacher_logits.detach()), -1).gather(1, labels[:, None]).squeeze(1)
+
+
+def beta_smoothing_terms(logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, beta: float,
+                         draws: Tensor | None = None, log_eps: float | None = LOG_EPS) -> dict[str, Tensor]:
+    """`ce` = (1-alpha)·CE and `beta` = alpha·softCE(Beta targets); `draws` (sorted) may be given for tests."""
+    z = upcast(logits)
+    if draws is None:
+        draws = sample_beta_sorted(z.shape[0], beta, z.device, dtype=z.dtype)
+    b = assign_by_confidence(true_class_confidence(teacher_logits, labels), draws.to(z.dtype))
+    target = beta_targets(labels, z.shape[-1], b)
+    return {"ce": (1 - alpha) * F.cross_entropy(z, labels), "beta": alpha * soft_target_ce(z, target, log_eps)}
+
+
+@register_objective("beta")
+class BetaSmoothing(Objective):
+    def __init__(self, cfg, num_exits: int, device: torch.device):
+        super().__init__()
+        from engine.models import create_model
+
+        b = cfg.objective.beta
+        self.alpha, self.beta = b.alpha, b.beta
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + EMA_SEED_OFFSET)
+            teacher = create_model(cfg.model, cfg.exits)
+        if cfg.precision.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        self.ema = ModelEMA(teacher, decay=b.ema_decay, warmup=True, params_only=True).to(device)
+        self.ema.module.train()  # the official teacher normalises with the batch's statistics
+
+    def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
+        out = model(batch.images)
+        if not self.ema.module.training:
+            self.ema.module.train()
+        with torch.no_grad():
+            zt = self.ema.module(batch.images).logits[-1]
+        return sum_terms(beta_smoothing_terms(out.logits[-1], zt, batch.labels, self.alpha, self.beta)), out
+
+    def decay_at(self, step: int) -> float:
+        """Decay applied after 0-based optimizer step `step` (the official global_step is step + 1)."""
+        return self.ema.decay_at(step + 1)
+
+    def after_step(self, model, step: int) -> None:
+        self.ema.update(model, step + 1)

@@ -1,0 +1,155 @@
+"""CS-KD (Yun et al., CVPR 2020): class-wise self-knowledge distillation, and CS-KD-E, its sample-wise extension.
+
+The loader's class-pair sampler puts B anchors in `batch.images` and B same-class partners (own augmentation) in
+`batch.extra["partner"]`. As in `alinlab/cs-kd` `train.py`:
+
+    z  = f(anchors)                       with grad
+    z' = f(partners)                      under no_grad, model still in train mode (BN uses the partners' batch)
+    L  = CE(z, y) + lam·T²·(1/B)·sum_b KL(softmax(z'_b/T) || softmax(z_b/T))          lam = 1, T = 4
+
+`objective.cskd.partner_updates_bn=false` keeps the BN running statistics as they were before the partner
+forward (saved and restored on device), so only the anchors move them; the partner forward itself still
+normalises with its own batch statistics, exactly like the official code.
+
+CS-KD-E (`objective.cskd.sample_wise=true`, needs `data.extra_view=true`) adds the same KL from a second, no-grad
+augmentation of each anchor (`batch.extra["view"]`, DDGSD-style sample-wise term) with the same lam and T.
+
+`objective.cskd.exits`: `deepest` applies CE and the KL to the backbone's own head; `all` to every exit (so a
+multi-exit model gets deep supervision plus CS-KD at each exit). `byot_cskd` sums the BYOT terms and the CS-KD
+KL terms (on the deepest exit or every exit), for BYOT + CS-KD.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.checkpoint import unwrap
+from engine.objectives.base import Objective, register_objective, sum_terms
+from engine.objectives.byot import BYOT, kd_loss, upcast
+from engine.types import Batch, ExitOutputs, LossOutput
+
+
+def cskd_kl(student: Tensor, partner: Tensor, temperature: float) -> Tensor:
+    """T²·mean_b KL(softmax(z'_b/T) || softmax(z_b/T)); the official `KDLoss` (KLDivLoss(sum)·T²/B)."""
+    return kd_loss(student, partner, temperature, "kl", t_squared=True)
+
+
+def cskd_terms(logits: list[Tensor], partner_logits: list[Tensor], labels: Tensor, lam: float, temperature: float,
+               exits: str = "deepest", view_logits: list[Tensor] | None = None, with_ce: bool = True
+               ) -> dict[str, Tensor]:
+    """Named terms: `ce`, `cskd` (+ `cskd_sample`) for the deepest exit, or `ce_i`, `cskd_i`, `cskd_sample_i`."""
+    chosen = [len(logits) - 1] if exits == "deepest" else list(range(len(logits)))
+    terms: dict[str, Tensor] = {}
+    for i in chosen:
+        sfx = "" if exits == "deepest" else f"_{i}"
+        if with_ce:
+            terms[f"ce{sfx}"] = F.cross_entropy(upcast(logits[i]), labels)
+        terms[f"cskd{sfx}"] = lam * cskd_kl(logits[i], partner_logits[i], temperature)
+        if view_logits is not None:
+            terms[f"cskd_sample{sfx}"] = lam * cskd_kl(logits[i], view_logits[i], temperature)
+    return terms
+
+
+def partner_images(batch: Batch) -> Tensor:
+    if "partner" not in batch.extra:
+        raise KeyError("CS-KD needs class-pair batches (Batch.extra['partner']): set data.sampler=class_pair")
+    return batch.extra["partner"]
+
+
+def bn_buffers(model: nn.Module) -> list[Tensor]:
+    """Running mean/var and batch counters of every BatchNorm (SyncBatchNorm included) in the model."""
+    out = []
+    for m in unwrap(model).modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            out += [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    return out
+
+
+@contextmanager
+def bn_stats_frozen(buffers: list[Tensor]):
+    """Restore the given BN buffers on exit (device copies; no host sync)."""
+    with torch.no_grad():
+        saved = torch._foreach_mul(buffers, 1) if buffers else []  # one grouped copy per dtype
+    try:
+        yield
+    finally:
+        if buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, saved)
+
+
+class PartnerForward:
+    """No-grad forward of partner / second-view images with the model in train mode, optionally leaving the BN
+    running statistics untouched."""
+
+    def __init__(self, updates_bn: bool):
+        self.updates_bn = updates_bn
+        self._buffers: tuple[int, list[Tensor]] | None = None
+
+    def _bn(self, model: nn.Module) -> list[Tensor]:
+        if self._buffers is None or self._buffers[0] != id(model):
+            self._buffers = (id(model), bn_buffers(model))
+        return self._buffers[1]
+
+    def ordered(self, model: nn.Module, anchor_fn, partner_fn):
+        """(anchor_fn(), partner_fn()). The official order is anchors first; when the BN statistics are restored
+        after the no-grad forwards, those run first instead, so the restore never writes into buffers that the
+        anchors' autograd graph has saved (the outputs are the same either way)."""
+        if self.updates_bn:
+            out = anchor_fn()
+            return out, partner_fn()
+        targets = partner_fn()
+        return anchor_fn(), targets
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, images: Tensor) -> ExitOutputs:
+        if self.updates_bn:
+            return model(images)
+        with bn_stats_frozen(self._bn(model)):
+            return model(images)
+
+
+@register_objective("cskd")
+class CSKD(Objective):
+    def __init__(self, cfg, num_exits: int, device: torch.device):
+        super().__init__()
+        c = cfg.objective.cskd
+        self.lam, self.temperature, self.exits, self.sample_wise = c.lam, c.temperature, c.exits, c.sample_wise
+        self.partner = PartnerForward(c.partner_updates_bn)
+
+    def _targets(self, model, batch: Batch) -> tuple[list[Tensor], list[Tensor] | None]:
+        zp = self.partner(model, partner_images(batch)).logits
+        zv = None
+        if self.sample_wise:
+            if "view" not in batch.extra:
+                raise KeyError("CS-KD-E needs a second view of each anchor (Batch.extra['view']): "
+                               "set data.extra_view=true")
+            zv = self.partner(model, batch.extra["view"]).logits
+        return zp, zv
+
+    def _forward_all(self, model, batch: Batch) -> tuple[ExitOutputs, list[Tensor], list[Tensor] | None]:
+        return self.partner.ordered(model, lambda: model(batch.images), lambda: self._targets(model, batch))
+
+    def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
+        out, (zp, zv) = self._forward_all(model, batch)
+        terms = cskd_terms(out.logits, zp, batch.labels, self.lam, self.temperature, self.exits, zv)
+        return sum_terms(terms), out
+
+
+@register_objective("byot_cskd")
+class BYOTCSKD(CSKD):
+    """BYOT terms (objective.byot.*, any backend) + CS-KD KL terms (objective.cskd.*)."""
+
+    def __init__(self, cfg, num_exits: int, device: torch.device):
+        super().__init__(cfg, num_exits, device)
+        self.byot = BYOT(cfg, num_exits, device)
+
+    def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
+        out, (zp, zv) = self._forward_all(model, batch)
+        terms = dict(self.byot.loss(out, batch).terms)
+        terms.update(cskd_terms(out.logits, zp, batch.labels, self.lam, self.temperature, self.exits, zv,
+                                with_ce=False))
+        return sum_terms(terms), out
