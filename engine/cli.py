@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
-from pathlib import Path
 
 from engine.config import ConfigError, dump_yaml, load_config
 
@@ -97,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=["cpu", "cuda"])
     e.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=/new/path")
     for name, helptext in (("data", "prepare or check datasets"), ("bench", "benchmarks: kernels, loader, train"),
-                           ("profile", "profiling reports: exits"), ("export", "export a truncated / early-exit model")):
+                           ("profile", "profiling reports: exits"), ("export", "export a truncated model")):
         sp = sub.add_parser(name, help=helptext, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
     return p

@@ -1,24 +1,13 @@
 """`build_data(cfg, ...)`: one entry point from `data.*` config to train / val / test loaders of any backend."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from pipelines.base import DataBundle, DataError
-from pipelines.datasets import (FASHION_MNIST_CLASSES, load_digits_split, load_fashion_mnist, scan_image_folder,
-                                split_dir)
+from pipelines.datasets import FASHION_MNIST_CLASSES, load_digits_split, load_fashion_mnist
+from pipelines.folder_splits import carve, folder_splits
 from pipelines.synthetic import SyntheticLoader
 from pipelines.torch_loader import FolderLoader, TensorLoader
-from pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-
-def _carve(n: int, val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed (seed-determined) split of train into train/val indices."""
-    if val >= n:
-        raise DataError(f"data.val_split={val} leaves no training data (train has {n} samples)")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 12345))
-    return perm[val:], perm[:val]
 
 
 def _limit(n: int, limit: int) -> int:
@@ -65,7 +54,7 @@ def _in_memory(cfg, device, rank, world, mf) -> DataBundle:
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     xval = yval = None
     if d.val_split:
-        tr, va = _carve(len(ytr), d.val_split, cfg.seed)
+        tr, va = carve(len(ytr), d.val_split, cfg.seed)
         xval, yval, xtr, ytr = xtr[va], ytr[va], xtr[tr], ytr[tr]
     ntr = _limit(len(ytr), d.limit_train)
     xtr, ytr = xtr[:ntr], ytr[:ntr]
@@ -87,35 +76,17 @@ def _in_memory(cfg, device, rank, world, mf) -> DataBundle:
 
 def _folder(cfg, device, rank, world, mf) -> DataBundle:
     d = cfg.data
-    if d.root is None:
-        raise DataError("data.dataset=imagefolder needs data.root (a folder with train/ and val/ or test/)")
-    root = Path(d.root)
-    if not root.is_dir():
-        raise DataError(f"data.root {root} does not exist")
-    train_dir = split_dir(root, ("train",))
-    if train_dir is None:
-        raise DataError(f"{root} has no train/ folder (expected root/train/<class>/<image>)")
-    train, classes = scan_image_folder(train_dir)
-    val_dir, test_dir = split_dir(root, ("val", "valid", "validation")), split_dir(root, ("test",))
-    val = scan_image_folder(val_dir, classes)[0] if val_dir else None
-    test = scan_image_folder(test_dir, classes)[0] if test_dir else None
-    if d.val_split:
-        tr, va = _carve(len(train), d.val_split, cfg.seed)
-        # With a carved split, the folder's own val/ becomes the held-out test set (ImageNet convention).
-        test = test if test is not None else val
-        train, val = [train[i] for i in tr], [train[i] for i in va]
-    train = train[: _limit(len(train), d.limit_train)]
-    mean = torch.tensor(d.mean or (IMAGENET_MEAN if cfg.model.in_chans == 3 else [0.5] * cfg.model.in_chans))
-    std = torch.tensor(d.std or (IMAGENET_STD if cfg.model.in_chans == 3 else [0.5] * cfg.model.in_chans))
+    s = folder_splits(cfg)  # the same files and labels as the DALI backend reads
+    mean, std = torch.tensor(s.mean), torch.tensor(s.std)
 
     def mk(samples, is_train):
         if samples is None:
             return None
-        samples = samples if is_train else samples[: _limit(len(samples), d.limit_eval)]
         return FolderLoader(samples, d.batch_size if is_train else d.eval_batch_size, is_train, d.augment,
                             d.image_size, cfg.model.in_chans, mean, std, device, d.workers, rank, world, cfg.seed,
                             d.skip_corrupt, mf,
                             pairs=_pair_sampler(cfg, [y for _, y in samples], rank, world) if is_train else None,
                             extra_view=d.extra_view and is_train)
 
-    return DataBundle(mk(train, True), mk(val, False), mk(test, False), len(classes), cfg.model.in_chans, classes)
+    return DataBundle(mk(s.train, True), mk(s.val, False), mk(s.test, False), len(s.classes), cfg.model.in_chans,
+                      s.classes)

@@ -22,8 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from engine.types import Batch
 from pipelines.base import DataError
-from pipelines.transforms import (center_crop_box, normalize, random_crop_flip, random_resized_crop_box,
-                                  seeded_generator)
+from pipelines.transforms import center_crop_box, normalize, random_crop_flip, random_resized_crop_box, seeded_generator
 
 ANCHOR, PARTNER, VIEW = 0, 1, 2  # augmentation streams: group 0 keeps the plain loader's random stream
 
@@ -139,7 +138,8 @@ class FolderDataset(Dataset):
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
             if self.skip_corrupt:
                 return None
-            raise DataError(f"cannot decode image {path}: {e} (set data.skip_corrupt=true to skip such files)") from None
+            raise DataError(f"cannot decode image {path}: {e} "
+                            "(set data.skip_corrupt=true to skip such files)") from None
         gen = seeded_generator(torch.device("cpu"), self.seed, self.epoch, i, *((group,) if group else ()))
         s = self.image_size
         if self.augment == "random_resized_crop":

@@ -32,9 +32,9 @@ def _worker(rank: int, tmp: str, port: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from engine.train import train
-
     from pathlib import Path
+
+    from engine.train import train
     train(tiny_config(Path(tmp), *OVERRIDES), device="cpu")
 
 

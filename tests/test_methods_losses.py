@@ -8,9 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from engine.objectives.baselines import (dsn_terms, entropy, hinton_kd_terms, ls_all_classes_loss,
-                                         ls_all_classes_target, ls_wrong_classes_loss, ls_wrong_classes_target,
-                                         max_entropy_terms, mix, mixup_ce)
+from engine.objectives.baselines import (
+    dsn_terms,
+    entropy,
+    hinton_kd_terms,
+    ls_all_classes_loss,
+    ls_all_classes_target,
+    ls_wrong_classes_loss,
+    ls_wrong_classes_target,
+    max_entropy_terms,
+    mix,
+    mixup_ce,
+)
 from engine.objectives.beta import beta_smoothing_terms
 from engine.objectives.cskd import cskd_terms
 from engine.objectives.teacher import generation_kd_terms

@@ -1,7 +1,7 @@
 """MultiExitModel: a backbone plus exit heads after chosen stages, every exit from one forward pass, no hooks.
 
 The backbone only needs the timm contract (`forward_intermediates`, `forward_head(x, pre_logits)`, `feature_info`,
-`get_classifier`), so our ResNets and any timm model plug in the same way. With no exits it computes exactly the backbone.
+`get_classifier`), so our ResNets and any timm model plug in the same way. With no exits it is exactly the backbone.
 """
 from __future__ import annotations
 

@@ -69,7 +69,8 @@ def hint_loss(feat: Tensor, target: Tensor, kind: str = "sse") -> Tensor:
 
 
 def byot_terms(logits: list[Tensor], features: list[Tensor], targets: Tensor, w: ByotWeights, temperature: float,
-               kd: str = "kl", t_squared: bool = True, hint: str = "sse", ignore_index: int = -100) -> dict[str, Tensor]:
+               kd: str = "kl", t_squared: bool = True, hint: str = "sse",
+               ignore_index: int = -100) -> dict[str, Tensor]:
     """Every weighted term by name: ce_i for all exits, kd_i and hint_i for the shallow ones."""
     terms: dict[str, Tensor] = {}
     teacher_logits, teacher_feat = logits[-1], features[-1]
