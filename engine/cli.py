@@ -77,6 +77,17 @@ SUBTOOLS = {
 }
 
 
+def _dispatch(command: str, rest: list[str]) -> int:
+    key = command
+    if command in ("bench", "profile"):
+        choices = sorted(k.split()[1] for k in SUBTOOLS if k.startswith(command + " "))
+        if not rest or rest[0] not in choices:
+            print(f"usage: selfdistill {command} {{{','.join(choices)}}} ...", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        key, rest = f"{command} {rest[0]}", rest[1:]
+    return _delegate(SUBTOOLS[key], rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfdistill", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,25 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # overrides may come after options too: `train --config X --device cpu optim.lr=0.1`
-        if args.command not in ("train", "eval") or any(x.startswith("-") or "=" not in x for x in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = list(args.overrides) + extra
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            return _eval(args)
-        rest = args.rest
-        key = args.command
-        if args.command in ("bench", "profile"):
-            if not rest or rest[0] not in {k.split()[1] for k in SUBTOOLS if k.startswith(args.command)}:
-                choices = sorted(k.split()[1] for k in SUBTOOLS if k.startswith(args.command))
-                print(f"usage: selfdistill {args.command} {{{','.join(choices)}}} ...", file=sys.stderr)
-                return EXIT_BAD_INPUT
-            key, rest = f"{args.command} {rest[0]}", rest[1:]
-        return _delegate(SUBTOOLS[key], rest)
+        if argv and argv[0] in ("data", "bench", "profile", "export"):
+            # Their own parsers read the rest (argparse.REMAINDER cannot start with an option such as --checkpoint).
+            return _dispatch(argv[0], argv[1:])
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # overrides may come after options too: `train --config X --device cpu optim.lr=0.1`
+            if args.command not in ("train", "eval") or any(x.startswith("-") or "=" not in x for x in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides = list(args.overrides) + extra
+        return _train(args) if args.command == "train" else _eval(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

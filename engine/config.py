@@ -6,6 +6,7 @@ naming the dotted key and what is allowed, before anything runs.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -343,9 +344,12 @@ def _deep_update(base: dict, new: dict) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """YAML file (may name `base: other.yaml`, resolved relative to it) + dotted overrides -> validated Config."""
-    data: dict = {}
-    if path is not None:
-        data = _load_yaml(Path(path))
+    return config_from_dict(_load_yaml(Path(path)) if path is not None else {}, overrides)
+
+
+def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
+    """A plain nested dict (YAML, or a checkpoint's saved config) + dotted overrides -> validated Config."""
+    data = copy.deepcopy(data)
     for ov in overrides:
         keys, value = _parse_override(ov)
         _merge(data, keys, value)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import load_checkpoint
-from engine.config import Config, _build, validate
+from engine.config import Config, config_from_dict
 from engine.distributed import init_distributed
 from engine.evaluate import evaluate
 from engine.models import create_model
@@ -16,15 +16,7 @@ from pipelines.factory import build_data
 
 
 def config_from_checkpoint(ck: dict, overrides: list[str] = ()) -> Config:
-    from engine.config import _merge, _parse_override
-
-    data = ck["config"]
-    for ov in overrides:
-        keys, value = _parse_override(ov)
-        _merge(data, keys, value)
-    cfg = _build(Config, data)
-    validate(cfg)
-    return cfg
+    return config_from_dict(ck["config"], overrides)
 
 
 def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] = (), bins: int | None = None,
