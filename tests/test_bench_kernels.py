@@ -1,0 +1,54 @@
+"""`selfdistill bench kernels`: a tiny sweep into a temporary folder gives a well-formed report."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from bench.kernels import MODES, main, run
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter")
+
+
+# the CPU path (interpreter) unless a GPU is there to run the kernels for real
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def test_tiny_sweep_report_is_well_formed(tmp_path):
+    out = tmp_path / "kernels"
+    argv = ["--device", DEVICE, "--exits", "2", "--batch", "4", "--classes", "10", "--dtypes", "fp32,bf16",
+            "--feature-dim", "8", "--providers", "eager,liger,fused,fused-recompute", "--cpu-reps", "2",
+            "--out", str(out)]
+    payload = run(argv)
+    report = json.loads((out / "report.json").read_text())  # strict JSON: no NaN / Infinity
+    assert report["provenance"]["commit"] and report["provenance"]["device"]["type"] == DEVICE
+    assert {"torch", "triton"} <= set(report["provenance"]["versions"])
+    assert report["copy_gbps"] > 0
+    rows = report["rows"]
+    assert len(rows) == 2 * 4 * len(MODES)  # dtypes x providers x modes
+    for r in rows:
+        if r["provider"] == "liger":
+            assert r["status"] in ("ok", "not installed")
+            continue
+        assert r["status"] == "ok", r
+        assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"]
+        assert r["gbps"] > 0 and r["copy_fraction"] > 0
+        if r["provider"].startswith("fused"):
+            assert r["abs_diff_vs_eager"] < 1e-4 and r["speedup_vs_eager"] > 0
+            assert r["kernel_gbps"] > r["gbps"] > 0  # the design moves more than the unavoidable bytes
+    assert all(t["met"] is None for t in report["targets"])  # the target shapes are not in this sweep
+    md = (out / "report.md").read_text()
+    assert DEVICE == "cuda" or ("CPU run" in md and "interpreter" in md)
+    for mode in MODES:
+        assert f"## {mode}: median ms" in md and f"## {mode}: fused kernels" in md
+    assert set(report["files"]["plots"]) <= {"time_vs_classes.png", "fused_bandwidth.png"}
+    for png in report["files"]["plots"]:
+        assert (out / png).stat().st_size > 1000
+    assert payload["written"]["json"] == str(out / "report.json")
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--providers", "eager,magic", "--out", str(tmp_path)])
