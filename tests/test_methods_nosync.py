@@ -2,6 +2,7 @@
 reading a tensor back to the host (.item, .tolist, .cpu, .numpy, bool/float/int) made to raise."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import pytest
@@ -14,7 +15,20 @@ from engine.objectives import build_objective
 from engine.types import Batch
 from tests.helpers import tiny_config
 
+# masked-off lanes of the Triton interpreter compute inf - inf (the *_triton cases); harmless
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter")
+
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny CPU ops (and the Triton interpreter) on a shared 2-core box: OpenMP workers spinning against other jobs
+    made the *_triton cases 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @contextmanager
@@ -56,6 +70,19 @@ CASES = {
     "kd": ["TEACHER"],
     "sd_generation": ["TEACHER"],
 }
+# the same steps through the fused kernel (objective.backend=triton; the Triton interpreter on CPU)
+TRITON = ["objective.backend=triton"]
+CASES.update({
+    "cskd_e_all_triton": [*CASES["cskd_e_all_frozen_bn"], *TRITON],
+    "byot_cskd_triton": ["objective.name=byot_cskd", "data.sampler=class_pair", *TRITON],
+    "beta_triton": ["objective.name=beta", *TRITON],
+    "ls_wrong_classes_triton": ["objective.name=ls_wrong_classes", *TRITON],
+    "dsn_triton": ["objective.name=dsn", *TRITON],
+    "mixup_cskd_triton": ["objective.name=mixup_cskd", "objective.mixup_alpha=1.0", "data.sampler=class_pair",
+                          *TRITON],
+    "kd_triton": ["objective.name=kd", "TEACHER", *TRITON],
+    "sd_generation_triton": ["objective.name=sd_generation", "TEACHER", *TRITON],
+})
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -64,10 +91,13 @@ def test_step_has_no_host_read(tmp_path, monkeypatch, teacher_ckpt, case):
     if not any(o.startswith("objective.name=") for o in over):
         over.append(f"objective.name={case}")
     cfg = tiny_config(tmp_path, *over)
-    model = create_model(cfg.model, cfg.exits).train()
-    obj = build_objective(cfg, model.num_exits, torch.device("cpu"))
+    # the Triton cases run on CUDA where there is one (CPU tensors only work in the interpreter, tests/conftest.py)
+    cuda = case.endswith("_triton") and os.environ.get("TRITON_INTERPRET") != "1"
+    device = torch.device("cuda" if cuda else "cpu")
+    model = create_model(cfg.model, cfg.exits).train().to(device)
+    obj = build_objective(cfg, model.num_exits, device)
     x = torch.randn(6, 1, 8, 8)
-    batch = Batch(x, torch.tensor([0, 1, 2, 0, 1, 2]), {"partner": x.flip(0), "view": x + 0.1})
+    batch = Batch(x, torch.tensor([0, 1, 2, 0, 1, 2]), {"partner": x.flip(0), "view": x + 0.1}).to(device)
     with no_host_reads(monkeypatch):
         loss, out = obj(model, batch)
         loss.total.backward()

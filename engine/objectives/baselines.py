@@ -14,6 +14,11 @@
                     anchors, CS-KD KL from the mixed partners' (no-grad) prediction to the mixed anchors' one
 
 Every random draw (mixup's l and permutation) happens on the training device: nothing here reads a value back.
+
+objective.backend=triton (engine/objectives/base.py, TRITON_ROUTED): ls_*, label_smoothing, dsn, kd and the CS-KD
+term of mixup_cskd run through the fused kernel (kernels.objective_bridge) with the same names and values;
+ls_wrong_classes then uses the exact log-softmax, not log(p + 1e-8) (its PyTorch twin: log_eps=None, the
+objective's `log_eps` attribute). max_entropy and mixup always run PyTorch.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.objectives.base import Objective, register_objective, sum_terms
+from engine.objectives.base import Objective, register_objective, resolve_backend, sum_terms
 from engine.objectives.byot import kd_loss, upcast
 from engine.types import Batch, ExitOutputs, LossOutput
 
@@ -70,12 +75,21 @@ def max_entropy_terms(logits: Tensor, labels: Tensor, beta: float) -> dict[str, 
     return {"ce": F.cross_entropy(upcast(logits), labels), "entropy": -beta * entropy(logits)}
 
 
-def dsn_terms(logits: list[Tensor], labels: Tensor) -> dict[str, Tensor]:
+def dsn_terms(logits: list[Tensor], labels: Tensor, backend: str = "torch") -> dict[str, Tensor]:
+    if backend == "triton":
+        from kernels.objective_bridge import ce_terms_triton
+
+        return ce_terms_triton(list(logits), labels)  # ce_0 ... ce_{E-1}, one launch
     return {f"ce_{i}": F.cross_entropy(upcast(z), labels) for i, z in enumerate(logits)}
 
 
-def hinton_kd_terms(student: Tensor, teacher: Tensor, labels: Tensor, alpha: float, temperature: float
-                    ) -> dict[str, Tensor]:
+def hinton_kd_terms(student: Tensor, teacher: Tensor, labels: Tensor, alpha: float, temperature: float,
+                    backend: str = "torch") -> dict[str, Tensor]:
+    if backend == "triton":
+        from kernels.objective_bridge import kd_terms_triton
+
+        return kd_terms_triton(student, teacher, labels, ce_weight=1 - alpha, kd_weight=alpha,
+                               temperature=temperature, kd="kl", t_squared=True, scale_student=True)
     return {"ce": (1 - alpha) * F.cross_entropy(upcast(student), labels),
             "kd": alpha * kd_loss(student, teacher, temperature, "kl", t_squared=True)}
 
@@ -121,11 +135,18 @@ class LabelSmoothingWrongClasses(Objective):
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
         self.eps = cfg.objective.label_smoothing.epsilon
+        self.backend = resolve_backend(cfg.objective.backend, device)
+        self.log_eps = LOG_EPS if self.backend == "torch" else None  # wrong_classes only
 
     def loss(self, out: ExitOutputs, batch: Batch) -> LossOutput:
         z = out.logits[-1]
+        if self.backend == "triton":
+            from kernels.objective_bridge import ce_terms_triton
+
+            ls = ce_terms_triton(z, batch.labels, label_smoothing=self.eps, convention=self.convention)["ce"]
+            return sum_terms({"ls": ls})
         if self.convention == "wrong_classes":
-            return sum_terms({"ls": ls_wrong_classes_loss(z, batch.labels, self.eps)})
+            return sum_terms({"ls": ls_wrong_classes_loss(z, batch.labels, self.eps, self.log_eps)})
         return sum_terms({"ls": ls_all_classes_loss(z, batch.labels, self.eps)})
 
 
@@ -159,9 +180,10 @@ class DeepSupervision(Objective):
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
+        self.backend = resolve_backend(cfg.objective.backend, device)
 
     def loss(self, out: ExitOutputs, batch: Batch) -> LossOutput:
-        return sum_terms(dsn_terms(out.logits, batch.labels))
+        return sum_terms(dsn_terms(out.logits, batch.labels, self.backend))
 
 
 @register_objective("kd")
@@ -177,11 +199,13 @@ class HintonKD(Objective):
         t = cfg.objective.teacher
         self.alpha, self.temperature = t.alpha, t.temperature
         self.teacher = FrozenTeacher.from_config(cfg, device)
+        self.backend = resolve_backend(cfg.objective.backend, device)
 
     def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out = model(batch.images)
         zt = self.teacher(batch.images)
-        return sum_terms(hinton_kd_terms(out.logits[-1], zt, batch.labels, self.alpha, self.temperature)), out
+        terms = hinton_kd_terms(out.logits[-1], zt, batch.labels, self.alpha, self.temperature, self.backend)
+        return sum_terms(terms), out
 
     def get_extra_state(self):
         return {"teacher": self.teacher.info}
@@ -219,6 +243,7 @@ class MixupCSKD(Objective):
         self.sampler = MixupSampler(cfg.objective.mixup_alpha)
         self.lam, self.temperature = c.lam, c.temperature
         self.partner = PartnerForward(c.partner_updates_bn)
+        self.backend = resolve_backend(cfg.objective.backend, device)
 
     def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         from engine.objectives.cskd import partner_images
@@ -226,6 +251,12 @@ class MixupCSKD(Objective):
         lam, perm = self.sampler(len(batch), batch.images.device)
         out, zp = self.partner.ordered(model, lambda: model(mix(batch.images, lam, perm)),
                                        lambda: self.partner(model, mix(partner_images(batch), lam, perm)).logits[-1])
-        terms = {"ce": mixup_ce(out.logits[-1], batch.labels, lam, perm),
-                 "cskd": self.lam * kd_loss(out.logits[-1], zp, self.temperature, "kl", t_squared=True)}
+        if self.backend == "triton":  # the KL only: the mixed CE (two labels, l on device) has no kernel form
+            from kernels.objective_bridge import kd_terms_triton
+
+            cskd = kd_terms_triton(out.logits[-1], zp, batch.labels, ce_weight=0.0, kd_weight=self.lam,
+                                   temperature=self.temperature, kd="kl", t_squared=True)["kd"]
+        else:
+            cskd = self.lam * kd_loss(out.logits[-1], zp, self.temperature, "kl", t_squared=True)
+        terms = {"ce": mixup_ce(out.logits[-1], batch.labels, lam, perm), "cskd": cskd}
         return sum_terms(terms), out

@@ -14,6 +14,12 @@ number s (1-based, the official `global_step`) its parameters move by decay min(
 buffers are not averaged. The draws, sort and assignment run on the training device with no host read: for
 Beta(beta, 1) the inverse CDF is u^(1/beta), so b = sort(u)^(1/beta) with u ~ U(0, 1) on device.
 Multi-exit models: the loss and the teacher confidence use the deepest exit.
+
+objective.backend=triton: both terms come from one fused launch (kernels.objective_bridge.soft_target_terms_triton)
+with the Beta target given by its per-row b only (never built as [B, K]), and the soft CE uses the exact
+log-softmax instead of log(p + 1e-8) (the kernel has no epsilon). `beta_smoothing_terms(..., log_eps=None)` is the
+PyTorch twin of that; the objective's `log_eps` attribute says which one it computes (LOG_EPS on torch, None on
+triton). The draws, their assignment and the random stream are the same on both backends.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.ema import ModelEMA
-from engine.objectives.base import Objective, register_objective, sum_terms
+from engine.objectives.base import Objective, register_objective, resolve_backend, sum_terms
 from engine.objectives.baselines import LOG_EPS, soft_target_ce
 from engine.objectives.byot import upcast
 from engine.types import Batch, ExitOutputs, LossOutput
@@ -52,13 +58,30 @@ def true_class_confidence(teacher_logits: Tensor, labels: Tensor) -> Tensor:
     return F.softmax(upcast(teacher_logits.detach()), -1).gather(1, labels[:, None]).squeeze(1)
 
 
-def beta_smoothing_terms(logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, beta: float,
-                         draws: Tensor | None = None, log_eps: float | None = LOG_EPS) -> dict[str, Tensor]:
-    """`ce` = (1-alpha)·CE and `beta` = alpha·softCE(Beta targets); `draws` (sorted) may be given for tests."""
-    z = upcast(logits)
+def beta_masses(logits: Tensor, teacher_logits: Tensor, labels: Tensor, beta: float,
+                draws: Tensor | None = None) -> Tensor:
+    """b [B] (true-class mass of each row's Beta target), in the loss dtype; `draws` (sorted) may be given."""
+    dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype  # = upcast's
     if draws is None:
-        draws = sample_beta_sorted(z.shape[0], beta, z.device, dtype=z.dtype)
-    b = assign_by_confidence(true_class_confidence(teacher_logits, labels), draws.to(z.dtype))
+        draws = sample_beta_sorted(logits.shape[0], beta, logits.device, dtype=dtype)
+    return assign_by_confidence(true_class_confidence(teacher_logits, labels), draws.to(dtype))
+
+
+def beta_smoothing_terms(logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, beta: float,
+                         draws: Tensor | None = None, log_eps: float | None = LOG_EPS,
+                         backend: str = "torch") -> dict[str, Tensor]:
+    """`ce` = (1-alpha)·CE and `beta` = alpha·softCE(Beta targets); `draws` (sorted) may be given for tests.
+    backend="triton" needs log_eps=None (the kernel's soft CE is the exact log-softmax one)."""
+    b = beta_masses(logits, teacher_logits, labels, beta, draws)
+    if backend == "triton":
+        if log_eps is not None:
+            raise ValueError("beta_smoothing_terms: the Triton backend computes the exact log-softmax; "
+                             "pass log_eps=None")
+        from kernels.objective_bridge import soft_target_terms_triton
+
+        fused = soft_target_terms_triton(logits, labels, b, ce_weight=1 - alpha, soft_weight=alpha, kind="soft_ce")
+        return {"ce": fused["ce"], "beta": fused["soft"]}
+    z = upcast(logits)
     target = beta_targets(labels, z.shape[-1], b)
     return {"ce": (1 - alpha) * F.cross_entropy(z, labels), "beta": alpha * soft_target_ce(z, target, log_eps)}
 
@@ -71,6 +94,8 @@ class BetaSmoothing(Objective):
 
         b = cfg.objective.beta
         self.alpha, self.beta = b.alpha, b.beta
+        self.backend = resolve_backend(cfg.objective.backend, device)
+        self.log_eps = LOG_EPS if self.backend == "torch" else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + EMA_SEED_OFFSET)
             teacher = create_model(cfg.model, cfg.exits)
@@ -85,7 +110,9 @@ class BetaSmoothing(Objective):
             self.ema.module.train()
         with torch.no_grad():
             zt = self.ema.module(batch.images).logits[-1]
-        return sum_terms(beta_smoothing_terms(out.logits[-1], zt, batch.labels, self.alpha, self.beta)), out
+        terms = beta_smoothing_terms(out.logits[-1], zt, batch.labels, self.alpha, self.beta, log_eps=self.log_eps,
+                                     backend=self.backend)
+        return sum_terms(terms), out
 
     def decay_at(self, step: int) -> float:
         """Decay applied after 0-based optimizer step `step` (the official global_step is step + 1)."""

@@ -111,6 +111,11 @@ class CrossEntropy(Objective):
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
+        self.backend = resolve_backend(cfg.objective.backend, device)
 
     def loss(self, out: ExitOutputs, batch: Batch) -> LossOutput:
+        if self.backend == "triton":
+            from kernels.objective_bridge import ce_terms_triton
+
+            return sum_terms(ce_terms_triton(out.logits[-1], batch.labels))
         return sum_terms({"ce": F.cross_entropy(upcast(out.logits[-1]), batch.labels)})

@@ -17,6 +17,10 @@ augmentation of each anchor (`batch.extra["view"]`, DDGSD-style sample-wise term
 `objective.cskd.exits`: `deepest` applies CE and the KL to the backbone's own head; `all` to every exit (so a
 multi-exit model gets deep supervision plus CS-KD at each exit). `byot_cskd` sums the BYOT terms and the CS-KD
 KL terms (on the deepest exit or every exit), for BYOT + CS-KD.
+
+objective.backend=triton: `cskd_terms(..., backend="triton")` computes, for each chosen exit, CE and the partner KL
+in one fused launch (kernels.objective_bridge.kd_terms_triton, partner logits as the external teacher, detached)
+and the sample-wise KL in a second one; same names and values as the PyTorch path (exact log-softmax in both).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.checkpoint import unwrap
-from engine.objectives.base import Objective, register_objective, sum_terms
+from engine.objectives.base import Objective, register_objective, resolve_backend, sum_terms
 from engine.objectives.byot import BYOT, kd_loss, upcast
 from engine.types import Batch, ExitOutputs, LossOutput
 
@@ -38,13 +42,27 @@ def cskd_kl(student: Tensor, partner: Tensor, temperature: float) -> Tensor:
 
 
 def cskd_terms(logits: list[Tensor], partner_logits: list[Tensor], labels: Tensor, lam: float, temperature: float,
-               exits: str = "deepest", view_logits: list[Tensor] | None = None, with_ce: bool = True
-               ) -> dict[str, Tensor]:
-    """Named terms: `ce`, `cskd` (+ `cskd_sample`) for the deepest exit, or `ce_i`, `cskd_i`, `cskd_sample_i`."""
+               exits: str = "deepest", view_logits: list[Tensor] | None = None, with_ce: bool = True,
+               backend: str = "torch") -> dict[str, Tensor]:
+    """Named terms: `ce`, `cskd` (+ `cskd_sample`) for the deepest exit, or `ce_i`, `cskd_i`, `cskd_sample_i`.
+    backend="triton": the same terms from the fused kernel (see the module docstring)."""
     chosen = [len(logits) - 1] if exits == "deepest" else list(range(len(logits)))
     terms: dict[str, Tensor] = {}
     for i in chosen:
         sfx = "" if exits == "deepest" else f"_{i}"
+        if backend == "triton":
+            from kernels.objective_bridge import kd_terms_triton
+
+            fused = kd_terms_triton(logits[i], partner_logits[i], labels, ce_weight=1.0 if with_ce else 0.0,
+                                    kd_weight=lam, temperature=temperature, kd="kl", t_squared=True)
+            if with_ce:
+                terms[f"ce{sfx}"] = fused["ce"]
+            terms[f"cskd{sfx}"] = fused["kd"]
+            if view_logits is not None:
+                terms[f"cskd_sample{sfx}"] = kd_terms_triton(
+                    logits[i], view_logits[i], labels, ce_weight=0.0, kd_weight=lam, temperature=temperature,
+                    kd="kl", t_squared=True)["kd"]
+            continue
         if with_ce:
             terms[f"ce{sfx}"] = F.cross_entropy(upcast(logits[i]), labels)
         terms[f"cskd{sfx}"] = lam * cskd_kl(logits[i], partner_logits[i], temperature)
@@ -119,6 +137,7 @@ class CSKD(Objective):
         c = cfg.objective.cskd
         self.lam, self.temperature, self.exits, self.sample_wise = c.lam, c.temperature, c.exits, c.sample_wise
         self.partner = PartnerForward(c.partner_updates_bn)
+        self.backend = resolve_backend(cfg.objective.backend, device)
 
     def _targets(self, model, batch: Batch) -> tuple[list[Tensor], list[Tensor] | None]:
         zp = self.partner(model, partner_images(batch)).logits
@@ -135,7 +154,8 @@ class CSKD(Objective):
 
     def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out, (zp, zv) = self._forward_all(model, batch)
-        terms = cskd_terms(out.logits, zp, batch.labels, self.lam, self.temperature, self.exits, zv)
+        terms = cskd_terms(out.logits, zp, batch.labels, self.lam, self.temperature, self.exits, zv,
+                           backend=self.backend)
         return sum_terms(terms), out
 
 
@@ -151,5 +171,5 @@ class BYOTCSKD(CSKD):
         out, (zp, zv) = self._forward_all(model, batch)
         terms = dict(self.byot.loss(out, batch).terms)
         terms.update(cskd_terms(out.logits, zp, batch.labels, self.lam, self.temperature, self.exits, zv,
-                                with_ce=False))
+                                with_ce=False, backend=self.backend))
         return sum_terms(terms), out
