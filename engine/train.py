@@ -183,7 +183,7 @@ def _finish(cfg: Config, c: Components, run: RunDir, st: TrainState) -> dict:
             key = "ema" if (c.ema is not None and cfg.ema.eval) else "model"
             target = _eval_model(cfg, c)
             live = {k: v.clone() for k, v in target.state_dict().items()}
-            target.load_state_dict(ck[key] if key == "model" else ck["ema"])
+            target.load_state_dict(ck[key])
             summary["test_best"] = evaluate(target, test, c.info.device, cfg.precision.amp, cfg.logging.ece_bins,
                                             c.info)
             target.load_state_dict(live)
