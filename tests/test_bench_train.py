@@ -16,14 +16,7 @@ TINY = ["--models", "resnet18", "--sizes", "8", "--batch", "4", "--steps", "2", 
         "--width", "0.25", "--depths", "1,1,1,1", "--num-classes", "10", "--compile", "eager", "--amp", "fp32",
         "model.in_chans=1"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: OpenMP threads spinning against other processes make tiny CPU steps 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_oat_plan_changes_one_axis_at_a_time():

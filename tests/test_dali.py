@@ -326,15 +326,6 @@ def test_same_splits_as_torch_backend(photos):
 # ------------------------------------------------------------------------------------------------ training
 
 
-@pytest.fixture
-def one_thread():
-    # On a small shared CPU box, intra-op threads make a tiny model ~15x slower (spinning OpenMP workers).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_backend_switch_trains_to_comparable_accuracy(tmp_path, one_thread):
     from engine.train import train
     from pipelines.datasets import FASHION_MNIST_DIR

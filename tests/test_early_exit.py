@@ -17,14 +17,7 @@ MODELS = {  # name -> (overrides, image size)
     "plain": (["model.stem=cifar", "exits.stages=[]"], 16),
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: OpenMP threads spinning against other processes make tiny CPU models 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str):

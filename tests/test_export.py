@@ -15,14 +15,7 @@ from engine.models.early_exit import exit_index_for_threshold
 OVERRIDES = ["model.stem=cifar", "model.width=0.25", "model.depths=[1,1,1,1]", "model.num_classes=10",
              "model.in_chans=1", "data.dataset=digits", "data.image_size=8", "exits.stages=[3]"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: OpenMP threads spinning against other processes make tiny CPU models 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

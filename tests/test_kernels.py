@@ -17,18 +17,10 @@ import torch.nn.functional as F
 from kernels.multi_exit_loss import MultiExitLoss, multi_exit_loss
 from kernels.reference import multi_exit_loss_reference
 
-pytestmark = pytest.mark.filterwarnings(
+pytestmark = [pytest.mark.filterwarnings(
     # -inf - -inf on masked columns, 0/0 on rows without a term: NumPy warns, the kernel masks the results
-    "ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter")
+    "ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter"), pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU ops on a shared 2-core box: OpenMP workers spinning against other jobs made a 1 s run take 37 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 CASES = {
     "byot_kl_sse": dict(teacher="deepest", ce_weight=0.9, kd_weight=0.1, hint_weight=1e-2, temperature=3.0,

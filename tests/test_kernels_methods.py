@@ -26,20 +26,12 @@ from engine.objectives.teacher import generation_kd_terms
 from engine.types import Batch, ExitOutputs
 from tests.helpers import tiny_config
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter"),
+              pytest.mark.usefixtures("one_thread")]
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 B, C, D = 6, 5, 4
 LABELS = torch.tensor([0, 1, 2, 3, 4, 0])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small CPU ops on a shared 2-core box: keep OpenMP workers from spinning against other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Stub(nn.Module):

@@ -20,16 +20,9 @@ from kernels.multi_exit_loss import ce_true_mass
 from kernels.objective_bridge import byot_terms_triton, ce_terms_triton, kd_terms_triton, soft_target_terms_triton
 from kernels.reference import multi_exit_loss_reference, soft_target
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter"),
+              pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU ops on a shared 2-core box: OpenMP workers spinning against other jobs made a 1 s run take 37 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 TINY = ["model.stem=cifar", "model.num_classes=10", "model.width=0.125", "model.depths=[1,1,1,1]",

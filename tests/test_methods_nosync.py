@@ -16,19 +16,10 @@ from engine.types import Batch
 from tests.helpers import tiny_config
 
 # masked-off lanes of the Triton interpreter compute inf - inf (the *_triton cases); harmless
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter"),
+              pytest.mark.usefixtures("one_thread")]
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU ops (and the Triton interpreter) on a shared 2-core box: OpenMP workers spinning against other jobs
-    made the *_triton cases 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @contextmanager

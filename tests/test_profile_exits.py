@@ -13,14 +13,7 @@ TINY = ["model.stem=cifar", "model.width=0.25", "model.depths=[1,1,1,1]", "model
         "model.in_chans=1", "data.image_size=8"]
 FAST = ["--warmup", "1", "--iters", "2", "--repeats", "2", "--ee-samples", "8", "--no-plots"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: OpenMP threads spinning against other processes make tiny CPU models 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_flops_of_a_linear_layer_match_the_hand_count():
