@@ -325,17 +325,15 @@ def build_bench_model(checkpoint: Optional[str], config: Optional[str], override
     `overrides` on top; weights='ema' picks the EMA weights) or, without one, random init from YAML + overrides."""
     from engine.checkpoint import load_checkpoint
     from engine.config import load_config
-    from engine.evaluate_cli import config_from_checkpoint
+    from engine.evaluate_cli import model_from_checkpoint
     from engine.models import create_model
 
     if checkpoint:
         ck = load_checkpoint(checkpoint, "cpu")
-        cfg = config_from_checkpoint(ck, list(overrides))
-        model = create_model(cfg.model, cfg.exits)
-        state = ck.get(weights) if weights == "ema" else ck["model"]
-        if state is None:
-            raise ValueError(f"checkpoint {checkpoint} has no '{weights}' weights")
-        model.load_state_dict(state)
+        try:
+            model, cfg = model_from_checkpoint(ck, list(overrides), weights)
+        except ValueError as e:
+            raise ValueError(f"{checkpoint}: {e}") from None
         source = {"mode": "checkpoint", "checkpoint": str(checkpoint), "weights": weights,
                   "class_names": ck.get("class_names")}
     else:

@@ -17,7 +17,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -135,20 +134,11 @@ def bench_backend(root: Path, backend: str, args: argparse.Namespace, classes: i
             "img_per_s_runs": [round(r, 1) for r in rates], "batches_per_epoch": len(loader), "dtype": dtype}
 
 
-def _git_commit() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True,
-                               check=False).stdout
-        return sha.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _environment() -> dict:
     import PIL
     import torch
+
+    from engine.rundir import git_commit
 
     try:
         import nvidia.dali as dali
@@ -159,7 +149,7 @@ def _environment() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": socket.gethostname(),
-            "git_commit": _git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+            "git_commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
             "nvidia_dali": dali_version, "pillow": PIL.__version__, "numpy": np.__version__,
             "cpu_count": os.cpu_count(), "cpu": cpu, "load_avg_1min": os.getloadavg()[0],
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}

@@ -56,15 +56,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _delegate(module: str, argv: list[str]) -> int:
-    """Subcommands owned by other packages: `main(argv) -> int`, or a clear note while not built."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            print(f"not yet available: {module} is not part of this build", file=sys.stderr)
-            return 1
-        raise
-    return int(mod.main(argv) or 0)
+    """Subcommands owned by other packages, each a `main(argv) -> int` imported only when called."""
+    return int(importlib.import_module(module).main(argv) or 0)
 
 
 SUBTOOLS = {

@@ -52,12 +52,6 @@ def collect_outputs(model: nn.Module, loader, device: torch.device, amp: str = "
     return logits, feats, y
 
 
-def collect_logits(model: nn.Module, loader, device: torch.device, amp: str = "fp32",
-                   info: DistInfo | None = None) -> tuple[list[Tensor], Tensor]:
-    logits, _, y = collect_outputs(model, loader, device, amp, info, features=False)
-    return logits, y
-
-
 def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "fp32", n_bins: int = 15,
              info: DistInfo | None = None, recall: bool = True) -> dict[str, dict]:
     """Per-exit and ensemble top-1/top-5, NLL, ECE (`n_bins` equal-width bins) and, per exit, Recall@1."""

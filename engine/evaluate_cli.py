@@ -10,7 +10,7 @@ from engine.checkpoint import load_checkpoint
 from engine.config import Config, config_from_dict
 from engine.distributed import init_distributed
 from engine.evaluate import evaluate
-from engine.models import create_model
+from engine.models import MultiExitModel, create_model
 from engine.setup_run import check_data_matches
 from pipelines.factory import build_data
 
@@ -19,19 +19,30 @@ def config_from_checkpoint(ck: dict, overrides: list[str] = ()) -> Config:
     return config_from_dict(ck["config"], overrides)
 
 
+def model_from_checkpoint(ck: dict, overrides: list[str] = (),
+                          weights: str = "model") -> tuple[MultiExitModel, Config]:
+    """The run's model with `ck[weights]` loaded ('model', or 'ema' for the EMA weights), on CPU, and its config."""
+    cfg = config_from_checkpoint(ck, overrides)
+    state = ck.get(weights)
+    if state is None:
+        raise ValueError(f"checkpoint has no '{weights}' weights")
+    model = create_model(cfg.model, cfg.exits)
+    model.load_state_dict(state)
+    return model, cfg
+
+
 def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] = (), bins: int | None = None,
                         out: str | None = None, device: str | None = None) -> dict:
     info = init_distributed("auto", device)
     ck = load_checkpoint(path, info.device)
-    cfg = config_from_checkpoint(ck, list(overrides))
+    model, cfg = model_from_checkpoint(ck, list(overrides))
     data = build_data(cfg, info.device, info.rank, info.world)
     check_data_matches(cfg, data)
     loader = data.test if split == "test" else data.val
     if loader is None:
         raise FileNotFoundError(f"the run's data has no {split} split (data.dataset={cfg.data.dataset}, "
                                 f"data.val_split={cfg.data.val_split})")
-    model = create_model(cfg.model, cfg.exits).to(info.device)
-    model.load_state_dict(ck["model"])
+    model = model.to(info.device)
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     res = evaluate(model, loader, info.device, cfg.precision.amp, bins or cfg.logging.ece_bins, info)

@@ -43,16 +43,13 @@ def weights_digest(state_dict: dict[str, Tensor]) -> str:
 def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """(frozen eval-mode model on `device`, record of what was loaded)."""
     from engine.checkpoint import load_checkpoint
-    from engine.evaluate_cli import config_from_checkpoint
-    from engine.models import create_model
+    from engine.evaluate_cli import model_from_checkpoint
 
     path = Path(path)
     ck = load_checkpoint(path, "cpu")
     if "config" not in ck or "model" not in ck:
         raise ValueError(f"teacher checkpoint {path} has no 'config'/'model' entries (not a selfdistill checkpoint)")
-    tcfg = config_from_checkpoint(ck)
-    model = create_model(tcfg.model, tcfg.exits)
-    model.load_state_dict(ck["model"])
+    model, tcfg = model_from_checkpoint(ck)
     model.eval().requires_grad_(False)
     state = ck.get("state", {})
     info = {"path": str(path.resolve()), "model": tcfg.model.name, "num_classes": tcfg.model.num_classes,
