@@ -1,56 +1,35 @@
-"""Fused multi-exit self-distillation loss: every term of every exit and its gradients from one forward kernel.
+"""The fused multi-exit loss: every CE / KD / hint term of up to 8 exits, forward in one launch, backward in one.
 
-For E exits with logits z_e [B, C] (shallow -> deep), labels y [B] and optional pooled features f_e [B, D]:
+    total, losses = fused_loss(logits, targets, opts, features=None, teacher_logits=None, soft_b=None)
 
-    loss[e, 0] = ce_weight[e]   * mean_{y_i != ignore} CE(z_e,i, target_b(y_i))          b = 1 - eps (smoothing)
-    loss[e, 1] = kd_weight[e]   * (T^2 if t_squared) * mean_i KD(p_i || softmax(z_e,i / Ts))   Ts = T or 1
-    loss[e, 2] = hint_weight[e] * hint(f_e, f_{E-1}.detach())       sse | l2 (torch.dist) | mse
+`opts` is a kernels.options.LossOptions (the terms are defined there). `total` is the differentiable sum of every
+weighted term, `losses` [E, 3] fp32 the terms themselves (ce, kd, hint per exit; differentiable too). An objective
+backpropagates through `total` and logs `losses` detached: then forward + backward is two Triton launches plus the
+one fill of `total.backward()`. `multi_exit_loss(logits, targets, **options)` returns `losses` only, and
+`MultiExitLoss(**options)` is the nn.Module form.
 
-`target_b(y)` puts b on y and (1-b)/(C-1) on every other class; it is never built as a [B, C] tensor. The teacher
-distribution p is one of:
-    "deepest"      softmax(z_{E-1} / T), detached (BYOT); the deepest exit gets no KD term
-    "logits"       softmax(teacher_logits / T), detached: external teacher [B, C] (classic KD, generations, CS-KD)
-    "closed_form"  target_{soft_b[i]}(y_i) with a per-row b [B] (Beta smoothing); mean over labelled rows only
-    "none"         CE (and hints) only
-KD is "kl" (KL(p || q)) or "soft_ce" (-sum p log q, KL plus the teacher entropy; same gradient).
-Label smoothing: convention "wrong_classes" gives eps/(C-1) to each wrong class (b = 1 - eps);
-"all_classes" gives eps/C to every class like F.cross_entropy(label_smoothing=eps) (b = 1 - eps + eps/C).
+Inputs: `logits` is a list of E tensors [B, C] (or one [E, B, C] tensor, unbound into views); the kernels take the
+exits as separate pointers, so they are never stacked. Rows may be strided; a strided class dimension is made
+contiguous. Logits fp32/bf16/fp16 (one dtype for all exits); teacher logits and features any of those; labels any
+integer dtype. Gradients come back in the inputs' dtypes, scaled by the upstream gradient before rounding (so fp16
+under a GradScaler does not underflow). Teacher logits, soft_b and the deepest exit's features get no gradient.
+Nothing is written into an input. No double backward. Out-of-range labels make the CE NaN instead of a device assert.
 
-Public API (see each docstring):
-    multi_exit_loss(logits, targets, *, features=None, teacher="deepest", teacher_logits=None, soft_b=None,
-                    ce_weight=1.0, kd_weight=0.0, hint_weight=0.0, temperature=1.0, kd="kl", t_squared=False,
-                    scale_student=True, label_smoothing=0.0, smoothing_convention="wrong_classes", hint="none",
-                    ignore_index=-100, block_c=0, recompute_grad=False)
-        -> Tensor [E, 3] fp32: (ce, kd, hint) per exit, already weighted
-    MultiExitLoss(**same options)(logits, targets, features=None, teacher_logits=None, soft_b=None) -> [E, 3]
-    resolve_weights(num_exits, teacher, hint, ce_weight, kd_weight, hint_weight) -> list[float] (E*3)
-    ce_true_mass(label_smoothing, convention, num_classes) -> float (b of the CE target)
-
-Launches: forward = count labelled rows + one kernel per 4 exits (each row swept twice: softmax statistics, then
-losses and gradients) + a fixed-order reduction of the losses; backward = one kernel per 4 exits.
-
-Inputs: `logits` is a list of E tensors [B, C] (or one [E, B, C] tensor, unbound into views): the kernel takes up to
-4 exits per launch as separate pointers, so they are never stacked (a stack copies every logit). Rows may be
-strided; a strided class dimension is made contiguous first. Logits fp32/bf16/fp16 (one dtype for all exits), teacher
-logits and features any of those; labels any integer dtype. Losses are fp32, gradients come back in the input dtype.
-
-Autograd: the forward kernel writes the gradient of sum(loss) w.r.t. the logits (input dtype) and the hint gradient
-(fp32, before a per-exit factor); backward scales them by grad_output read on the device (no host sync). If the CE
-and KD terms of one exit get different upstream gradients, that exit's gradient is recomputed from the logits and the
-saved row statistics instead (exact for any grad_output). Teacher logits, soft_b and the deepest exit's features get
-no gradient (detached, as in the reference). No double backward.
-Extra memory: one gradient buffer [E, B, C] from forward to backward; during backward the scaled copy is a second
-one (out of place, so retain_graph stays correct; scaling in place breaks AOTAutograd, which cannot partition a
-backward that mutates a saved forward output). recompute_grad=True saves no gradient at all: the backward rebuilds it
-from the logits and the row statistics (the same code path as for unequal upstream gradients).
+Eager calls go through a plain torch.autograd.Function with flat tensor arguments; under torch.compile the same
+kernels run as the torch.library ops selfdistill::multi_exit_loss / _backward (fake implementations included), so
+tracing has no graph break. Validation and launch parameters are computed once per configuration (`_plan`).
+One caveat of the single-launch reduction: a scratch buffer and a ticket counter per device are reused by every
+call, so two calls must not run concurrently on different streams of one device.
+Memory between the passes: per-row statistics only (the gradient is recomputed), so the peak extra memory is the
+logits' gradient itself.
 
 Devices: CUDA, or CPU under the Triton interpreter (TRITON_INTERPRET=1 set before importing triton; slow, for tests).
-Out-of-range labels (not ignore_index, not in [0, C)) make the CE loss NaN instead of a device assert.
 """
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -58,74 +37,310 @@ import triton
 from torch import Tensor, nn
 
 from kernels import multi_exit_triton as K
+from kernels.options import MAX_EXITS, LossOptions, ce_true_mass, options, resolve_weights
 
-TEACHERS = ("none", "deepest", "logits", "closed_form")
-KD_KINDS = ("kl", "soft_ce")
-HINTS = ("none", "sse", "l2", "mse")
-SMOOTHING_CONVENTIONS = ("wrong_classes", "all_classes")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SLOTS = 4  # exits per launch (the engine has at most 4); more exits take more launches
-_TEACHER_CODE = {"none": K.TEACHER_NONE, "deepest": K.TEACHER_LOGITS, "logits": K.TEACHER_LOGITS,
-                 "closed_form": K.TEACHER_CLOSED}
-_HINT_CODE = {"none": K.HINT_NONE, "sse": K.HINT_SSE, "l2": K.HINT_L2, "mse": K.HINT_MSE}
+_TEACHER = {"none": K.TEACHER_NONE, "deepest": K.TEACHER_DEEPEST, "logits": K.TEACHER_LOGITS,
+            "closed_form": K.TEACHER_CLOSED}
+_HINT = {"none": K.HINT_NONE, "sse": K.HINT_SSE, "l2": K.HINT_L2, "mse": K.HINT_MSE}
+MAX_POW = 8  # exp(x) as exp(x / T)^T up to this T; above (or a fractional T) the polynomial exp2 takes over
 
 
-# --------------------------------------------------------------------------------------------- option handling
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _per_exit(name: str, w: float | Sequence[float], n: int) -> list[float]:
-    if isinstance(w, (int, float)):
-        return [float(w)] * n
-    w = [float(v) for v in w]
-    if len(w) != n:
-        raise ValueError(f"{name}: expected {n} values, got {len(w)}")
-    return w
+def _check_device(device: torch.device) -> None:
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return
+    if device.type == "cpu":
+        raise RuntimeError("multi_exit_loss: the Triton kernel needs a CUDA device; on CPU it only runs under the "
+                           "Triton interpreter (set TRITON_INTERPRET=1 before importing triton; slow, for tests). "
+                           "Use objective.backend=torch on CPU.")
+    raise RuntimeError(f"multi_exit_loss: device {device} is not supported (CUDA, or CPU under TRITON_INTERPRET=1)")
 
 
-def _shallow_only(name: str, w: float | Sequence[float], num_exits: int) -> list[float]:
-    """Weights of terms whose teacher is the deepest exit: a scalar or E-1 values; E values must end with 0."""
-    if not isinstance(w, (int, float)) and len(w) == num_exits:
-        if float(w[-1]) != 0.0:
-            raise ValueError(f"{name}: the deepest exit is the teacher of this term, its weight must be 0, got {w[-1]}")
-        return [float(v) for v in w]
-    return _per_exit(name, w, num_exits - 1) + [0.0]
+# --------------------------------------------------------------------------------------------- the plan
 
 
-def resolve_weights(num_exits: int, teacher: str, hint: str, ce_weight: float | Sequence[float] = 1.0,
-                    kd_weight: float | Sequence[float] = 0.0,
-                    hint_weight: float | Sequence[float] = 0.0) -> list[float]:
-    """Flat [E*3] list (ce, kd, hint per exit). Scalars broadcast to every exit that can have the term."""
-    ce = _per_exit("ce_weight", ce_weight, num_exits)
-    if teacher == "none":
-        if any(_per_exit("kd_weight", kd_weight, num_exits)):
-            raise ValueError("kd_weight: teacher='none' has no KD term, the weight must be 0")
-        kd = [0.0] * num_exits
-    elif teacher == "deepest":
-        kd = _shallow_only("kd_weight", kd_weight, num_exits)
-    else:
-        kd = _per_exit("kd_weight", kd_weight, num_exits)
-    hw = [0.0] * num_exits if hint == "none" else _shallow_only("hint_weight", hint_weight, num_exits)
-    return [v for triple in zip(ce, kd, hw) for v in triple]
+@dataclass(frozen=True)
+class Plan:
+    """Everything a launch needs that depends only on the configuration: computed and validated once."""
+
+    opts: LossOptions
+    E: int
+    B: int
+    C: int
+    D: int
+    device: torch.device
+    hinted: tuple[bool, ...]  # exits whose features get a gradient
+    weights: Tensor  # [E, 3] fp32 on the device
+    scalars: tuple  # ignore_index, inv_t, inv_ts, kd_scale, ce_b, log_eps
+    inv_bd: float
+    meta: dict  # constexprs shared by both kernels
+    fwd_meta: dict
+    grid: tuple[int]
+    stats_size: int
+    part_stride: int
 
 
-def ce_true_mass(label_smoothing: float, convention: str, num_classes: int) -> float:
-    """b of the CE target (b on the label, (1-b)/(C-1) elsewhere) for label smoothing eps in either convention."""
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing: {label_smoothing} must be in [0, 1]")
-    if convention not in SMOOTHING_CONVENTIONS:
-        raise ValueError(f"smoothing_convention: {convention!r}; allowed: {', '.join(SMOOTHING_CONVENTIONS)}")
-    if convention == "all_classes":
-        return 1.0 - label_smoothing + label_smoothing / num_classes
-    return 1.0 - label_smoothing
+def _pow_of(temperature: float) -> tuple[int, bool]:
+    """(POW, TWO): whether a stream needs its softmax at T and at 1, and T as an integer power (0 = fractional)."""
+    if temperature == 1.0:
+        return 0, False
+    t = round(temperature)
+    return (t if abs(temperature - t) < 1e-12 and 2 <= t <= MAX_POW else 0), True
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name}: {value!r} is not allowed; allowed values: {', '.join(allowed)}")
-    return value
+def _blocks(B: int, C: int, D: int, itemsize: int, block_c: int) -> tuple[int, int, int, int, int]:
+    """BLOCK_B, NT, V, BLOCK_D, num_warps. A lane is one 16-byte vector of V classes; a tile is BLOCK_B rows of NT
+    lanes. On the GPU a tile holds 2048 elements, one lane per thread (`python -m kernels.aot_check` reports the
+    registers); the interpreter prefers few programs with large tiles, since its cost is per op, not per element."""
+    tile = 1 << 16 if interpreting() else 2048
+    bc = block_c if block_c > 0 else min(triton.next_power_of_2(C), tile)
+    v = min(max(1, 16 // itemsize), bc)
+    bb = max(1, min(tile // bc, triton.next_power_of_2(B)))
+    nt = bc // v
+    bd = max(1, min(triton.next_power_of_2(max(D, 1)), max(16, tile // bb)))
+    warps = max(1, min(8, bb * nt // 32))
+    return bb, nt, v, bd, warps
 
 
-def _as_list(x: Sequence[Tensor] | Tensor | None) -> list[Tensor]:
+@functools.lru_cache(maxsize=256)
+def _plan(opts: LossOptions, E: int, B: int, C: int, D: int, z_dtype: torch.dtype, f_dtype, t_shape, t_dtype,
+          b_shape, b_dtype, y_shape, y_dtype, device: torch.device) -> Plan:
+    if not 1 <= E <= MAX_EXITS:
+        raise ValueError(f"logits: {E} exits; the fused loss takes 1 to {MAX_EXITS}")
+    if C < 2:
+        raise ValueError(f"logits: each exit must be [B, C] with C >= 2, got C = {C}")
+    if z_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits: dtype {z_dtype} is not supported; use float32, bfloat16 or float16")
+    if y_shape != (B,) or y_dtype.is_floating_point or y_dtype == torch.bool:
+        raise ValueError(f"targets: expected integer labels of shape ({B},), got {tuple(y_shape)} {y_dtype}")
+    _check_device(device)
+    if opts.teacher == "deepest" and E < 2:
+        raise ValueError("teacher='deepest' needs at least two exits (the deepest one is the teacher)")
+    if opts.teacher == "logits" and (t_shape != (B, C) or t_dtype not in FLOAT_DTYPES):
+        raise ValueError(f"teacher_logits: teacher='logits' needs a float [{B}, {C}] tensor, got "
+                         f"{None if t_shape is None else (t_shape, t_dtype)}")
+    if opts.teacher == "closed_form" and (b_shape != (B,) or not b_dtype.is_floating_point):
+        raise ValueError(f"soft_b: teacher='closed_form' needs a float [{B}] tensor of true-class masses")
+    if opts.hint != "none" and f_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"features: dtype {f_dtype} is not supported")
+    w = resolve_weights(opts, E)
+    t = opts.temperature
+    ts = opts.student_temperature if opts.teacher != "none" else 1.0
+    pow_s, two_s = _pow_of(ts)
+    pow_t, two_t = _pow_of(t) if opts.teacher == "deepest" else (0, False)
+    ce_b = ce_true_mass(opts, C)
+    eps = K.EPS_NONE
+    if opts.log_eps > 0:
+        eps = K.EPS_CE if opts.label_smoothing > 0 else K.EPS_KD
+    bb, nt, v, bd, warps = _blocks(B, C, D, z_dtype.itemsize, opts.block_c)
+    grid = (triton.cdiv(B, bb),)
+    part_stride = triton.next_power_of_2(3 * E + 1)
+    meta = dict(N=E, TEACHER=_TEACHER[opts.teacher], HINT=_HINT[opts.hint], EPS=eps, TWO_S=two_s, TWO_T=two_t,
+                BLOCK_B=bb, NT=nt, V=v, BLOCK_D=bd, num_warps=warps)
+    fwd_meta = dict(meta, KD_KL=opts.kd == "kl", SMOOTH=ce_b != 1.0, POW_S=pow_s, POW_T=pow_t,
+                    PART_STRIDE=part_stride, BLOCK_P=max(1, min(triton.next_power_of_2(grid[0]), 4096 // part_stride)))
+    weights = torch.tensor(w, dtype=torch.float32, device=device)  # once per configuration, not per step
+    scalars = (opts.ignore_index, 1.0 / t, 1.0 / ts, t * t if opts.t_squared else 1.0, ce_b, opts.log_eps)
+    return Plan(opts, E, B, C, D, device, tuple(wh != 0.0 for _, _, wh in w), weights, scalars,
+                1.0 / max(B * D, 1), meta, fwd_meta, grid, (K.ROW_STATS * E + 2) * B + E + 1, part_stride)
+
+
+def plan_for(opts: LossOptions, logits: Sequence[Tensor], targets: Tensor, features: Sequence[Tensor],
+             teacher_logits: Optional[Tensor], soft_b: Optional[Tensor]) -> Plan:
+    """The cached plan of these inputs; the per-call checks are the ones a cache hit cannot vouch for."""
+    if not logits:
+        raise ValueError("logits: need at least one exit")
+    z0 = logits[0]
+    if z0.dim() != 2:
+        raise ValueError(f"logits: each exit must be [B, C], got {tuple(z0.shape)}")
+    for i in range(1, len(logits)):
+        z = logits[i]
+        if z.shape != z0.shape or z.dtype != z0.dtype or z.device != z0.device:
+            raise ValueError(f"logits[{i}]: {tuple(z.shape)} {z.dtype} {z.device} differs from logits[0]: "
+                             f"{tuple(z0.shape)} {z0.dtype} {z0.device}")
+    B, C = z0.shape
+    D, f_dtype = 0, None
+    if opts.hint != "none":
+        if len(features) != len(logits):
+            raise ValueError(f"hint={opts.hint!r} needs features: one [B, D] tensor per exit, got {len(features)} "
+                             f"for {len(logits)} exits")
+        f0 = features[0]
+        D, f_dtype = (f0.shape[1] if f0.dim() == 2 else 0), f0.dtype
+        for i, f in enumerate(features):
+            if f.dim() != 2 or f.shape != (B, D) or f.dtype != f_dtype or f.device != z0.device:
+                raise ValueError(f"features[{i}]: every exit needs the same [B={B}, D] float shape, dtype and "
+                                 f"device, got {tuple(f.shape)} {f.dtype} {f.device}")
+    for name, t in (("targets", targets), ("teacher_logits", teacher_logits), ("soft_b", soft_b)):
+        if t is not None and t.device != z0.device:
+            raise ValueError(f"{name}: on {t.device}, the logits are on {z0.device}")
+    t_meta = (tuple(teacher_logits.shape), teacher_logits.dtype) if teacher_logits is not None else (None, None)
+    b_meta = (tuple(soft_b.shape), soft_b.dtype) if soft_b is not None else (None, None)
+    return _plan(opts, len(logits), B, C, D, z0.dtype, f_dtype, *t_meta, *b_meta, tuple(targets.shape),
+                 targets.dtype, z0.device)
+
+
+# --------------------------------------------------------------------------------------------- launches
+
+
+@functools.lru_cache(maxsize=16)
+def _scratch(device: torch.device) -> dict:
+    # the ticket must read 0 before a launch: zeroed once here, reset by the last program of every launch
+    return {"ticket": torch.zeros(1, dtype=torch.int32, device=device), "part": torch.empty(0, device=device)}
+
+
+def _part(plan: Plan) -> tuple[Tensor, Tensor]:
+    s = _scratch(plan.device)
+    need = plan.grid[0] * plan.part_stride
+    if s["part"].numel() < need:
+        s["part"] = torch.empty(max(need, 2 * s["part"].numel()), dtype=torch.float32, device=plan.device)
+    return s["part"], s["ticket"]
+
+
+def _unit_col(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _streams(plan: Plan, logits, features, teacher_logits, soft_b, targets):
+    zs = tuple(_unit_col(z) for z in logits)
+    fs = tuple(_unit_col(f) for f in features) if plan.D else zs
+    tz = _unit_col(teacher_logits) if teacher_logits is not None else zs[0]
+    y = targets if targets.stride(0) == 1 else targets.contiguous()
+    brow = soft_b if soft_b is None or soft_b.stride(0) == 1 else soft_b.contiguous()
+    return zs, fs, tz, y, brow if brow is not None else plan.weights
+
+
+def forward(plan: Plan, logits, targets, features, teacher_logits, soft_b) -> tuple[Tensor, Tensor, Tensor]:
+    """(total [], losses [E, 3], saved statistics)."""
+    zs, fs, tz, y, brow = _streams(plan, logits, features, teacher_logits, soft_b, targets)
+    f32 = dict(dtype=torch.float32, device=plan.device)
+    total, losses, stats = torch.empty((), **f32), torch.empty((plan.E, 3), **f32), torch.empty(plan.stats_size, **f32)
+    part, ticket = _part(plan)
+    K._fwd_kernel[plan.grid](
+        zs, tuple(z.stride(0) for z in zs), fs, tuple(f.stride(0) for f in fs), tz, tz.stride(0), y, brow,
+        plan.weights, stats, part, ticket, total, losses, plan.B, plan.C, plan.D, *plan.scalars, plan.inv_bd,
+        **plan.fwd_meta)
+    return total, losses, stats
+
+
+def backward(plan: Plan, grad: Tensor, stats: Tensor, logits, targets, features, teacher_logits,
+             soft_b) -> tuple[Tensor, Tensor]:
+    """(d logits [E, B, C] in the logits' dtype, d features [E, B, D] in theirs; rows of unhinted exits unset)."""
+    zs, fs, tz, y, brow = _streams(plan, logits, features, teacher_logits, soft_b, targets)
+    dz = torch.empty((plan.E, plan.B, plan.C), dtype=zs[0].dtype, device=plan.device)
+    df = torch.empty((plan.E, plan.B, plan.D), dtype=fs[0].dtype, device=plan.device) if plan.D else dz
+    K._bwd_kernel[plan.grid](
+        zs, tuple(z.stride(0) for z in zs), fs, tuple(f.stride(0) for f in fs), tz, tz.stride(0), y, brow,
+        plan.weights, stats, grad, grad.stride(0), grad.stride(1), dz, df, plan.B, plan.C, plan.D, *plan.scalars,
+        **plan.meta)
+    return dz, (df if plan.D else None)
+
+
+def upstream(g_total: Optional[Tensor], g_losses: Optional[Tensor], E: int) -> Optional[Tensor]:
+    """[E, 3] fp32 upstream gradient of every term: a broadcast view when only `total` was used (no copy)."""
+    if g_total is None:
+        return None if g_losses is None else g_losses.float()
+    g = g_total.float().expand(E, 3)
+    return g if g_losses is None else g + g_losses.float()
+
+
+# --------------------------------------------------------------------------------------------- eager autograd
+
+
+class _FusedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: Plan, targets, teacher_logits, soft_b, *tensors):
+        logits, features = tensors[:plan.E], tensors[plan.E:]
+        total, losses, stats = forward(plan, logits, targets, features, teacher_logits, soft_b)
+        ctx.set_materialize_grads(False)  # unused outputs get no zero-filled gradients
+        ctx.plan = plan
+        ctx.save_for_backward(stats, targets, teacher_logits, soft_b, *tensors)
+        return total, losses
+
+    @staticmethod
+    def backward(ctx, g_total, g_losses):
+        plan = ctx.plan
+        stats, targets, teacher_logits, soft_b, *tensors = ctx.saved_tensors
+        n_in = 4 + len(tensors)
+        g = upstream(g_total, g_losses, plan.E)
+        if g is None:
+            return (None,) * n_in
+        logits, features = tensors[:plan.E], tensors[plan.E:]
+        dz, df = backward(plan, g, stats, logits, targets, features, teacher_logits, soft_b)
+        d_feats = [df[e] if h else None for e, h in enumerate(plan.hinted)] if df is not None else \
+            [None] * len(features)
+        return (None, None, None, None, *dz.unbind(0), *d_feats)
+
+
+# --------------------------------------------------------------------------------------------- torch.library ops
+
+
+def _plan_from(logits, targets, features, teacher_logits, soft_b, options_text: str) -> Plan:
+    return plan_for(LossOptions.decode(options_text), logits, targets, features, teacher_logits, soft_b)
+
+
+@torch.library.custom_op("selfdistill::multi_exit_loss", mutates_args=())
+def _loss_op(logits: list[Tensor], targets: Tensor, features: list[Tensor], teacher_logits: Optional[Tensor],
+             soft_b: Optional[Tensor], options: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(total [], losses [E, 3], saved statistics); `options` is LossOptions.encoded."""
+    plan = _plan_from(logits, targets, features, teacher_logits, soft_b, options)
+    return forward(plan, logits, targets, features, teacher_logits, soft_b)
+
+
+@_loss_op.register_fake
+def _loss_fake(logits, targets, features, teacher_logits, soft_b, options):
+    E, (B, C) = len(logits), logits[0].shape
+    z = logits[0]
+    f32 = dict(dtype=torch.float32)
+    return z.new_empty((), **f32), z.new_empty((E, 3), **f32), z.new_empty((K.ROW_STATS * E + 2) * B + E + 1, **f32)
+
+
+@torch.library.custom_op("selfdistill::multi_exit_loss_backward", mutates_args=())
+def _backward_op(grad: Tensor, stats: Tensor, logits: list[Tensor], targets: Tensor, features: list[Tensor],
+                 teacher_logits: Optional[Tensor], soft_b: Optional[Tensor], options: str) -> tuple[Tensor, Tensor]:
+    """(d logits [E, B, C], d features [E, B, D], or an empty tensor without a hint)."""
+    plan = _plan_from(logits, targets, features, teacher_logits, soft_b, options)
+    dz, df = backward(plan, grad, stats, logits, targets, features, teacher_logits, soft_b)
+    return dz, (df if df is not None else dz.new_empty(0))
+
+
+@_backward_op.register_fake
+def _backward_fake(grad, stats, logits, targets, features, teacher_logits, soft_b, options):
+    z = logits[0]
+    E, (B, C) = len(logits), z.shape
+    hint = LossOptions.decode(options).hint != "none"
+    df = features[0].new_empty((E, B, features[0].shape[1])) if hint else z.new_empty(0)
+    return z.new_empty((E, B, C)), df
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, targets, features, teacher_logits, soft_b, options = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.num_exits, ctx.options = len(logits), options
+    ctx.save_for_backward(output[2], targets, teacher_logits, soft_b, *logits, *features)
+
+
+def _backward_formula(ctx, g_total, g_losses, _):
+    stats, targets, teacher_logits, soft_b, *rest = ctx.saved_tensors
+    logits, features = rest[:ctx.num_exits], rest[ctx.num_exits:]
+    g = upstream(g_total, g_losses, ctx.num_exits)
+    dz, df = torch.ops.selfdistill.multi_exit_loss_backward(g, stats, logits, targets, features, teacher_logits,
+                                                            soft_b, ctx.options)
+    hinted = [w[2] != 0.0 for w in resolve_weights(LossOptions.decode(ctx.options), ctx.num_exits)]
+    grad_feats = [df[e] if h else None for e, h in enumerate(hinted)] if features else []
+    return list(dz.unbind(0)), None, grad_feats, None, None, None
+
+
+torch.library.register_autograd("selfdistill::multi_exit_loss", _backward_formula, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def as_list(x: Sequence[Tensor] | Tensor | None) -> list[Tensor]:
     if x is None:
         return []
     if isinstance(x, Tensor):
@@ -135,312 +350,42 @@ def _as_list(x: Sequence[Tensor] | Tensor | None) -> list[Tensor]:
     return list(x)
 
 
-def _check_inputs(logits: list[Tensor], targets: Tensor, features: list[Tensor], teacher: str,
-                  teacher_logits: Optional[Tensor], soft_b: Optional[Tensor]) -> None:
-    """Shape, dtype and device errors that name the argument, before anything is launched."""
-    if not logits:
-        raise ValueError("logits: need at least one exit")
-    z0 = logits[0]
-    if z0.dim() != 2 or z0.shape[1] < 2:
-        raise ValueError(f"logits: each exit must be [B, C] with C >= 2, got {tuple(z0.shape)}")
-    for i, z in enumerate(logits):
-        if z.shape != z0.shape or z.dtype != z0.dtype or z.device != z0.device:
-            raise ValueError(f"logits[{i}]: {tuple(z.shape)} {z.dtype} {z.device} differs from logits[0]: "
-                             f"{tuple(z0.shape)} {z0.dtype} {z0.device}")
-    if z0.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"logits: dtype {z0.dtype} is not supported; use float32, bfloat16 or float16")
-    B, C = z0.shape
-    if targets.shape != (B,) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise ValueError(f"targets: expected integer labels of shape ({B},), got {tuple(targets.shape)} "
-                         f"{targets.dtype}")
-    _check_device(z0.device)
-    others = [("targets", targets)]
-    if teacher == "deepest" and len(logits) < 2:
-        raise ValueError("teacher='deepest' needs at least two exits (the deepest one is the teacher)")
-    if teacher == "logits":
-        t = teacher_logits
-        if t is None or t.shape != (B, C) or t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"teacher_logits: teacher='logits' needs a float [{B}, {C}] tensor, got "
-                             f"{None if t is None else (tuple(t.shape), t.dtype)}")
-        others.append(("teacher_logits", teacher_logits))
-    if teacher == "closed_form":
-        if soft_b is None or soft_b.shape != (B,) or not soft_b.dtype.is_floating_point:
-            raise ValueError(f"soft_b: teacher='closed_form' needs a float [{B}] tensor of true-class masses")
-        others.append(("soft_b", soft_b))
-    for i, f in enumerate(features):
-        if f.dim() != 2 or f.shape != features[0].shape or f.shape[0] != B or f.dtype != features[0].dtype:
-            raise ValueError(f"features[{i}]: every exit needs the same [B={B}, D] float shape and dtype, got "
-                             f"{tuple(f.shape)} {f.dtype}")
-        if f.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"features: dtype {f.dtype} is not supported")
-        others.append((f"features[{i}]", f))
-    if features and len(features) != len(logits):
-        raise ValueError(f"features: {len(features)} tensors for {len(logits)} exits")
-    for name, t in others:
-        if t.device != z0.device:
-            raise ValueError(f"{name}: on {t.device}, the logits are on {z0.device}")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _check_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        return
-    if device.type == "cpu" and _interpreting():
-        return
-    if device.type == "cpu":
-        raise RuntimeError("multi_exit_loss: the Triton kernel needs a CUDA device; on CPU it only runs under the "
-                           "Triton interpreter (set TRITON_INTERPRET=1 before importing triton; slow, for tests). "
-                           "Use objective.backend=torch on CPU.")
-    raise RuntimeError(f"multi_exit_loss: device {device} is not supported (CUDA, or CPU under TRITON_INTERPRET=1)")
-
-
-# --------------------------------------------------------------------------------------------- launchers
-
-
-@functools.lru_cache(maxsize=64)
-def _weights_on(weights: tuple[float, ...], device: torch.device) -> Tensor:
-    # one host-to-device copy per distinct weight set, not one per step
-    return torch.tensor(weights, dtype=torch.float32, device=device).view(-1, 3)
-
-
-def _blocks(B: int, C: int, D: int, block_c: int) -> tuple[int, int, int, int]:
-    """BLOCK_B, BLOCK_C, BLOCK_D, num_warps.
-
-    GPU: tiles of 2048 elements over 8 warps (4096 over 16 for long rows) compile for sm_90 without spills
-    (`python -m kernels.aot_check` reports registers; 4096 over 8 warps spilled). The interpreter prefers few
-    programs with large blocks: its cost is per op, not per element."""
-    if _interpreting():
-        row_tile, tile = 1 << 16, 1 << 16
-    else:
-        row_tile, tile = 4096, 2048
-    bc = block_c if block_c > 0 else min(triton.next_power_of_2(C), row_tile)
-    bb = max(1, min(tile // bc, triton.next_power_of_2(B)))
-    bd = max(1, min(triton.next_power_of_2(max(D, 1)), tile // bb))
-    num_warps = 16 if bb * bc >= 4096 else 8
-    return bb, bc, bd, num_warps
-
-
-def _unit_col(z: Tensor) -> Tensor:
-    return z if z.stride(-1) == 1 else z.contiguous()
-
-
-def _teacher_rows(logits: list[Tensor], teacher: str, teacher_logits: Optional[Tensor]) -> Tensor:
-    # without a logits teacher the kernel never reads this pointer; any tensor of the right dtype will do
-    if teacher == "deepest":
-        return logits[-1]
-    return _unit_col(teacher_logits) if teacher_logits is not None else logits[0]
-
-
-def _slots(ts: list[Tensor]) -> tuple[list[Tensor], list[int]]:
-    ts = ts + [ts[0]] * (SLOTS - len(ts))
-    return ts, [t.stride(0) for t in ts]
-
-
-def _scalars(temperature: float, scale_student: bool, t_squared: bool) -> tuple[float, float, float]:
-    inv_t = 1.0 / temperature
-    return inv_t, inv_t if scale_student else 1.0, temperature**2 if t_squared else 1.0
-
-
-def _forward(logits: list[Tensor], labels: Tensor, features: list[Tensor], teacher_logits: Optional[Tensor],
-             soft_b: Optional[Tensor], weights: list[float], teacher: str, temperature: float, kd: str,
-             t_squared: bool, scale_student: bool, ce_target: float, hint: str, ignore_index: int,
-             block_c: int, recompute_grad: bool) -> tuple[Tensor, ...]:
-    E = len(logits)
-    B, C = logits[0].shape
-    dev = logits[0].device
-    D = features[0].shape[1] if features else 0
-    logits = [_unit_col(z) for z in logits]
-    features = [_unit_col(f) for f in features]
-    labels = labels.contiguous()
-    tmode, hmode = _TEACHER_CODE[teacher], _HINT_CODE[hint]
-    tz = _teacher_rows(logits, teacher, teacher_logits)
-    bb, bc, bd, warps = _blocks(B, C, D, block_c)
-    nb = triton.cdiv(B, bb)
-    f32 = dict(dtype=torch.float32, device=dev)
-    W = _weights_on(tuple(weights), dev)
-    n_valid = torch.empty(1, **f32)
-    G = torch.empty(0 if recompute_grad else (E, B, C), dtype=logits[0].dtype, device=dev)
-    FR = torch.empty((E, B, D), **f32) if features else torch.empty(0, **f32)
-    stats = torch.empty((E, K.N_STATS, B), **f32)
-    part = torch.empty((E, 3, nb), **f32)
-    losses = torch.empty((E, 3), **f32)
-    fscale = torch.empty(E, **f32)
-    brow = soft_b.contiguous() if soft_b is not None else n_valid  # [B] vectors are read with unit stride
-    inv_t, inv_ts, kd_scale = _scalars(temperature, scale_student, t_squared)
-    K._count_kernel[(1,)](labels, n_valid, B, ignore_index, BLOCK=min(triton.next_power_of_2(B), 4096))
-    feats = features if features else [n_valid]
-    ft = features[-1] if features else n_valid
-    for base in range(0, E, SLOTS):
-        zs, szs = _slots(logits[base:base + SLOTS])
-        fs, sfs = _slots(feats[base:base + SLOTS] if features else feats)
-        n = min(SLOTS, E - base)
-        K._fwd_kernel[(nb * n,)](
-            *zs, *szs, *fs, *sfs, tz, tz.stride(0), ft, ft.stride(0) if features else 0, labels, brow, W, n_valid,
-            G, FR, stats, part, base, B, C, D, nb, ignore_index, inv_t, inv_ts, kd_scale, ce_target,
-            TEACHER=tmode, KD_KL=kd == "kl", SAME_T=inv_ts == 1.0, SMOOTH=ce_target != 1.0, HINT=hmode,
-            STORE_G=not recompute_grad, N_SLOTS=n, BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps)
-    K._finalize_kernel[(E,)](part, W, losses, fscale, nb, 1.0 / max(B * D, 1), HINT=hmode,
-                             BLOCK=min(triton.next_power_of_2(nb), 1024))
-    return losses, G, FR, fscale, stats, n_valid
-
-
-def _backward(grad_losses: Tensor, G: Tensor, FR: Tensor, fscale: Tensor, stats: Tensor, n_valid: Tensor,
-              logits: list[Tensor], labels: Tensor, features: list[Tensor], teacher_logits: Optional[Tensor],
-              soft_b: Optional[Tensor], weights: list[float], teacher: str, temperature: float, kd: str,
-              t_squared: bool, scale_student: bool, ce_target: float, hint: str, ignore_index: int,
-              block_c: int, recompute_grad: bool) -> tuple[Tensor, Tensor]:
-    E, (B, C) = len(logits), logits[0].shape
-    dev = logits[0].device
-    D = features[0].shape[1] if features else 0
-    logits = [_unit_col(z) for z in logits]
-    labels = labels.contiguous()
-    tz = _teacher_rows(logits, teacher, teacher_logits)
-    bb, bc, bd, warps = _blocks(B, C, D, block_c)
-    nb = triton.cdiv(B, bb)
-    W = _weights_on(tuple(weights), dev)
-    out = torch.empty((E, B, C), dtype=logits[0].dtype, device=dev)
-    outf = torch.empty((E, B, D), dtype=features[0].dtype, device=dev) if features else torch.empty(0, device=dev)
-    brow = soft_b.contiguous() if soft_b is not None else n_valid  # [B] vectors are read with unit stride
-    inv_t, inv_ts, kd_scale = _scalars(temperature, scale_student, t_squared)
-    gl = grad_losses.to(torch.float32)
-    for base in range(0, E, SLOTS):
-        zs, szs = _slots(logits[base:base + SLOTS])
-        n = min(SLOTS, E - base)
-        K._bwd_kernel[(nb * n,)](
-            *zs, *szs, tz, tz.stride(0), labels, brow, W, n_valid, gl, gl.stride(0), gl.stride(1), G, FR, fscale,
-            stats, out, outf if features else FR, base, B, C, D, ignore_index, inv_t, inv_ts, kd_scale, ce_target,
-            TEACHER=_TEACHER_CODE[teacher], SAME_T=inv_ts == 1.0, HINT=_HINT_CODE[hint], RECOMPUTE=recompute_grad,
-            N_SLOTS=n, BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps)
-    return out, outf
-
-
-# --------------------------------------------------------------------------------------------- torch.library ops
-
-
-@torch.library.custom_op("selfdistill::multi_exit_loss", mutates_args=())
-def _loss_op(logits: list[Tensor], labels: Tensor, features: list[Tensor], teacher_logits: Optional[Tensor],
-             soft_b: Optional[Tensor], weights: list[float], teacher: str, temperature: float, kd: str,
-             t_squared: bool, scale_student: bool, ce_target: float, hint: str, ignore_index: int,
-             block_c: int, recompute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(losses [E, 3] fp32, grad buffer [E, B, C] (empty when recompute_grad), raw hint grad [E, B, D] fp32, hint
-    factor [E], row stats [E, 6, B], labelled-row count [1]); only `losses` is differentiable."""
-    return _forward(logits, labels, features, teacher_logits, soft_b, weights, teacher, temperature, kd, t_squared,
-                    scale_student, ce_target, hint, ignore_index, block_c, recompute_grad)
-
-
-@_loss_op.register_fake
-def _loss_fake(logits, labels, features, teacher_logits, soft_b, weights, teacher, temperature, kd, t_squared,
-               scale_student, ce_target, hint, ignore_index, block_c, recompute_grad):
-    z = logits[0]
-    E, (B, C) = len(logits), z.shape
-    f32 = dict(dtype=torch.float32)
-    raw = z.new_empty((E, B, features[0].shape[1]), **f32) if features else z.new_empty(0, **f32)
-    return (z.new_empty((E, 3), **f32), z.new_empty(0 if recompute_grad else (E, B, C)), raw, z.new_empty(E, **f32),
-            z.new_empty((E, K.N_STATS, B), **f32), z.new_empty(1, **f32))
-
-
-@torch.library.custom_op("selfdistill::multi_exit_loss_backward", mutates_args=())
-def _backward_op(grad_losses: Tensor, grad_buffer: Tensor, feat_raw: Tensor, feat_scale: Tensor, stats: Tensor,
-                 n_valid: Tensor, logits: list[Tensor], labels: Tensor, features: list[Tensor],
-                 teacher_logits: Optional[Tensor], soft_b: Optional[Tensor], weights: list[float], teacher: str,
-                 temperature: float, kd: str, t_squared: bool, scale_student: bool, ce_target: float, hint: str,
-                 ignore_index: int, block_c: int, recompute_grad: bool) -> tuple[Tensor, Tensor]:
-    """(d logits [E, B, C] in the logits dtype, d features [E, B, D] in the features dtype)."""
-    return _backward(grad_losses, grad_buffer, feat_raw, feat_scale, stats, n_valid, logits, labels, features,
-                     teacher_logits, soft_b, weights, teacher, temperature, kd, t_squared, scale_student, ce_target,
-                     hint, ignore_index, block_c, recompute_grad)
-
-
-@_backward_op.register_fake
-def _backward_fake(grad_losses, grad_buffer, feat_raw, feat_scale, stats, n_valid, logits, labels, features, *args):
-    z = logits[0]
-    E, (B, C) = len(logits), z.shape
-    d_feats = features[0].new_empty((E, B, features[0].shape[1])) if features else z.new_empty(0, dtype=torch.float32)
-    return z.new_empty((E, B, C)), d_feats
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    logits, labels, features, teacher_logits, soft_b, weights, *options = inputs
-    losses, G, FR, fscale, stats, n_valid = output
-    ctx.mark_non_differentiable(G, FR, fscale, stats, n_valid)
-    ctx.num_exits, ctx.weights, ctx.options = len(logits), weights, options
-    ctx.save_for_backward(G, FR, fscale, stats, n_valid, labels, teacher_logits, soft_b, *logits, *features)
-
-
-def _backward_formula(ctx, grad_losses, *unused):
-    G, FR, fscale, stats, n_valid, labels, teacher_logits, soft_b, *rest = ctx.saved_tensors
-    logits, features = rest[:ctx.num_exits], rest[ctx.num_exits:]
-    d_logits, d_feats = torch.ops.selfdistill.multi_exit_loss_backward(
-        grad_losses, G, FR, fscale, stats, n_valid, logits, labels, features, teacher_logits, soft_b, ctx.weights,
-        *ctx.options)
-    # exits without a hint (the deepest one is the hint teacher) get None: nothing flows into their features here
-    grad_feats = [d_feats[e] if ctx.weights[3 * e + 2] != 0.0 else None for e in range(len(features))]
-    return list(d_logits.unbind(0)), None, grad_feats, None, None, None, *([None] * len(ctx.options))
-
-
-torch.library.register_autograd("selfdistill::multi_exit_loss", _backward_formula, setup_context=_setup_context)
-
-
-# --------------------------------------------------------------------------------------------- public API
+def fused_loss(logits: Sequence[Tensor] | Tensor, targets: Tensor, opts: LossOptions, *,
+               features: Sequence[Tensor] | Tensor | None = None, teacher_logits: Optional[Tensor] = None,
+               soft_b: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(total, losses [E, 3]): see the module docstring."""
+    logits = logits if isinstance(logits, list) else as_list(logits)
+    feats = (features if isinstance(features, list) else as_list(features)) if opts.hint != "none" else []
+    teacher_logits = teacher_logits if opts.teacher == "logits" else None
+    soft_b = soft_b if opts.teacher == "closed_form" else None
+    if torch.compiler.is_compiling():
+        total, losses, _ = torch.ops.selfdistill.multi_exit_loss(logits, targets, feats, teacher_logits, soft_b,
+                                                                 opts.encoded)
+        return total, losses
+    plan = plan_for(opts, logits, targets, feats, teacher_logits, soft_b)
+    return _FusedLoss.apply(plan, targets, teacher_logits, soft_b, *logits, *feats)
 
 
 def multi_exit_loss(logits: Sequence[Tensor] | Tensor, targets: Tensor, *,
-                    features: Sequence[Tensor] | Tensor | None = None, teacher: str = "deepest",
-                    teacher_logits: Optional[Tensor] = None, soft_b: Optional[Tensor] = None,
-                    ce_weight: float | Sequence[float] = 1.0, kd_weight: float | Sequence[float] = 0.0,
-                    hint_weight: float | Sequence[float] = 0.0, temperature: float = 1.0, kd: str = "kl",
-                    t_squared: bool = False, scale_student: bool = True, label_smoothing: float = 0.0,
-                    smoothing_convention: str = "wrong_classes", hint: str = "none", ignore_index: int = -100,
-                    block_c: int = 0, recompute_grad: bool = False) -> Tensor:
-    """[E, 3] fp32 losses (ce, kd, hint) per exit, already weighted; see the module docstring for the terms.
-
-    Weights: a scalar broadcasts to every exit that can have the term (KD and hints of the deepest exit are 0 when
-    it is their teacher); a sequence gives one value per exit (E, or E-1 for deepest-teacher terms).
-    block_c: class tile override (0 = automatic), for tests of the multi-tile path.
-    recompute_grad: False (default) = the forward writes the logits gradient and the backward scales it;
-        True = the forward keeps per-row statistics only and the backward recomputes the gradient from the
-        logits: one gradient buffer less (peak extra memory = the gradient itself) and less DRAM traffic
-        (the backward reads the logits once instead of reading and writing a saved gradient), same values.
-    """
-    _choice("teacher", teacher, TEACHERS)
-    _choice("kd", kd, KD_KINDS)
-    _choice("hint", hint, HINTS)
-    if not temperature > 0:
-        raise ValueError(f"temperature: {temperature} must be > 0")
-    logits = _as_list(logits)
-    feats = _as_list(features) if hint != "none" else []
-    if hint != "none" and not feats:
-        raise ValueError(f"hint={hint!r} needs features (one [B, D] tensor per exit)")
-    _check_inputs(logits, targets, feats, teacher, teacher_logits, soft_b)
-    weights = resolve_weights(len(logits), teacher, hint, ce_weight, kd_weight, hint_weight)
-    b_ce = ce_true_mass(label_smoothing, smoothing_convention, logits[0].shape[1])
-    out = torch.ops.selfdistill.multi_exit_loss(
-        logits, targets, feats, teacher_logits if teacher == "logits" else None,
-        soft_b if teacher == "closed_form" else None, weights, teacher, float(temperature), kd, bool(t_squared),
-        bool(scale_student), b_ce, hint, int(ignore_index), int(block_c), bool(recompute_grad))
-    return out[0]
+                    features: Sequence[Tensor] | Tensor | None = None, teacher_logits: Optional[Tensor] = None,
+                    soft_b: Optional[Tensor] = None, opts: Optional[LossOptions] = None, **kwargs) -> Tensor:
+    """[E, 3] fp32 losses (ce, kd, hint) per exit, weighted; options as a LossOptions or as keywords."""
+    return fused_loss(logits, targets, options(opts, **kwargs), features=features, teacher_logits=teacher_logits,
+                      soft_b=soft_b)[1]
 
 
 class MultiExitLoss(nn.Module):
     """nn.Module form of `multi_exit_loss`: the options are fixed at construction, tensors come per call."""
 
-    def __init__(self, **options):
+    def __init__(self, **kwargs):
         super().__init__()
-        allowed = {"teacher", "ce_weight", "kd_weight", "hint_weight", "temperature", "kd", "t_squared",
-                   "scale_student", "label_smoothing", "smoothing_convention", "hint", "ignore_index", "block_c",
-                   "recompute_grad"}
-        unknown = set(options) - allowed
-        if unknown:
-            raise TypeError(f"MultiExitLoss: unknown option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-        self.options = options
+        self.opts = options(**kwargs)
 
-    def forward(self, logits: Sequence[Tensor] | Tensor, targets: Tensor, features=None, teacher_logits=None,
-                soft_b=None) -> Tensor:
-        return multi_exit_loss(logits, targets, features=features, teacher_logits=teacher_logits, soft_b=soft_b,
-                               **self.options)
+    def forward(self, logits, targets, features=None, teacher_logits=None, soft_b=None) -> Tensor:
+        return fused_loss(logits, targets, self.opts, features=features, teacher_logits=teacher_logits,
+                          soft_b=soft_b)[1]
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        default = LossOptions()
+        return ", ".join(f"{k}={v!r}" for k, v in self.opts.as_kwargs().items() if v != getattr(default, k))
+

@@ -1,396 +1,560 @@
-"""Triton kernels of the fused multi-exit loss (launchers and autograd wiring: kernels/multi_exit_loss.py).
+"""Triton kernels of the fused multi-exit loss (launcher, autograd and torch.library: kernels/multi_exit_loss.py).
 
-Grid of the two heavy kernels: row blocks x exit slots, flattened with the slot fastest. A program owns BLOCK_B rows
-of one exit and walks the classes in BLOCK_C tiles twice: pass 1 gathers online-softmax statistics of the student
-(and of the teacher, which costs no extra pass because its row is read alongside), pass 2 writes the gradient and
-the elementwise KL. The teacher distribution is recomputed per program from its row instead of being shared through
-memory: a [B, C] teacher buffer would cost a write and E reads, the recompute costs only ALU.
+One program owns BLOCK_B rows and every exit of them, so the teacher's exponentials and statistics are computed once
+per element and shared by all the exits it teaches. The grid is one-dimensional over row blocks.
 
-Numerics: every load is cast to fp32 at once (the interpreter's bf16 arithmetic is wrong, and we want fp32
-accumulation anyway). The gradient of the true class, softmax_y - b, would cancel for a confident row, so it is
-rebuilt from a running sum that leaves the true class out: 1 - softmax_y = sum_{k != y} exp(z_k - m) / sum_k ...
-Columns past C read -inf and vanish from every softmax; padded rows read 0 and are masked at every store and sum.
-No atomics: losses leave as per-program partials that _finalize_kernel adds in a fixed order (deterministic).
+Forward: one sweep over the classes. A tile is [BLOCK_B, NT, V]: NT lanes of V contiguous columns (one 16-byte
+vector each). Every lane keeps its own running max and sums (per-lane accumulators) and the lanes are combined once
+per row after the sweep, so the inner loop has no cross-lane reduction. Losses need no second pass: the KD sum
+sum_k p_k (t_k/T - z_k/Ts) is accumulated against the teacher's running exponentials and rescaled like them.
+Only log_eps (log(q + eps), the Beta-smoothing code's form) needs a second sweep, since log(q + eps) is not a
+function of running sums. Per-program partial losses go to a scratch buffer; the last program to take a ticket
+(an atomic counter) adds them in a fixed order, so the result is deterministic, and resets the ticket to 0.
+Backward: the gradient is recomputed from the logits and the per-row statistics saved by the forward (no [E, B, C]
+buffer is kept between the passes), scaled by the upstream gradient before it is rounded to the logits' dtype.
+
+Exponentials: exp2 of pre-scaled arguments. Where a stream needs its softmax at the KD temperature T and at 1, one
+MUFU.EX2 gives exp((z - m)/T) and exp(z - m) is its T-th power (multiplications on the FMA pipe) when T is an
+integer, or a polynomial exp2 on the FMA pipe otherwise. So each logit costs one special-function op per pass.
+Numerics: every load is cast to fp32 at once (the interpreter's bf16 arithmetic is wrong). 1 - softmax_y is kept
+as the mass of the other classes (the true class is left out of the running sums and added back per row), so the
+true-class gradient of a confident row does not cancel.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-# Per-row statistics saved for the backward recompute, STATS[e, k, row] with k = 0 lse (T=1), 1 true-class-free mass
-# (T=1), 2 lse at the student's KD temperature, 3 its true-class-free mass, 4 teacher lse at T, 5 its mass.
-N_STATS = 6
-TEACHER_NONE, TEACHER_LOGITS, TEACHER_CLOSED = 0, 1, 2
+LOG2E = 1.4426950408889634
+TEACHER_NONE, TEACHER_DEEPEST, TEACHER_LOGITS, TEACHER_CLOSED = 0, 1, 2, 3
 HINT_NONE, HINT_SSE, HINT_L2, HINT_MSE = 0, 1, 2, 3
+EPS_NONE, EPS_CE, EPS_KD = 0, 1, 2  # which soft-target term takes log(q + eps)
+# Saved per-row statistics, STATS[(k * E + e) * B + row]: log-sum-exp and other-class mass at T = 1 and at the
+# student's KD temperature, and the log_eps normaliser; then the teacher's two at T, then per-exit hint factors
+# and the labelled-row count.
+ROW_STATS = 5
+ST_LSE1, ST_R1, ST_LSES, ST_RS, ST_WEPS = 0, 1, 2, 3, 4
+# Per-program partial sums in the scratch buffer, PART[pid * PART_STRIDE + 3 * e + k] (k: ce, kd, hint), then the
+# program's labelled-row count.
+
+
+# --------------------------------------------------------------------------------------------- element-wise helpers
 
 
 @triton.jit
-def _pick(slot, v0, v1, v2, v3):
-    # The exits' tensors arrive as separate arguments (stacking them would copy every logit): take this slot's.
-    v = tl.where(slot == 1, v1, v0)
-    v = tl.where(slot == 2, v2, v)
-    return tl.where(slot == 3, v3, v)
+def _exp2_fma(x):
+    # 2^x without the special-function unit (FlashAttention-4's trick): 2^n by exponent bits for the nearest integer
+    # n, 2^(x - n) by a degree-6 polynomial on [-1/2, 1/2] (max relative error 1.0e-7 in fp32, the accuracy of
+    # MUFU.EX2). Arguments below -126 give 0, like a flushed exp2.
+    xc = tl.maximum(x, -126.0)
+    n = tl.floor(xc + 0.5)
+    f = xc - n
+    p = 0.00015353351773228496
+    p = p * f + 0.0013398873852565885
+    p = p * f + 0.00961843691766262
+    p = p * f + 0.055503323674201965
+    p = p * f + 0.24022647738456726
+    p = p * f + 0.6931471824645996
+    p = p * f + 1.0
+    bits = p.to(tl.int32, bitcast=True) + (n.to(tl.int32) << 23)
+    return tl.where(x < -126.0, 0.0, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit
-def _program(N_SLOTS: tl.constexpr):
-    # 1-D grid, exit slot fastest: the programs that read the same teacher rows run side by side and share them
-    # through L2 (a (row block, exit) grid would launch them NB programs apart). 1-D also lifts the 65535 limit.
-    pid = tl.program_id(0)
-    return pid // N_SLOTS, pid % N_SLOTS
+def _unit_exp(e, d, POW: tl.constexpr):
+    # exp(d) given e = exp(d / T): e^T for an integer T (POW), else the polynomial exp2
+    if POW > 0:
+        r = e
+        for _ in tl.static_range(POW - 1):
+            r = r * e
+        return r
+    return _exp2_fma(d * LOG2E)
 
 
 @triton.jit
-def _load_tile(row_ptr, cols, rows_ok, C):
-    # [BLOCK_B, BLOCK_C] fp32: -inf past C so those columns drop out of every softmax, 0 on padded rows
-    col_ok = cols < C
-    x = tl.load(row_ptr[:, None] + cols[None, :], mask=rows_ok[:, None] & col_ok[None, :], other=0.0)
-    return tl.where(col_ok[None, :], x.to(tl.float32), float("-inf"))
+def _softmax_1(q, x, lse1, TWO: tl.constexpr):
+    # The softmax at T = 1 of a stream whose softmax at T is q. The gradient needs it to fp32 accuracy (a power of
+    # q would triple q's rounding error), and the special-function unit is spent on q: the polynomial exp2.
+    if not TWO:
+        return q
+    return _exp2_fma((x - lse1[:, None, None]) * LOG2E)
 
 
 @triton.jit
-def _online(m_old, m_new, l, lo, x, not_y, scale):
-    # running sums of exp((x - m) * scale), all classes and all but the true one, moved to the new max
-    e = tl.exp((x - m_new[:, None]) * scale)
-    a = tl.exp((m_old - m_new) * scale)
-    return l * a + tl.sum(e, 1), lo * a + tl.sum(tl.where(not_y, e, 0.0), 1)
+def _load(ptr, offs, mask, MASKED: tl.constexpr):
+    """(values with 0 past the last class, values with -inf there), both fp32. Row offsets come from rows clamped
+    to B - 1, so a padded row re-reads the last one and only the class mask is needed."""
+    if MASKED:
+        xz = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return xz, tl.where(mask, xz, float("-inf"))
+    xz = tl.load(ptr + offs).to(tl.float32)
+    return xz, xz
 
 
 @triton.jit
-def _labels(Y, rows, rows_ok, C, ignore_index):
-    y = tl.load(Y + rows, mask=rows_ok, other=ignore_index).to(tl.int64)
-    valid = rows_ok & (y != ignore_index)
+def _sweep(x, m, lo_a, lo_b, not_y, k_a, POW: tl.constexpr, TWO: tl.constexpr):
+    """One tile of one stream. m [BB, NT]: per-lane running max of the raw logits; lo_a / lo_b: per-lane sums,
+    true class left out, of exp((x - m) / T_a) and (TWO) exp(x - m). Returns the new state, the lanes' rescale
+    factor and e = exp((x - m_new) / T_a) with the true class in."""
+    m_new = tl.maximum(m, tl.max(x, 2))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d_lane = m - m_ref
+    r = tl.exp2(d_lane * k_a)
+    d = x - m_ref[:, :, None]
+    e = tl.exp2(d * k_a)
+    e_out = tl.where(not_y, e, 0.0)
+    lo_a = lo_a * r + tl.sum(e_out, 2)
+    if TWO:
+        lo_b = lo_b * _unit_exp(r, d_lane, POW) + tl.sum(_unit_exp(e_out, d, POW), 2)
+    return m_new, lo_a, lo_b, r, e
+
+
+@triton.jit
+def _row_stats(m, lo_a, lo_b, z_y, has_y, k_a, inv_ta, POW: tl.constexpr, TWO: tl.constexpr):
+    """Combine the lanes of one stream: (lse at T_a, other-class mass at T_a, lse at 1, mass at 1, l at T_a, the
+    lanes' scale to the row max)."""
+    mx = tl.max(m, 1)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    d = m - mx[:, None]
+    s = tl.exp2(d * k_a)
+    oa = tl.sum(lo_a * s, 1)
+    la = oa + tl.where(has_y, tl.exp2((z_y - mx) * k_a), 0.0)
+    lse_a = mx * inv_ta + tl.log(la)
+    if TWO:
+        ob = tl.sum(lo_b * _unit_exp(s, d, POW), 1)
+        lb = ob + tl.where(has_y, tl.exp(z_y - mx), 0.0)
+        return lse_a, oa / la, mx + tl.log(lb), ob / lb, la, s
+    return lse_a, oa / la, lse_a, oa / la, la, s
+
+
+@triton.jit
+def _labels(Y, rows, row_ok, C, ignore_index):
+    y = tl.load(Y + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    valid = row_ok & (y != ignore_index)
     in_range = (y >= 0) & (y < C)
-    y_cls = tl.where(valid & in_range, y, -1)  # the column treated as the true class; -1 = none
-    return valid, in_range, y_cls
+    return valid, in_range, tl.where(valid & in_range, y, -1)  # -1: no column is the true class
 
 
 @triton.jit
-def _coefs(W, NVALID, e, valid, in_range, rows_ok, B, kd_scale, TEACHER: tl.constexpr):
-    # per-row factors that turn the unit CE / KD gradients into those of the weighted, averaged terms
-    n_valid = tl.load(NVALID)
-    w_ce = tl.load(W + e * 3)
-    w_kd = tl.load(W + e * 3 + 1)
-    ce_unit = tl.where(w_ce != 0.0, w_ce / n_valid, 0.0)
-    c_ce = tl.where(valid & in_range, ce_unit, 0.0)
-    if TEACHER == 2:  # the closed-form target needs the label: mean over labelled rows
-        kd_unit = tl.where(w_kd != 0.0, w_kd * kd_scale / n_valid, 0.0)
-        c_kd = tl.where(valid & in_range, kd_unit, 0.0)
-    else:  # a logits teacher averages over every row, like the reference kd_loss
-        kd_unit = w_kd * kd_scale / B
-        c_kd = tl.where(rows_ok, kd_unit, 0.0)
-    return ce_unit, c_ce, kd_unit, c_kd
+def _closed_target(b_row, C):
+    return b_row, (1.0 - b_row) / (C - 1)
+
+
+# --------------------------------------------------------------------------------------------- forward
 
 
 @triton.jit
-def _row_stats(z_row, t_row, rows_ok, y_cls, C, inv_t, inv_ts,
-               TEACHER: tl.constexpr, SAME_T: tl.constexpr, NEED_SUM: tl.constexpr,
-               BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Pass 1: log-sum-exp and true-class-free mass of the student at T=1 and at its KD temperature, of the
-    teacher at T, and the row sum of the logits (label smoothing / closed-form targets need it)."""
-    zero = tl.zeros([BLOCK_B], tl.float32)
-    m = zero + float("-inf")
-    mt = zero + float("-inf")
-    l, lo, ls, lso, lt, lto, sz = zero, zero, zero, zero, zero, zero, zero
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        not_y = cols[None, :] != y_cls[:, None]
-        z = _load_tile(z_row, cols, rows_ok, C)
-        m_new = tl.maximum(m, tl.max(z, 1))
-        l, lo = _online(m, m_new, l, lo, z, not_y, 1.0)
-        if TEACHER != 0:
-            if not SAME_T:
-                ls, lso = _online(m, m_new, ls, lso, z, not_y, inv_ts)
-        if NEED_SUM:
-            sz += tl.sum(tl.where(cols[None, :] < C, z, 0.0), 1)
-        m = m_new
-        if TEACHER == 1:
-            t = _load_tile(t_row, cols, rows_ok, C)
-            mt_new = tl.maximum(mt, tl.max(t, 1))
-            lt, lto = _online(mt, mt_new, lt, lto, t, not_y, inv_t)
-            mt = mt_new
-    lse = m + tl.log(l)
-    r = lo / l
-    lse_s, rs, lse_t, rt = zero, zero, zero, zero
-    if TEACHER != 0:
-        if SAME_T:
-            lse_s, rs = lse, r
-        else:
-            lse_s, rs = m * inv_ts + tl.log(ls), lso / ls
+def _fwd_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, state, tstate, k_s, k_t, inv_t, inv_ts,
+              N: tl.constexpr, TEACHER: tl.constexpr, KD_KL: tl.constexpr, POW_S: tl.constexpr,
+              TWO_S: tl.constexpr, POW_T: tl.constexpr, TWO_T: tl.constexpr, SUM_Z: tl.constexpr,
+              MASKED: tl.constexpr):
+    cols = c0 + lanes
+    mask = cols < C
+    not_y = cols != y_cls[:, None, None]
+    # the teacher first: its exponentials weight every student's KD sum of this tile
+    e_t = tl.zeros([1, 1, 1], tl.float32)
+    tt = tl.zeros([1, 1, 1], tl.float32)
+    r_t = tl.zeros([1, 1], tl.float32)
+    if TEACHER == 2:
+        tz, t = _load(TZ, rows[:, None, None] * stride_t + cols, mask, MASKED)
+        m_t, lo_t, _, r_t, e_t = _sweep(t, tstate[0], tstate[1], tstate[1], not_y, k_t, 1, False)
+        tstate = (m_t, lo_t)
+        tt = tz * inv_t
+    deep = state[N - 1]
     if TEACHER == 1:
-        lse_t, rt = mt * inv_t + tl.log(lt), lto / lt
-    return lse, r, lse_s, rs, lse_t, rt, sz
+        xz, x = _load(ZS[N - 1], rows[:, None, None] * SZ[N - 1] + cols, mask, MASKED)
+        m, lo_a, lo_b, r_t, e_t = _sweep(x, deep[0], deep[1], deep[2], not_y, k_t, POW_T, TWO_T)
+        sz = deep[4] + tl.sum(xz, 2) if SUM_Z else deep[4]
+        deep = (m, lo_a, lo_b, deep[3], sz)
+        tt = xz * inv_t
+    out = ()
+    for s in tl.static_range(N):
+        if TEACHER == 1 and s == N - 1:
+            out = out + (deep,)
+        else:
+            st = state[s]
+            xz, x = _load(ZS[s], rows[:, None, None] * SZ[s] + cols, mask, MASKED)
+            m, lo_a, lo_b, _, _ = _sweep(x, st[0], st[1], st[2], not_y, k_s, POW_S, TWO_S)
+            kd = st[3]
+            if TEACHER == 1 or TEACHER == 2:
+                if KD_KL:
+                    kd = kd * r_t + tl.sum(e_t * (tt - xz * inv_ts), 2)
+                else:
+                    kd = kd * r_t - tl.sum(e_t * (xz * inv_ts), 2)
+            sz = st[4] + tl.sum(xz, 2) if SUM_Z else st[4]
+            out = out + ((m, lo_a, lo_b, kd, sz),)
+    return out, tstate
 
 
 @triton.jit
-def _grad_tile(z, t, is_y, col_ok, lse, r, lse_s, rs, lse_t, rt, b_row, ce_b, c_ce, c_kd, C, inv_t, inv_ts,
-               TEACHER: tl.constexpr, KD_KL: tl.constexpr, SAME_T: tl.constexpr):
-    """Pass 2 on one [BLOCK_B, BLOCK_C] tile: c_ce * dCE/dz + c_kd * dKD/dz, and the elementwise KD of a logits
-    teacher. Shared by the forward (c = the term weights) and the backward recompute (c = weights x grad_output)."""
-    s = tl.exp(z - lse[:, None])
-    d_ce = tl.where(is_y, (1.0 - ce_b) - r[:, None], s - (1.0 - ce_b) / (C - 1))
-    g = c_ce[:, None] * d_ce
-    kd_el = tl.zeros_like(z)
-    if TEACHER != 0:
-        if SAME_T:
-            logq = z - lse[:, None]
-            q = s
+def _eps_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, acc, lse_q, lse_t, k_q, k_t, b_row, ce_b,
+              log_eps, N: tl.constexpr, TEACHER: tl.constexpr, EPS: tl.constexpr, MASKED: tl.constexpr):
+    """Second sweep for log_eps: per student, (-sum tgt log(q + eps), sum tgt q / (q + eps)) of the eps term."""
+    cols = c0 + lanes
+    mask = cols < C
+    is_y = cols == y_cls[:, None, None]
+    tgt = tl.zeros([1, 1, 1], tl.float32)
+    if EPS == 1:
+        tgt = tl.where(is_y, ce_b, (1.0 - ce_b) / (C - 1))
+    elif TEACHER == 3:
+        b_on, b_off = _closed_target(b_row, C)
+        tgt = tl.where(is_y, b_on[:, None, None], b_off[:, None, None])
+    elif TEACHER == 2:
+        _, t = _load(TZ, rows[:, None, None] * stride_t + cols, mask, MASKED)
+        tgt = tl.exp2(t * k_t - (lse_t * LOG2E)[:, None, None])
+    elif TEACHER == 1:
+        _, t = _load(ZS[N - 1], rows[:, None, None] * SZ[N - 1] + cols, mask, MASKED)
+        tgt = tl.exp2(t * k_t - (lse_t * LOG2E)[:, None, None])
+    out = ()
+    for s in tl.static_range(N):
+        if TEACHER == 1 and s == N - 1:
+            out = out + (acc[s],)
         else:
-            logq = z * inv_ts - lse_s[:, None]
-            q = tl.exp(logq)
-        if TEACHER == 1:
-            logp = t * inv_t - lse_t[:, None]
-            p = tl.exp(logp)
-            d_kd = tl.where(is_y, rt[:, None] - rs[:, None], q - p)  # q_y - p_y = (1 - p_y) - (1 - q_y)
-            if KD_KL:
-                kd_el = tl.where(col_ok[None, :], p * (logp - logq), 0.0)
-            else:
-                kd_el = tl.where(col_ok[None, :], -p * logq, 0.0)
-        else:
-            d_kd = tl.where(is_y, (1.0 - b_row)[:, None] - rs[:, None], q - ((1.0 - b_row) / (C - 1))[:, None])
-        g += (c_kd * inv_ts)[:, None] * d_kd
-    return g, kd_el
+            _, x = _load(ZS[s], rows[:, None, None] * SZ[s] + cols, mask, MASKED)
+            q = tl.exp2(x * k_q - (lse_q[s] * LOG2E)[:, None, None])
+            t_ok = tl.where(mask, tgt, 0.0)
+            loss = acc[s][0] - tl.sum(tl.sum(tl.where(mask, t_ok * tl.log(q + log_eps), 0.0), 2), 1)
+            norm = acc[s][1] + tl.sum(tl.sum(t_ok * q / (q + log_eps), 2), 1)
+            out = out + ((loss, norm),)
+    return out
 
 
 @triton.jit
-def _closed_form_kd(lse_s, z_y, sz, b_row, C, inv_ts, KD_KL: tl.constexpr):
-    # KD of a "b on the true class, (1-b)/(C-1) elsewhere" target, from row sums: no [B, C] target is built
-    off = (1.0 - b_row) / (C - 1)
-    cross = lse_s - inv_ts * (b_row * z_y + off * (sz - z_y))
-    if KD_KL:
-        neg_entropy = tl.where(b_row > 0.0, b_row * tl.log(b_row), 0.0)
-        neg_entropy += tl.where(b_row < 1.0, (1.0 - b_row) * tl.log(off), 0.0)
-        cross += neg_entropy
-    return cross
+def _hint_sums(FS, SF, rows, row_ok, D, N: tl.constexpr, HINT: tl.constexpr, BLOCK_B: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Per shallow exit, the row block's sum of (f_e - f_deepest)^2 (masked by (f_e > 0) | (f_deepest > 0) for sse);
+    the deepest exit's features are read once per tile and shared."""
+    acc = ()
+    for s in tl.static_range(N - 1):
+        acc = acc + (tl.zeros([BLOCK_B, BLOCK_D], tl.float32),)
+    for d0 in range(0, D, BLOCK_D):
+        dc = d0 + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (dc < D)[None, :]
+        ft = tl.load(FS[N - 1] + rows[:, None] * SF[N - 1] + dc[None, :], mask=mask, other=0.0).to(tl.float32)
+        new = ()
+        for s in tl.static_range(N - 1):
+            f = tl.load(FS[s] + rows[:, None] * SF[s] + dc[None, :], mask=mask, other=0.0).to(tl.float32)
+            diff = f - ft
+            if HINT == 1:
+                diff = tl.where((f > 0.0) | (ft > 0.0), diff, 0.0)
+            new = new + (acc[s] + diff * diff,)
+        acc = new
+    out = ()
+    for s in tl.static_range(N - 1):
+        out = out + (tl.sum(tl.sum(acc[s], 1), 0),)
+    return out + (0.0,)
 
 
 @triton.jit
 def _fwd_kernel(
-    Z0, Z1, Z2, Z3,  # [B, C] logits of exit slots 0..3, unit column stride, any float dtype
-    SZ0, SZ1, SZ2, SZ3,  # their row strides
-    F0, F1, F2, F3,  # [B, D] pooled features of exit slots 0..3
-    SF0, SF1, SF2, SF3,  # their row strides
-    T, stride_t,  # [B, C] teacher logits (the deepest exit or an external teacher)
-    FT, stride_ft,  # [B, D] teacher features (the deepest exit's)
-    Y,  # [B] int labels
-    BROW,  # [B] closed-form teacher: probability mass on the true class
-    W,  # [E, 3] fp32 weights (ce, kd, hint) per exit
-    NVALID,  # [1] fp32 count of labels != ignore_index
-    G,  # [E, B, C] out, logits dtype: gradient of the weighted terms w.r.t. the logits
-    FR,  # [E, B, D] fp32 out: hint gradient before its per-exit scalar factor
-    STATS,  # [E, 6, B] fp32 out: per-row statistics for the backward recompute
-    PART,  # [E, 3, NB] fp32 out: per-program partial losses
-    exit_base, B, C, D, NB, ignore_index, inv_t, inv_ts, kd_scale, ce_b,
-    TEACHER: tl.constexpr, KD_KL: tl.constexpr, SAME_T: tl.constexpr, SMOOTH: tl.constexpr, HINT: tl.constexpr,
-    STORE_G: tl.constexpr, N_SLOTS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ZS,  # tuple of N [B, C] logits (shallow -> deep), unit column stride, one float dtype
+    SZ,  # tuple of their row strides
+    FS,  # tuple of N [B, D] pooled features (read only with a hint)
+    SF,  # tuple of their row strides
+    TZ, stride_t,  # [B, C] external teacher logits (TEACHER == 2)
+    Y,  # [B] integer labels
+    BROW,  # [B] closed-form teacher: mass on the true class (TEACHER == 3)
+    W,  # [N, 3] fp32 weights (ce, kd, hint)
+    STATS,  # fp32 out: per-row statistics for the backward, hint factors, labelled-row count (layout above)
+    PART,  # fp32 scratch [grid, PART_STRIDE]: per-program partial sums
+    TICKET,  # int32 [1], 0 between launches: counts finished programs
+    TOTAL,  # fp32 out []: the sum of every weighted term
+    LOSSES,  # fp32 out [N, 3]: (ce, kd, hint) per exit, weighted
+    B, C, D, ignore_index, inv_t, inv_ts, kd_scale, ce_b, log_eps, inv_bd,
+    N: tl.constexpr, TEACHER: tl.constexpr, KD_KL: tl.constexpr, SMOOTH: tl.constexpr, HINT: tl.constexpr,
+    EPS: tl.constexpr, POW_S: tl.constexpr, TWO_S: tl.constexpr, POW_T: tl.constexpr, TWO_T: tl.constexpr,
+    BLOCK_B: tl.constexpr, NT: tl.constexpr, V: tl.constexpr, BLOCK_D: tl.constexpr, PART_STRIDE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
-    pid, slot = _program(N_SLOTS)
-    e = (exit_base + slot).to(tl.int64)
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
     rows = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rows_ok = rows < B
-    z_row = _pick(slot, Z0, Z1, Z2, Z3) + rows * _pick(slot, SZ0, SZ1, SZ2, SZ3)
-    t_row = T + rows * stride_t
-    valid, in_range, y_cls = _labels(Y, rows, rows_ok, C, ignore_index)
-    lse, r, lse_s, rs, lse_t, rt, sz = _row_stats(z_row, t_row, rows_ok, y_cls, C, inv_t, inv_ts, TEACHER, SAME_T,
-                                                  SMOOTH or TEACHER == 2, BLOCK_B, BLOCK_C)
-    st = STATS + e * 6 * B + rows
-    tl.store(st + 0 * B, lse, mask=rows_ok)
-    tl.store(st + 1 * B, r, mask=rows_ok)
-    tl.store(st + 2 * B, lse_s, mask=rows_ok)
-    tl.store(st + 3 * B, rs, mask=rows_ok)
-    tl.store(st + 4 * B, lse_t, mask=rows_ok)
-    tl.store(st + 5 * B, rt, mask=rows_ok)
+    row_ok = rows < B
+    rows_ld = tl.minimum(rows, B - 1)
+    valid, in_range, y_cls = _labels(Y, rows, row_ok, C, ignore_index)
+    has_y = y_cls >= 0
+    lanes = (tl.arange(0, NT)[:, None] * V + tl.arange(0, V)[None, :])[None, :, :]
+    k_s = LOG2E * inv_ts
+    k_t = LOG2E * inv_t
+    SUM_Z: tl.constexpr = SMOOTH or TEACHER == 3
+    zero = tl.zeros([BLOCK_B, NT], tl.float32)
+    state = ()
+    for s in tl.static_range(N):
+        state = state + ((zero + float("-inf"), zero, zero, zero, zero),)
+    tstate = (zero + float("-inf"), zero)
 
-    ce_unit, c_ce, kd_unit, c_kd = _coefs(W, NVALID, e, valid, in_range, rows_ok, B, kd_scale, TEACHER)
-    b_row = tl.load(BROW + rows, mask=rows_ok, other=1.0).to(tl.float32) if TEACHER == 2 else lse
-    z_y = tl.load(z_row + tl.where(y_cls >= 0, y_cls, 0), mask=rows_ok, other=0.0).to(tl.float32)
+    BLOCK_C: tl.constexpr = NT * V
+    c_full = (C // BLOCK_C) * BLOCK_C
+    for c0 in range(0, c_full, BLOCK_C):
+        state, tstate = _fwd_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c0, C, y_cls, state, tstate, k_s, k_t,
+                                  inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, False)
+    if c_full < C:
+        state, tstate = _fwd_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c_full, C, y_cls, state, tstate, k_s,
+                                  k_t, inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, True)
 
-    kd_rows = tl.zeros([BLOCK_B], tl.float32)
-    if STORE_G or TEACHER == 1:  # pass 2; without a stored gradient only a logits teacher's KL still needs it
-        g_row = G + e * B * C + rows * C
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            col_ok = cols < C
-            z = _load_tile(z_row, cols, rows_ok, C)
-            t = _load_tile(t_row, cols, rows_ok, C) if TEACHER == 1 else z
-            g, kd_el = _grad_tile(z, t, cols[None, :] == y_cls[:, None], col_ok, lse, r, lse_s, rs, lse_t, rt,
-                                  b_row, ce_b, c_ce, c_kd, C, inv_t, inv_ts, TEACHER, KD_KL, SAME_T)
-            if STORE_G:
-                tl.store(g_row[:, None] + cols[None, :], g.to(G.dtype.element_ty),
-                         mask=rows_ok[:, None] & col_ok[None, :])
-            if TEACHER == 1:
-                kd_rows += tl.sum(kd_el, 1)
+    # teacher statistics at T
+    lse_t = tl.zeros([BLOCK_B], tl.float32)
+    r_tch = tl.zeros([BLOCK_B], tl.float32)
+    l_t = tl.zeros([BLOCK_B], tl.float32) + 1.0
+    s_t = zero
+    if TEACHER == 2:
+        t_y = tl.load(TZ + rows * stride_t + tl.where(has_y, y_cls, 0), mask=row_ok, other=0.0).to(tl.float32)
+        lse_t, r_tch, _, _, l_t, s_t = _row_stats(tstate[0], tstate[1], tstate[1], t_y, has_y, k_t, inv_t, 1, False)
+    b_row = tl.zeros([BLOCK_B], tl.float32)
+    if TEACHER == 3:
+        b_row = tl.load(BROW + rows, mask=row_ok, other=1.0).to(tl.float32)
 
-    # CE row: lse - sum_k target_k z_k; an out-of-range label poisons the loss (NaN) instead of reading astray
-    if SMOOTH:
-        ce_row = lse - ce_b * z_y - (1.0 - ce_b) / (C - 1) * (sz - z_y)
-    else:
-        ce_row = lse - z_y
-    ce_row = tl.where(in_range, ce_row, float("nan"))
-    part = PART + e * 3 * NB + pid
-    tl.store(part, tl.sum(tl.where(valid, ce_row, 0.0)) * ce_unit)
+    # per exit: row statistics, then the row losses
+    st_base = STATS + rows
+    n_rows = tl.sum(valid.to(tl.float32), 0)
+    part = PART + pid.to(tl.int64) * PART_STRIDE
+    lse_q = ()
+    stats = ()
     if TEACHER == 1:
-        tl.store(part + NB, tl.sum(tl.where(rows_ok, kd_rows, 0.0)) * kd_unit)
-    elif TEACHER == 2:
-        kd_rows = _closed_form_kd(lse_s, z_y, sz, b_row, C, inv_ts, KD_KL)
-        tl.store(part + NB, tl.sum(tl.where(valid & in_range, kd_rows, 0.0)) * kd_unit)
-    else:
-        tl.store(part + NB, 0.0)
+        deep = state[N - 1]
+        z_y = tl.load(ZS[N - 1] + rows * SZ[N - 1] + tl.where(has_y, y_cls, 0), mask=row_ok, other=0.0)
+        lse_t, r_tch, lse1_t, r1_t, l_t, s_t = _row_stats(deep[0], deep[1], deep[2], z_y.to(tl.float32), has_y,
+                                                          k_t, inv_t, POW_T, TWO_T)
+    for s in tl.static_range(N):
+        st = state[s]
+        z_y = tl.load(ZS[s] + rows * SZ[s] + tl.where(has_y, y_cls, 0), mask=row_ok, other=0.0).to(tl.float32)
+        if TEACHER == 1 and s == N - 1:
+            lse_s, rs, lse1, r1 = lse_t, r_tch, lse1_t, r1_t
+        else:
+            lse_s, rs, lse1, r1, _, _ = _row_stats(st[0], st[1], st[2], z_y, has_y, k_s, inv_ts, POW_S, TWO_S)
+        tl.store(st_base + (ST_LSE1 * N + s) * B, lse1, mask=row_ok)
+        tl.store(st_base + (ST_R1 * N + s) * B, r1, mask=row_ok)
+        tl.store(st_base + (ST_LSES * N + s) * B, lse_s, mask=row_ok)
+        tl.store(st_base + (ST_RS * N + s) * B, rs, mask=row_ok)
+        lse_q = lse_q + (lse1 if EPS == 1 else lse_s,)
+        sz = tl.sum(st[4], 1)
+        if SMOOTH:
+            ce_row = lse1 - ce_b * z_y - (1.0 - ce_b) / (C - 1) * (sz - z_y)
+        else:
+            ce_row = lse1 - z_y
+        kd_row = tl.zeros([BLOCK_B], tl.float32)
+        if TEACHER == 3:
+            b_on, b_off = _closed_target(b_row, C)
+            kd_row = lse_s - inv_ts * (b_on * z_y + b_off * (sz - z_y))
+            if KD_KL:
+                kd_row += tl.where(b_on > 0.0, b_on * tl.log(b_on), 0.0)
+                kd_row += tl.where(b_on < 1.0, (1.0 - b_on) * tl.log(b_off), 0.0)
+        elif (TEACHER == 1 and s != N - 1) or TEACHER == 2:
+            kd_row = tl.sum(st[3] * s_t, 1) / l_t + lse_s
+            if KD_KL:
+                kd_row -= lse_t
+        stats = stats + ((ce_row, kd_row),)
+    tl.store(STATS + (ROW_STATS * N) * B + rows, lse_t, mask=row_ok)
+    tl.store(STATS + (ROW_STATS * N + 1) * B + rows, r_tch, mask=row_ok)
 
-    h_part = 0.0
+    if EPS != 0:  # the second sweep of log(q + eps); the Beta-smoothing code's form
+        acc = ()
+        for s in tl.static_range(N):
+            acc = acc + ((tl.zeros([BLOCK_B], tl.float32), tl.zeros([BLOCK_B], tl.float32)),)
+        k_q = LOG2E if EPS == 1 else k_s
+        for c0 in range(0, c_full, BLOCK_C):
+            acc = _eps_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c0, C, y_cls, acc, lse_q, lse_t, k_q, k_t,
+                            b_row, ce_b, log_eps, N, TEACHER, EPS, False)
+        if c_full < C:
+            acc = _eps_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c_full, C, y_cls, acc, lse_q, lse_t, k_q, k_t,
+                            b_row, ce_b, log_eps, N, TEACHER, EPS, True)
+        new = ()
+        for s in tl.static_range(N):
+            tl.store(st_base + (ST_WEPS * N + s) * B, acc[s][1], mask=row_ok)
+            if EPS == 1:
+                new = new + ((acc[s][0], stats[s][1]),)
+            else:
+                new = new + ((stats[s][0], acc[s][0]),)
+        stats = new
+
+    hints = ()
     if HINT != 0:
-        f_row = _pick(slot, F0, F1, F2, F3) + rows * _pick(slot, SF0, SF1, SF2, SF3)
-        ft_row = FT + rows * stride_ft
-        fr_row = FR + e * B * D + rows * D
-        acc = tl.zeros([BLOCK_B], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dc = d0 + tl.arange(0, BLOCK_D)
-            mask = rows_ok[:, None] & (dc < D)[None, :]
-            f = tl.load(f_row[:, None] + dc[None, :], mask=mask, other=0.0).to(tl.float32)
-            ft = tl.load(ft_row[:, None] + dc[None, :], mask=mask, other=0.0).to(tl.float32)
-            diff = f - ft
-            if HINT == 1:  # BYOT's sse counts only positions where either activation is positive
-                diff = tl.where((f > 0.0) | (ft > 0.0), diff, 0.0)
-            tl.store(fr_row[:, None] + dc[None, :], diff, mask=mask)
-            acc += tl.sum(diff * diff, 1)
-        h_part = tl.sum(acc)
-    tl.store(part + 2 * NB, h_part)
+        hints = _hint_sums(FS, SF, rows, row_ok, D, N, HINT, BLOCK_B, BLOCK_D)
+    for s in tl.static_range(N):
+        ce_row, kd_row = stats[s]
+        ce_row = tl.where(in_range, ce_row, float("nan"))  # an out-of-range label poisons CE, never reads astray
+        tl.store(part + 3 * s, tl.sum(tl.where(valid, ce_row, 0.0), 0))
+        if TEACHER == 3:
+            tl.store(part + 3 * s + 1, tl.sum(tl.where(valid & in_range, kd_row, 0.0), 0))
+        else:
+            tl.store(part + 3 * s + 1, tl.sum(tl.where(row_ok, kd_row, 0.0), 0))
+        if HINT != 0:
+            tl.store(part + 3 * s + 2, hints[s])
+        else:
+            tl.store(part + 3 * s + 2, 0.0)
+    tl.store(part + 3 * N, n_rows)
+
+    # the last program to finish reduces every program's partials, in program order
+    tl.debug_barrier()
+    ticket = tl.atomic_add(TICKET, 1)
+    if ticket == n_prog - 1:
+        _reduce(PART, W, STATS, TOTAL, LOSSES, TICKET, n_prog, B, D, kd_scale, inv_bd, N, TEACHER, HINT,
+                PART_STRIDE, BLOCK_P)
 
 
 @triton.jit
-def _count_kernel(Y, NVALID, B, ignore_index, BLOCK: tl.constexpr):
-    # the CE mean divides by the labelled rows; every program of the main kernel needs that count up front
-    acc = tl.zeros([BLOCK], tl.int32)
-    for i0 in range(0, B, BLOCK):
-        i = i0 + tl.arange(0, BLOCK)
-        y = tl.load(Y + i, mask=i < B, other=ignore_index)
-        acc += (y != ignore_index).to(tl.int32)
-    tl.store(NVALID, tl.sum(acc).to(tl.float32))
-
-
-@triton.jit
-def _finalize_kernel(
-    PART,  # [E, 3, NB] fp32 per-program partial losses
-    W,  # [E, 3] fp32 weights
-    LOSS,  # [E, 3] fp32 out: (ce, kd, hint) per exit
-    FSCALE,  # [E] fp32 out: d hint / d features = FSCALE * FR
-    NB, inv_bd,
-    HINT: tl.constexpr, BLOCK: tl.constexpr,
-):
-    e = tl.program_id(0).to(tl.int64)
-    base = PART + e * 3 * NB
-    a0 = tl.zeros([BLOCK], tl.float32)
-    a1 = tl.zeros([BLOCK], tl.float32)
-    a2 = tl.zeros([BLOCK], tl.float32)
-    for i0 in range(0, NB, BLOCK):  # fixed order: the same inputs give bitwise the same losses
-        i = i0 + tl.arange(0, BLOCK)
-        a0 += tl.load(base + i, mask=i < NB, other=0.0)
-        a1 += tl.load(base + NB + i, mask=i < NB, other=0.0)
-        a2 += tl.load(base + 2 * NB + i, mask=i < NB, other=0.0)
-    h = tl.sum(a2)
-    w_h = tl.load(W + e * 3 + 2)
-    if HINT == 2:  # torch.dist: an un-squared norm over the whole batch, so the gradient needs the global norm
-        norm = tl.sqrt(h)
-        loss_h = w_h * norm
-        fscale = tl.where(norm > 0.0, w_h / norm, 0.0)
-    elif HINT == 3:
-        loss_h = w_h * h * inv_bd
-        fscale = 2.0 * w_h * inv_bd
+def _reduce(PART, W, STATS, TOTAL, LOSSES, TICKET, n_prog, B, D, kd_scale, inv_bd, N: tl.constexpr,
+            TEACHER: tl.constexpr, HINT: tl.constexpr, PART_STRIDE: tl.constexpr, BLOCK_P: tl.constexpr):
+    j = tl.arange(0, PART_STRIDE)
+    acc = tl.zeros([BLOCK_P, PART_STRIDE], tl.float32)
+    for p0 in range(0, n_prog, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        acc += tl.load(PART + p[:, None].to(tl.int64) * PART_STRIDE + j[None, :], mask=(p < n_prog)[:, None],
+                       other=0.0, cache_modifier=".cg")
+    sums = tl.sum(acc, 0)
+    n_valid = tl.sum(tl.where(j == 3 * N, sums, 0.0), 0)
+    term = j % 3
+    w = tl.load(W + j, mask=j < 3 * N, other=0.0)
+    kd_rows = n_valid if TEACHER == 3 else B * 1.0
+    loss = tl.where(term == 0, w * sums / n_valid, w * kd_scale * sums / kd_rows)
+    fscale = tl.zeros([PART_STRIDE], tl.float32)
+    if HINT == 1:
+        hint_loss = w * sums
+        fscale = 2.0 * w
+    elif HINT == 2:  # torch.dist: one un-squared norm over the whole batch
+        norm = tl.sqrt(sums)
+        hint_loss = w * norm
+        fscale = tl.where(norm > 0.0, w / norm, 0.0)
     else:
-        loss_h = w_h * h
-        fscale = 2.0 * w_h
-    tl.store(LOSS + e * 3, tl.sum(a0))
-    tl.store(LOSS + e * 3 + 1, tl.sum(a1))
-    tl.store(LOSS + e * 3 + 2, loss_h)
-    tl.store(FSCALE + e, fscale)
+        hint_loss = w * sums * inv_bd
+        fscale = 2.0 * w * inv_bd
+    loss = tl.where(term == 2, hint_loss, loss)
+    loss = tl.where((w == 0.0) | (j >= 3 * N), 0.0, loss)  # a weight of 0 drops the term, NaN included
+    tl.store(LOSSES + j, loss, mask=j < 3 * N)
+    tl.store(TOTAL, tl.sum(loss, 0))
+    tail = STATS + (ROW_STATS * N + 2) * B
+    tl.store(tail + j // 3, fscale, mask=(term == 2) & (j < 3 * N))
+    tl.store(tail + N, n_valid)
+    tl.atomic_xchg(TICKET, 0)
+
+
+# --------------------------------------------------------------------------------------------- backward
 
 
 @triton.jit
-def _recompute_rows(Z, SZ, T, stride_t, Y, BROW, W, NVALID, STATS, out_row, e, rows, rows_ok, g_ce, g_kd,
-                    B, C, ignore_index, inv_t, inv_ts, kd_scale, ce_b,
-                    TEACHER: tl.constexpr, SAME_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    # the logits gradient from the logits and the saved row statistics, each term with its own upstream gradient
-    z_row = Z + rows * SZ
-    t_row = T + rows * stride_t
-    valid, in_range, y_cls = _labels(Y, rows, rows_ok, C, ignore_index)
-    ce_unit, c_ce, kd_unit, c_kd = _coefs(W, NVALID, e, valid, in_range, rows_ok, B, kd_scale, TEACHER)
-    st = STATS + e * 6 * B + rows
-    lse = tl.load(st + 0 * B, mask=rows_ok, other=0.0)
-    r = tl.load(st + 1 * B, mask=rows_ok, other=0.0)
-    lse_s = tl.load(st + 2 * B, mask=rows_ok, other=0.0)
-    rs = tl.load(st + 3 * B, mask=rows_ok, other=0.0)
-    lse_t = tl.load(st + 4 * B, mask=rows_ok, other=0.0)
-    rt = tl.load(st + 5 * B, mask=rows_ok, other=0.0)
-    b_row = tl.load(BROW + rows, mask=rows_ok, other=1.0).to(tl.float32) if TEACHER == 2 else lse
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        z = _load_tile(z_row, cols, rows_ok, C)
-        t = _load_tile(t_row, cols, rows_ok, C) if TEACHER == 1 else z
-        g, kd_el = _grad_tile(z, t, cols[None, :] == y_cls[:, None], col_ok, lse, r, lse_s, rs, lse_t, rt,
-                              b_row, ce_b, c_ce * g_ce, c_kd * g_kd, C, inv_t, inv_ts, TEACHER, True, SAME_T)
-        tl.store(out_row[:, None] + cols[None, :], g.to(out_row.dtype.element_ty),
-                 mask=rows_ok[:, None] & col_ok[None, :])
+def _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C, y_cls, rs_all, c_all, lse_t, rt, b_row,
+               ce_b, log_eps, inv_t, inv_ts, N: tl.constexpr, TEACHER: tl.constexpr, EPS: tl.constexpr,
+               TWO_S: tl.constexpr, TWO_T: tl.constexpr, MASKED: tl.constexpr):
+    cols = c0 + lanes
+    mask = cols < C
+    is_y = cols == y_cls[:, None, None]
+    off_ce = (1.0 - ce_b) / (C - 1)
+    p = tl.zeros([1, 1, 1], tl.float32)
+    if TEACHER == 2:
+        _, t = _load(TZ, rows_ld[:, None, None] * stride_t + cols, mask, MASKED)
+        p = tl.exp(t * inv_t - lse_t[:, None, None])
+    b_on = tl.zeros([1, 1, 1], tl.float32)
+    b_off = tl.zeros([1, 1, 1], tl.float32)
+    if TEACHER == 3:
+        b_on, b_off = _closed_target(b_row[:, None, None], C)
+    for i in tl.static_range(N):
+        s = N - 1 - i if TEACHER == 1 else i  # the deepest first: its softmax at T is the others' teacher
+        lse1, r1, lse_s, rs, weps = rs_all[s]
+        c_ce, c_kd = c_all[s]
+        _, x = _load(ZS[s], rows_ld[:, None, None] * SZ[s] + cols, mask, MASKED)
+        if TEACHER == 1 and s == N - 1:
+            q = tl.exp(x * inv_t - lse_s[:, None, None])
+            p = q
+            sm = _softmax_1(q, x, lse1, TWO_T)
+        else:
+            q = tl.exp(x * inv_ts - lse_s[:, None, None])
+            sm = _softmax_1(q, x, lse1, TWO_S)
+        if EPS == 1:
+            tgt = tl.where(is_y, ce_b, off_ce)
+            g_ce = sm * weps[:, None, None] - tgt * sm / (sm + log_eps)
+        else:
+            g_ce = tl.where(is_y, (1.0 - ce_b) - r1[:, None, None], sm - off_ce)
+        g = c_ce[:, None, None] * g_ce
+        if not (TEACHER == 0 or (TEACHER == 1 and s == N - 1)):
+            if EPS == 2:
+                tgt = p
+                if TEACHER == 3:
+                    tgt = tl.where(is_y, b_on, b_off)
+                g_kd = q * weps[:, None, None] - tgt * q / (q + log_eps)
+            elif TEACHER == 3:
+                g_kd = tl.where(is_y, (1.0 - b_on) - rs[:, None, None], q - b_off)
+            else:
+                g_kd = tl.where(is_y, (rt - rs)[:, None, None], q - p)
+            g += (c_kd * inv_ts)[:, None, None] * g_kd
+        out = DZ + (rows[:, None, None] + s * B) * C + cols
+        if MASKED:
+            tl.store(out, g.to(DZ.dtype.element_ty), mask=row_ok[:, None, None] & mask)
+        else:
+            tl.store(out, g.to(DZ.dtype.element_ty), mask=row_ok[:, None, None])
 
 
 @triton.jit
 def _bwd_kernel(
-    Z0, Z1, Z2, Z3,  # [B, C] logits of exit slots 0..3 (read only when recomputing)
-    SZ0, SZ1, SZ2, SZ3,
-    T, stride_t,  # [B, C] teacher logits
-    Y,  # [B] int labels
-    BROW,  # [B] closed-form teacher mass on the true class
-    W,  # [E, 3] fp32 weights
-    NVALID,  # [1] fp32 labelled rows
-    GL, s_gl0, s_gl1,  # [E, 3] fp32 upstream gradient of the losses (may be an expanded view)
-    G,  # [E, B, C] saved gradient of the weighted terms, logits dtype (unused when RECOMPUTE)
-    FR,  # [E, B, D] fp32 saved raw hint gradient
-    FSCALE,  # [E] fp32 hint gradient factor
-    STATS,  # [E, 6, B] fp32 saved per-row statistics
-    OUT,  # [E, B, C] out, logits dtype
-    OUTF,  # [E, B, D] out, features dtype
-    exit_base, B, C, D, ignore_index, inv_t, inv_ts, kd_scale, ce_b,
-    TEACHER: tl.constexpr, SAME_T: tl.constexpr, HINT: tl.constexpr, RECOMPUTE: tl.constexpr,
-    N_SLOTS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ZS, SZ,  # as in the forward
+    FS, SF,
+    TZ, stride_t,
+    Y, BROW, W,
+    STATS,  # fp32: what the forward saved
+    GL, s_gl0, s_gl1,  # [N, 3] fp32 upstream gradient of the terms (may be an expanded view of one scalar)
+    DZ,  # [N, B, C] out, logits dtype
+    DF,  # [N, B, D] out, features dtype (only the exits with a hint are written)
+    B, C, D, ignore_index, inv_t, inv_ts, kd_scale, ce_b, log_eps,
+    N: tl.constexpr, TEACHER: tl.constexpr, HINT: tl.constexpr, EPS: tl.constexpr, TWO_S: tl.constexpr,
+    TWO_T: tl.constexpr, BLOCK_B: tl.constexpr, NT: tl.constexpr,
+    V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Scale the saved gradient by grad_output, read here on the device. The gradient is recomputed from the logits
-    and the saved row statistics instead when the forward saved none (RECOMPUTE), or when the CE and KD terms of
-    one exit receive different upstream gradients (never under a plain sum of the terms: one buffer holds their
-    sum)."""
-    pid, slot = _program(N_SLOTS)
-    e = (exit_base + slot).to(tl.int64)
+    pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rows_ok = rows < B
-    g_ce = tl.load(GL + e * s_gl0)
-    g_kd = tl.load(GL + e * s_gl0 + s_gl1)
-    g_h = tl.load(GL + e * s_gl0 + 2 * s_gl1)
-    out_row = OUT + e * B * C + rows * C
-    Z = _pick(slot, Z0, Z1, Z2, Z3)
-    SZ = _pick(slot, SZ0, SZ1, SZ2, SZ3)
-    if RECOMPUTE:
-        _recompute_rows(Z, SZ, T, stride_t, Y, BROW, W, NVALID, STATS, out_row, e, rows, rows_ok, g_ce, g_kd,
-                        B, C, ignore_index, inv_t, inv_ts, kd_scale, ce_b, TEACHER, SAME_T, BLOCK_C)
-    else:
-        w_ce = tl.load(W + e * 3)
-        w_kd = tl.load(W + e * 3 + 1)
-        if (g_ce == g_kd) | (w_kd == 0.0) | (w_ce == 0.0):
-            scale = tl.where(w_ce == 0.0, g_kd, g_ce)
-            g_row = G + e * B * C + rows * C
-            for c0 in range(0, C, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
-                mask = rows_ok[:, None] & (cols < C)[None, :]
-                g = tl.load(g_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32) * scale
-                tl.store(out_row[:, None] + cols[None, :], g.to(OUT.dtype.element_ty), mask=mask)
+    row_ok = rows < B
+    rows_ld = tl.minimum(rows, B - 1)
+    valid, in_range, y_cls = _labels(Y, rows, row_ok, C, ignore_index)
+    lanes = (tl.arange(0, NT)[:, None] * V + tl.arange(0, V)[None, :])[None, :, :]
+    tail = STATS + (ROW_STATS * N + 2) * B
+    n_valid = tl.load(tail + N)
+    lse_t = tl.load(STATS + (ROW_STATS * N) * B + rows, mask=row_ok, other=0.0)
+    rt = tl.load(STATS + (ROW_STATS * N + 1) * B + rows, mask=row_ok, other=0.0)
+    b_row = tl.zeros([BLOCK_B], tl.float32)
+    if TEACHER == 3:
+        b_row = tl.load(BROW + rows, mask=row_ok, other=1.0).to(tl.float32)
+    rs_all = ()
+    c_all = ()
+    st = STATS + rows
+    for s in tl.static_range(N):
+        weps = tl.zeros([BLOCK_B], tl.float32)
+        if EPS != 0:
+            weps = tl.load(st + (ST_WEPS * N + s) * B, mask=row_ok, other=0.0)
+        rs_all = rs_all + ((tl.load(st + (ST_LSE1 * N + s) * B, mask=row_ok, other=0.0),
+                            tl.load(st + (ST_R1 * N + s) * B, mask=row_ok, other=0.0),
+                            tl.load(st + (ST_LSES * N + s) * B, mask=row_ok, other=0.0),
+                            tl.load(st + (ST_RS * N + s) * B, mask=row_ok, other=0.0), weps),)
+        w_ce = tl.load(W + 3 * s)
+        w_kd = tl.load(W + 3 * s + 1)
+        g_ce = tl.load(GL + s * s_gl0)
+        g_kd = tl.load(GL + s * s_gl0 + s_gl1)
+        # a weight of 0 drops the term even when nothing is labelled (no 0 / 0)
+        c_ce = tl.where(valid & in_range, tl.where(w_ce != 0.0, g_ce * w_ce / n_valid, 0.0), 0.0)
+        if TEACHER == 3:
+            c_kd = tl.where(valid & in_range, tl.where(w_kd != 0.0, g_kd * w_kd * kd_scale / n_valid, 0.0), 0.0)
         else:
-            _recompute_rows(Z, SZ, T, stride_t, Y, BROW, W, NVALID, STATS, out_row, e, rows, rows_ok, g_ce, g_kd,
-                            B, C, ignore_index, inv_t, inv_ts, kd_scale, ce_b, TEACHER, SAME_T, BLOCK_C)
+            c_kd = tl.where(row_ok, g_kd * w_kd * kd_scale / B, 0.0)
+        c_all = c_all + ((c_ce, c_kd),)
+
+    BLOCK_C: tl.constexpr = NT * V
+    c_full = (C // BLOCK_C) * BLOCK_C
+    for c0 in range(0, c_full, BLOCK_C):
+        _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C, y_cls, rs_all, c_all, lse_t, rt, b_row,
+                   ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, False)
+    if c_full < C:
+        _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c_full, B, C, y_cls, rs_all, c_all, lse_t, rt,
+                   b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, True)
+
     if HINT != 0:
-        fs = g_h * tl.load(FSCALE + e)
-        fr_row = FR + e * B * D + rows * D
-        of_row = OUTF + e * B * D + rows * D
         for d0 in range(0, D, BLOCK_D):
             dc = d0 + tl.arange(0, BLOCK_D)
-            mask = rows_ok[:, None] & (dc < D)[None, :]
-            f = tl.load(fr_row[:, None] + dc[None, :], mask=mask, other=0.0) * fs
-            tl.store(of_row[:, None] + dc[None, :], f.to(OUTF.dtype.element_ty), mask=mask)
+            mask = row_ok[:, None] & (dc < D)[None, :]
+            ft = tl.load(FS[N - 1] + rows[:, None] * SF[N - 1] + dc[None, :], mask=mask, other=0.0).to(tl.float32)
+            for s in tl.static_range(N - 1):
+                w_h = tl.load(W + 3 * s + 2)
+                if w_h != 0.0:
+                    scale = tl.load(GL + s * s_gl0 + 2 * s_gl1) * tl.load(tail + s)
+                    f = tl.load(FS[s] + rows[:, None] * SF[s] + dc[None, :], mask=mask, other=0.0).to(tl.float32)
+                    diff = f - ft
+                    if HINT == 1:
+                        diff = tl.where((f > 0.0) | (ft > 0.0), diff, 0.0)
+                    tl.store(DF + (rows[:, None] + s * B) * D + dc[None, :],
+                             (diff * scale).to(DF.dtype.element_ty), mask=mask)
