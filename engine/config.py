@@ -110,6 +110,8 @@ class ObjectiveConfig:
     teacher: TeacherKDConfig = field(default_factory=TeacherKDConfig)
     max_entropy_beta: float = _f(0.1, ge=0)
     mixup_alpha: float = _f(0.0, ge=0, doc="mixup Beta(a, a); 0 = off")
+    log_eps: Optional[float] = _f(None, ge=0, le=0.5, doc="soft-target CEs take log(p + log_eps); null = the method's "
+                                  "official form (1e-8 for ls_wrong_classes, beta, sd_generation; else 0 = exact)")
 
 
 @dataclass

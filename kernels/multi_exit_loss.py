@@ -135,7 +135,7 @@ def _plan(opts: LossOptions, E: int, B: int, C: int, D: int, z_dtype: torch.dtyp
     ce_b = ce_true_mass(opts, C)
     eps = K.EPS_NONE
     if opts.log_eps > 0:
-        eps = K.EPS_CE if opts.label_smoothing > 0 else K.EPS_KD
+        eps = K.EPS_KD if opts.log_eps_on_kd else K.EPS_CE
     bb, nt, v, bd, warps = _blocks(B, C, D, z_dtype.itemsize, opts.block_c)
     grid = (triton.cdiv(B, bb),)
     part_stride = triton.next_power_of_2(3 * E + 1)

@@ -105,7 +105,11 @@ def _sweep(x, m, lo_a, lo_b, not_y, k_a, POW: tl.constexpr, TWO: tl.constexpr):
     e_out = tl.where(not_y, e, 0.0)
     lo_a = lo_a * r + tl.sum(e_out, 2)
     if TWO:
-        lo_b = lo_b * _unit_exp(r, d_lane, POW) + tl.sum(_unit_exp(e_out, d, POW), 2)
+        if POW > 0:
+            e1 = _unit_exp(e_out, d, POW)
+        else:
+            e1 = tl.where(not_y, _exp2_fma(d * LOG2E), 0.0)
+        lo_b = lo_b * _unit_exp(r, d_lane, POW) + tl.sum(e1, 2)
     return m_new, lo_a, lo_b, r, e
 
 
@@ -326,6 +330,8 @@ def _fwd_kernel(
         tl.store(st_base + (ST_R1 * N + s) * B, r1, mask=row_ok)
         tl.store(st_base + (ST_LSES * N + s) * B, lse_s, mask=row_ok)
         tl.store(st_base + (ST_RS * N + s) * B, rs, mask=row_ok)
+        if EPS == 0:  # every saved value is written, so the op's outputs are deterministic
+            tl.store(st_base + (ST_WEPS * N + s) * B, tl.zeros([BLOCK_B], tl.float32), mask=row_ok)
         lse_q = lse_q + (lse1 if EPS == 1 else lse_s,)
         sz = tl.sum(st[4], 1)
         if SMOOTH:

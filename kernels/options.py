@@ -12,8 +12,9 @@ The terms, per exit e (shallow -> deep) with logits z_e [B, C], labels y and poo
 label and (1 - b_i) / (C - 1) elsewhere from a per-row b (Beta smoothing; mean over labelled rows), "none".
 `kd` is "kl" or "soft_ce" (-sum p log q: KL plus the teacher's entropy, same gradient).
 Label smoothing eps: "wrong_classes" puts eps / (C - 1) on each wrong class, "all_classes" eps / C on every class
-(= F.cross_entropy(label_smoothing=eps)). `log_eps` > 0 replaces log q by log(q + log_eps) in the soft-target
-cross-entropies (the smoothed CE and the soft_ce KD), as the Beta-smoothing paper's code does with 1e-8.
+(= F.cross_entropy(label_smoothing=eps)). `log_eps` > 0 replaces log q by log(q + log_eps) in one soft-target
+cross-entropy, as the Beta-smoothing paper's code does with 1e-8: in the KD term when it is a soft_ce with a
+teacher, else in the CE term (hard or smoothed).
 A weight given as a scalar applies to every exit that can have the term; a sequence gives one per exit (E values,
 or E - 1 for the terms whose teacher is the deepest exit). `block_c` forces the class tile (0 = automatic); it
 changes no value and exists for tests of the multi-tile path.
@@ -86,14 +87,6 @@ class LossOptions:
             raise ValueError(f"label_smoothing: {self.label_smoothing} must be in [0, 1]")
         if not 0.0 <= self.log_eps < 1.0:
             raise ValueError(f"log_eps: {self.log_eps} must be in [0, 1)")
-        if self.log_eps > 0:
-            soft = [self.label_smoothing > 0, self.kd == "soft_ce" and self.teacher != "none"]
-            if not any(soft):
-                raise ValueError(f"log_eps: {self.log_eps} applies to soft-target cross-entropies, and these options "
-                                 "have none (label_smoothing > 0 or kd='soft_ce' with a teacher)")
-            if all(soft):
-                raise ValueError("log_eps: applies to one soft-target term per call; here both the smoothed CE and "
-                                 "the soft_ce KD would take it")
         object.__setattr__(self, "t_squared", bool(self.t_squared))
         object.__setattr__(self, "scale_student", bool(self.scale_student))
         object.__setattr__(self, "ignore_index", int(self.ignore_index))
@@ -101,6 +94,11 @@ class LossOptions:
             raise ValueError(f"block_c: {self.block_c} must be 0 (automatic) or a power of two")
         # encoded once: torch.compile reads it as a constant attribute, eager launches never re-encode
         object.__setattr__(self, "encoded", json.dumps(asdict(self), sort_keys=True))
+
+    @property
+    def log_eps_on_kd(self) -> bool:
+        """Whether log_eps goes to the KD term (else to the CE term)."""
+        return self.kd == "soft_ce" and self.teacher != "none"
 
     @property
     def student_temperature(self) -> float:

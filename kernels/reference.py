@@ -99,13 +99,14 @@ def multi_exit_loss_reference(logits: Sequence[Tensor] | Tensor, targets: Tensor
     factor = temperature ** 2 if t_squared else 1.0
     zero = zs[0].new_zeros(())
 
+    eps_kd = log_eps if kd == "soft_ce" and teacher != "none" else 0.0  # the one soft-target term it goes to
+    eps_ce = log_eps - eps_kd
+
     def ce(z: Tensor) -> Tensor:
-        if label_smoothing == 0:
-            return F.cross_entropy(z, targets, ignore_index=ignore_index)
-        if smoothing_convention == "all_classes" and log_eps == 0:
+        if eps_ce == 0 and (label_smoothing == 0 or smoothing_convention == "all_classes"):
             return F.cross_entropy(z, targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
         target = smoothed_target(targets, C, label_smoothing, smoothing_convention, dtype)
-        return _masked_mean(soft_ce_rows(log_probs(z, 1.0, log_eps), target), labelled)
+        return _masked_mean(soft_ce_rows(log_probs(z, 1.0, eps_ce), target), labelled)
 
     p, kd_rows_mask = None, torch.ones_like(labelled)
     if teacher in ("deepest", "logits"):
@@ -115,7 +116,7 @@ def multi_exit_loss_reference(logits: Sequence[Tensor] | Tensor, targets: Tensor
         p, kd_rows_mask = closed_form_target(targets, soft_b.to(dtype), C), labelled
 
     def distill(z: Tensor) -> Tensor:
-        log_q = log_probs(z, student_t, log_eps if kd == "soft_ce" else 0.0)
+        log_q = log_probs(z, student_t, eps_kd)
         rows = soft_ce_rows(log_q, p)
         if kd == "kl":
             rows = rows + torch.xlogy(p, p).sum(-1)

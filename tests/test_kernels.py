@@ -2,9 +2,8 @@
 
 On CPU the kernels run under the Triton interpreter (tests/conftest.py), whose cost is per op and program, so the
 shapes are small and the blocks large. bf16/fp16 gradients are compared within 1 ulp of the reference rounding:
-the interpreter truncates fp32 -> bf16 where PyTorch rounds to nearest even. One exception, by design: the backward
-only scales the saved (already rounded) gradient, so a grad_output that is not a power of two rounds twice there
-(2 ulp); grad_output 1 (a plain sum of the terms) or a power-of-two loss scale stays exact.
+the interpreter truncates fp32 -> bf16 where PyTorch rounds to nearest even. The backward recomputes the gradient in
+fp32 with the upstream gradient folded in, so any grad_output rounds once.
 """
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.multi_exit_loss import MultiExitLoss, multi_exit_loss
+from kernels.options import LossOptions
 from kernels.reference import multi_exit_loss_reference
 
 pytestmark = [pytest.mark.filterwarnings(
@@ -36,6 +36,16 @@ CASES = {
     "beta_kl_tempered": dict(teacher="closed_form", ce_weight=0.0, kd_weight=[0.2, 0.3, 0.5], kd="kl",
                              temperature=2.0, t_squared=True, label_smoothing=0.1),
     "smoothing_only": dict(teacher="none", label_smoothing=0.3, hint="sse", hint_weight=0.5),
+    # log(q + eps), the Beta-smoothing code's form: in the CE (teacher-less) or in a soft_ce KD term
+    "ls_log_eps": dict(teacher="none", label_smoothing=0.2, log_eps=1e-3),
+    "hard_ce_log_eps": dict(teacher="none", ce_weight=0.7, log_eps=1e-2),
+    "beta_log_eps": dict(teacher="closed_form", ce_weight=0.4, kd_weight=0.6, kd="soft_ce", log_eps=1e-3),
+    "generation_log_eps": dict(teacher="logits", ce_weight=0.6, kd_weight=0.4, kd="soft_ce", temperature=4.0,
+                               scale_student=False, log_eps=1e-3),
+    "generation_scaled_log_eps": dict(teacher="logits", kd_weight=0.4, kd="soft_ce", temperature=3.0, t_squared=True,
+                                      log_eps=1e-3, label_smoothing=0.1),
+    "byot_fractional_t": dict(teacher="deepest", ce_weight=0.8, kd_weight=0.2, temperature=2.5, kd="kl",
+                              t_squared=True, hint="mse", hint_weight=0.3),
 }
 ODD = dict(E=3, B=37, C=101, D=24)
 # With a GPU (and no interpreter) the same tests check the compiled kernels.
@@ -91,18 +101,17 @@ def assert_grad_close(actual, expected, dtype, ulps=1):
                            f"{bad.nonzero()[0].tolist()}: {a[bad][0].item()} vs {e[bad][0].item()}")
 
 
-def check(inp, opts, grad_out, dtype=torch.float32):
+def check(inp, opts, grad_out, dtype=torch.float32, ulps=1):
     got = run(multi_exit_loss, inp, opts, grad_out)
     ref = run(multi_exit_loss_reference, inp, opts, grad_out)
     torch.testing.assert_close(got[0].double(), ref[0], rtol=2e-6, atol=1e-6)
-    power_of_two = bool((torch.frexp(grad_out)[0].abs() == 0.5).all())  # scaling by 2^k is exact
     for a, e in zip(got[1] + got[2], ref[1] + ref[2]):
-        assert_grad_close(a, e, dtype, ulps=1 if power_of_two else 2)
+        assert_grad_close(a, e, dtype, ulps=ulps)
     return got
 
 
 def grad_outputs(E, seed=1):
-    """Uniform (the saved gradient is only scaled) and per-term random (the backward recomputes)."""
+    """One upstream gradient for every term, and a different one per term."""
     g = torch.Generator().manual_seed(seed)
     return {"uniform": torch.full((E, 3), 2.0), "per_term": torch.randn(E, 3, generator=g)}
 
@@ -126,24 +135,11 @@ def test_multi_tile_classes(case):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_vocabulary_tiled(dtype):
+    """8 tiles of 4096 per row, the last one partial. 2 ulp in bf16: where q - p cancels to ~1e-11 from terms of
+    ~1e-5, fp32 cannot resolve the last bf16 bit (6 seeds of this test show 1-2 such elements either way)."""
     inp = make_inputs(E=2, B=3, C=32000, D=8, dtype=dtype, ignore=(1,))
     g = grad_outputs(2)["per_term"]
-    check(inp, dict(CASES["byot_kl_sse"], block_c=4096), g, dtype)  # the GPU tile: 8 tiles per row
-
-
-@pytest.mark.parametrize("case", ["byot_kl_sse", "kd_unscaled_student", "beta_kl_tempered", "smoothing_only"])
-def test_recompute_grad_mode(case):
-    """The forward saves no gradient; the backward rebuilds it. Same losses bit for bit, gradients to the reference."""
-    inp = make_inputs(**ODD)
-    for g in grad_outputs(ODD["E"]).values():
-        got = check(inp, dict(CASES[case], recompute_grad=True), g)
-        saved = run(multi_exit_loss, inp, CASES[case], g)
-        assert torch.equal(got[0], saved[0])
-
-
-def test_recompute_grad_mode_bf16_large_vocabulary():
-    inp = make_inputs(E=2, B=3, C=32000, D=8, dtype=torch.bfloat16, ignore=(1,))
-    check(inp, dict(CASES["byot_kl_sse"], block_c=4096, recompute_grad=True), torch.full((2, 3), 0.5), torch.bfloat16)
+    check(inp, dict(CASES["byot_kl_sse"], block_c=4096), g, dtype, ulps=2)
 
 
 def test_regular_shape_four_exits():
@@ -280,14 +276,14 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
 
 def test_opcheck():
     inp = make_inputs(E=3, B=5, C=7, D=4, ignore=(1,))
+    byot = LossOptions(**CASES["byot_kl_sse"])
     args = ([z.requires_grad_() for z in leaves(inp["logits"])], inp["targets"],
-            [f.requires_grad_() for f in leaves(inp["features"])], None, None,
-            [0.9, 0.1, 0.01, 0.9, 0.1, 0.01, 1.0, 0.0, 0.0], "deepest", 3.0, "kl", True, True, 0.9, "sse", -100, 0,
-            False)
+            [f.requires_grad_() for f in leaves(inp["features"])], None, None, byot.encoded)
     torch.library.opcheck(torch.ops.selfdistill.multi_exit_loss.default, args)
-    closed = ([z.requires_grad_() for z in leaves(inp["logits"])], inp["targets"], [], None, inp["soft_b"],
-              [1.0, 0.5, 0.0] * 3, "closed_form", 2.0, "soft_ce", False, False, 1.0, "none", -100, 0, True)
-    torch.library.opcheck(torch.ops.selfdistill.multi_exit_loss.default, closed)
+    closed = LossOptions(**CASES["beta_log_eps"])
+    args = ([z.requires_grad_() for z in leaves(inp["logits"])], inp["targets"], [], None, inp["soft_b"],
+            closed.encoded)
+    torch.library.opcheck(torch.ops.selfdistill.multi_exit_loss.default, args)
 
 
 def test_torch_compile_fullgraph():

@@ -1,6 +1,6 @@
-"""The fused loss at the objective level: the reference equals engine/objectives/byot.py, the bridge returns the
-same named terms as byot_terms, and a tiny multi-exit model trains identically with objective.backend torch and
-triton (the Triton interpreter on CPU, see tests/conftest.py)."""
+"""The fused loss at the objective level: the reference equals engine/objectives/byot.py, the fused calls return the
+same named terms as byot_terms with a total that backpropagates like their sum, and a tiny multi-exit model trains
+identically with objective.backend torch and triton (the Triton interpreter on CPU, see tests/conftest.py)."""
 from __future__ import annotations
 
 import copy
@@ -15,10 +15,10 @@ from engine.models import create_model
 from engine.objectives import build_objective
 from engine.objectives.base import sum_terms
 from engine.objectives.byot import ByotWeights, byot_terms, kd_loss
+from engine.objectives.fused import FusedCall, byot_call
 from engine.types import Batch
-from kernels.multi_exit_loss import ce_true_mass
-from kernels.objective_bridge import byot_terms_triton, ce_terms_triton, kd_terms_triton, soft_target_terms_triton
-from kernels.reference import multi_exit_loss_reference, soft_target
+from kernels.options import LossOptions, ce_true_mass
+from kernels.reference import closed_form_target, multi_exit_loss_reference
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter"),
               pytest.mark.usefixtures("one_thread")]
@@ -58,11 +58,12 @@ def test_reference_equals_byot_terms_in_float64(overrides):
 
 
 def test_soft_target_mass_matches_pytorch_smoothing():
-    """b = 1 - eps + eps/K on the label (all_classes) is exactly F.cross_entropy(label_smoothing=eps)."""
+    """The kernel's true-class mass b = 1 - eps + eps/K (all_classes) is exactly F.cross_entropy(label_smoothing)."""
     logits, _, y = exits(E=1, B=9, C=6, dtype=torch.float64)
     y[2] = -100
     for eps in (0.0, 0.1, 0.4):
-        target = soft_target(y, ce_true_mass(eps, "all_classes", 6), 6)
+        b = ce_true_mass(LossOptions(label_smoothing=eps, smoothing_convention="all_classes"), 6)
+        target = closed_form_target(y, torch.full((9,), b, dtype=torch.float64), 6)
         rows = -(target * F.log_softmax(logits[0], -1)).sum(-1)
         torch.testing.assert_close(rows[y != -100].mean(), F.cross_entropy(logits[0], y, label_smoothing=eps),
                                    rtol=1e-12, atol=0)
@@ -70,20 +71,22 @@ def test_soft_target_mass_matches_pytorch_smoothing():
 
 @pytest.mark.parametrize("overrides", [[], ["objective.byot.hint=l2", "objective.byot.kd=soft_ce"],
                                        ["objective.byot.hint=none"]])
-def test_byot_bridge_same_names_values_gradients(overrides):
+def test_byot_fused_call_same_names_values_gradients(overrides):
     b = byot_cfg("objective.byot.beta=0.01", *overrides)
     w = ByotWeights.from_config(b, 4)
     logits, feats, y = exits()
     za, fa = [z.clone().requires_grad_() for z in logits], [f.clone().requires_grad_() for f in feats]
     zb, fb = [z.clone().requires_grad_() for z in logits], [f.clone().requires_grad_() for f in feats]
     ref = byot_terms(za, fa, y, w, b.temperature, b.kd, b.t_squared, b.hint)
-    got = byot_terms_triton(zb, fb, y, w, b)
+    total, got = byot_call(b, w)(zb, y, fb)
     assert list(got) == list(ref)
     for name in ref:
-        assert got[name].dtype == torch.float32 and got[name].shape == ()
+        assert got[name].dtype == torch.float32 and got[name].shape == () and not got[name].requires_grad
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7)
-    sum_terms(ref).total.backward()
-    sum_terms(got).total.backward()
+    ref_total = sum_terms(ref).total
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-7)
+    ref_total.backward()
+    total.backward()
     for a, r in zip(zb + fb, za + fa):
         if r.grad is None:
             assert a.grad is None or not a.grad.any()
@@ -91,22 +94,28 @@ def test_byot_bridge_same_names_values_gradients(overrides):
             torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-8)
 
 
-def test_generic_bridges():
+def test_generic_fused_calls():
     logits, _, y = exits(E=2, B=8, C=9)
     z, t = logits
     y[3] = -100
-    ce = ce_terms_triton(z, y, weight=0.5, label_smoothing=0.2, convention="all_classes")
+    ce_total, ce = FusedCall(LossOptions(teacher="none", ce_weight=0.5, label_smoothing=0.2,
+                                         smoothing_convention="all_classes"), {"ce": (0, 0)})(z, y)
     torch.testing.assert_close(ce["ce"], 0.5 * F.cross_entropy(z, y, label_smoothing=0.2), rtol=1e-5, atol=1e-7)
-    assert list(ce_terms_triton(logits, y)) == ["ce_0", "ce_1"]
+    torch.testing.assert_close(ce_total, ce["ce"], rtol=0, atol=0)
+    dsn = FusedCall(LossOptions(teacher="none"), {"ce_0": (0, 0), "ce_1": (1, 0)})(logits, y)[1]
+    assert list(dsn) == ["ce_0", "ce_1"]
 
-    kd = kd_terms_triton(z, t, y, ce_weight=1.0, kd_weight=0.7, temperature=4.0, t_squared=True)
+    kd_opts = LossOptions(teacher="logits", ce_weight=1.0, kd_weight=0.7, temperature=4.0, t_squared=True)
+    kd_total, kd = FusedCall(kd_opts, {"ce": (0, 0), "kd": (0, 1)})(z, y, teacher_logits=t)
     torch.testing.assert_close(kd["ce"], F.cross_entropy(z, y), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(kd["kd"], 0.7 * kd_loss(z, t, 4.0, "kl", True), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(kd_total, kd["ce"] + kd["kd"], rtol=1e-6, atol=0)
 
     b = torch.linspace(0.2, 1.0, 8, device=DEVICE)
-    soft = soft_target_terms_triton(z, y, b, ce_weight=0.4, soft_weight=0.6)
+    soft_opts = LossOptions(teacher="closed_form", ce_weight=0.4, kd_weight=0.6, kd="soft_ce")
+    soft = FusedCall(soft_opts, {"ce": (0, 0), "soft": (0, 1)})(z, y, soft_b=b)[1]
     valid = y != -100
-    target = soft_target(y, b.double(), 9)[valid]
+    target = closed_form_target(y, b.double(), 9)[valid]
     expected = -(target * F.log_softmax(z[valid].double(), -1)).sum(-1).mean() * 0.6
     torch.testing.assert_close(soft["soft"].double(), expected, rtol=1e-5, atol=1e-7)
     assert list(soft) == ["ce", "soft"]

@@ -6,12 +6,10 @@ already-weighted `terms`, so the log, the tests and the Triton kernels all see t
 
 `objective.backend` (torch | triton | auto; auto = Triton on CUDA, PyTorch elsewhere) picks who computes the
 loss terms. With "triton" the objectives in `TRITON_ROUTED` hand their logits to the fused kernel
-(kernels/objective_bridge.py) and return the same term names and values as the PyTorch path; the others always
-run PyTorch (`TORCH_ONLY`, with the reason). The objectives whose PyTorch path follows the Beta-smoothing code's
-log(softmax + 1e-8) (ls_wrong_classes, beta, sd_generation; baselines.LOG_EPS) compute the exact log-softmax on
-the Triton backend (the kernel has no epsilon); their PyTorch path gives the same numbers with `log_eps=None`
-(each objective's `log_eps` attribute: LOG_EPS on torch, None on triton). The difference is tiny except for
-classes the model gives probability below ~1e-8, where log(p + 1e-8) flattens the loss and its gradient.
+(engine/objectives/fused.py) and return the same term names and values as the PyTorch path, with a total that
+backpropagates through one sum; the others always run PyTorch (`TORCH_ONLY`, with the reason). Both backends take
+the same `objective.log_eps` (`log_eps(cfg)`): the official log(p + 1e-8) of the Beta-smoothing code in the methods
+that come from it, the exact log-softmax elsewhere.
 """
 from __future__ import annotations
 
@@ -38,17 +36,22 @@ class Objective(nn.Module):
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called after each optimizer step (EMA teachers update here)."""
 
+    @property
+    def backend(self) -> str:
+        """Who computes the loss terms: "triton" when the objective holds a fused call (chosen at construction)."""
+        return "triton" if getattr(self, "fused", None) is not None else "torch"
+
 
 # objective name -> what runs through the fused kernel when objective.backend resolves to "triton"
 TRITON_ROUTED: dict[str, str] = {
-    "byot": "every term: ce_i, kd_i, hint_i (one launch per 4 exits)",
+    "byot": "every term: ce_i, kd_i, hint_i, in one launch",
     "byot_cskd": "the BYOT terms, and the CS-KD KL terms (one launch per chosen exit and per target)",
     "cskd": "ce + cskd (+ cskd_sample for CS-KD-E): one launch per chosen exit (+ one for the second view)",
-    "beta": "ce + beta, Beta targets in closed form from the per-row b (exact log-softmax)",
+    "beta": "ce + beta, the Beta targets in closed form from the per-row b",
     "kd": "ce + kd (Hinton: KL at T, student scaled, T^2)",
-    "sd_generation": "ce + kd (soft CE at T, scale_student / t_squared as configured; exact log-softmax)",
-    "ls_wrong_classes": "ls (eps/(K-1) per wrong class; exact log-softmax)",
-    "ls_all_classes": "ls (= F.cross_entropy(label_smoothing=eps))",
+    "sd_generation": "ce + kd (soft CE at T, scale_student / t_squared as configured)",
+    "ls_wrong_classes": "ls (eps/(K-1) per wrong class)",
+    "ls_all_classes": "ls (eps/K on every class)",
     "label_smoothing": "as ls_wrong_classes / ls_all_classes",
     "dsn": "ce_i at every exit, one launch",
     "ce": "ce on the deepest exit",
@@ -61,9 +64,52 @@ TORCH_ONLY: dict[str, str] = {
 }
 
 
+# log(p + eps) in the soft-target cross-entropies of the methods whose official code has it (Beta-smoothing code)
+OFFICIAL_LOG_EPS = {"ls_wrong_classes": 1e-8, "beta": 1e-8, "sd_generation": 1e-8}
+SOFT_TARGET_METHODS = ("ls_wrong_classes", "ls_all_classes", "label_smoothing", "beta", "sd_generation")
+
+
+def smoothing_name(cfg) -> str:
+    """The objective's name, with `label_smoothing` resolved to ls_<objective.label_smoothing.convention>."""
+    name = cfg.objective.name
+    return "ls_" + cfg.objective.label_smoothing.convention if name == "label_smoothing" else name
+
+
+def log_eps(cfg) -> float:
+    """The eps of log(p + eps) in the method's soft-target cross-entropy (0 = exact log-softmax)."""
+    value = cfg.objective.log_eps
+    if value is None:
+        return OFFICIAL_LOG_EPS.get(smoothing_name(cfg), 0.0)
+    if value > 0 and cfg.objective.name not in SOFT_TARGET_METHODS:
+        from engine.config import ConfigError
+
+        raise ConfigError(f"objective.log_eps: {value} applies to soft-target cross-entropies, and objective "
+                          f"{cfg.objective.name!r} has none (only {', '.join(SOFT_TARGET_METHODS)})")
+    return value
+
+
 def sum_terms(terms: dict[str, torch.Tensor]) -> LossOutput:
     total = torch.stack(list(terms.values())).sum()
     return LossOutput(total, terms)
+
+
+def combine(*parts: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> LossOutput:
+    """One LossOutput from several (total, terms) pairs, e.g. fused calls: the totals add up, the terms merge."""
+    total, terms = parts[0][0], dict(parts[0][1])
+    for t, more in parts[1:]:
+        total = total + t
+        terms.update(more)
+    return LossOutput(total, terms)
+
+
+def fused_call(cfg, device: torch.device, names: dict[str, tuple[int, int]], num_exits: int = 1):
+    """The objective's fused call (engine/objectives/fused.py) when objective.backend resolves to triton, else None;
+    `names` maps each logged term to its (exit, column) in the kernel's [E, 3] losses."""
+    if resolve_backend(cfg.objective.backend, device) != "triton":
+        return None
+    from engine.objectives.fused import FusedCall, loss_options  # triton loads with this backend only
+
+    return FusedCall(loss_options(cfg, num_exits), names)
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -81,4 +127,5 @@ def build_objective(cfg, num_exits: int, device: torch.device) -> Objective:
 
         raise ConfigError(f"objective.name: {cfg.objective.name!r} is not allowed; allowed values: "
                           f"{', '.join(OBJECTIVES.names())}")
+    log_eps(cfg)  # a log_eps the method cannot take is a config error, whichever backend runs
     return OBJECTIVES.get(cfg.objective.name)(cfg, num_exits=num_exits, device=device)

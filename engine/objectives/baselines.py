@@ -1,7 +1,7 @@
 """The baselines the three papers compare with, each one objective name (deepest exit unless stated):
 
   ls_wrong_classes  label smoothing, 1-eps on the true class and eps/(K-1) on each wrong one (Beta-smoothing code
-                    `soft_cce_loss`, including its log(p + 1e-8))
+                    `soft_cce_loss`, including its log(p + 1e-8): objective.log_eps)
   ls_all_classes    label smoothing, (1-eps)·onehot + eps/K on every class (PyTorch `label_smoothing=eps`)
   label_smoothing   either of the two, chosen by objective.label_smoothing.convention
   max_entropy       CE - beta·H(p)  (objective.max_entropy_beta; Beta code `ent_reg`)
@@ -14,11 +14,9 @@
                     anchors, CS-KD KL from the mixed partners' (no-grad) prediction to the mixed anchors' one
 
 Every random draw (mixup's l and permutation) happens on the training device: nothing here reads a value back.
-
-objective.backend=triton (engine/objectives/base.py, TRITON_ROUTED): ls_*, label_smoothing, dsn, kd and the CS-KD
-term of mixup_cskd run through the fused kernel (kernels.objective_bridge) with the same names and values;
-ls_wrong_classes then uses the exact log-softmax, not log(p + 1e-8) (its PyTorch twin: log_eps=None, the
-objective's `log_eps` attribute). max_entropy and mixup always run PyTorch.
+objective.backend=triton (base.TRITON_ROUTED): ls_*, label_smoothing, dsn, kd and the CS-KD term of mixup_cskd run
+through the fused kernel (engine/objectives/fused.py) with the same names and values; max_entropy and mixup always
+run PyTorch.
 """
 from __future__ import annotations
 
@@ -26,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.objectives.base import Objective, register_objective, resolve_backend, sum_terms
+from engine.objectives.base import Objective, fused_call, log_eps, register_objective, sum_terms
 from engine.objectives.byot import kd_loss, upcast
 from engine.types import Batch, ExitOutputs, LossOutput
 
@@ -36,11 +34,11 @@ LOG_EPS = 1e-8  # the Beta-smoothing code takes log(softmax + 1e-8) in every sof
 # --------------------------------------------------------------------------------------------- pure losses
 
 
-def soft_target_ce(logits: Tensor, target: Tensor, log_eps: float | None = LOG_EPS) -> Tensor:
-    """-(1/N) sum_i sum_k t_ik log p_ik with p = softmax(logits); `log_eps` = the official code's log(p + eps),
-    None = exact log_softmax. The target is treated as a constant."""
+def soft_target_ce(logits: Tensor, target: Tensor, log_eps: float = LOG_EPS) -> Tensor:
+    """-(1/N) sum_i sum_k t_ik log p_ik with p = softmax(logits); `log_eps` > 0 = the official code's
+    log(p + eps), 0 = exact log_softmax. The target is treated as a constant."""
     z = upcast(logits)
-    log_p = torch.log(F.softmax(z, -1) + log_eps) if log_eps is not None else F.log_softmax(z, -1)
+    log_p = torch.log(F.softmax(z, -1) + log_eps) if log_eps > 0 else F.log_softmax(z, -1)
     return -(target.detach().to(log_p.dtype) * log_p).sum(-1).mean()
 
 
@@ -55,13 +53,16 @@ def ls_all_classes_target(labels: Tensor, num_classes: int, eps: float, dtype=to
     return F.one_hot(labels, num_classes).to(dtype) * (1.0 - eps) + eps / num_classes
 
 
-def ls_wrong_classes_loss(logits: Tensor, labels: Tensor, eps: float, log_eps: float | None = LOG_EPS) -> Tensor:
+def ls_wrong_classes_loss(logits: Tensor, labels: Tensor, eps: float, log_eps: float = LOG_EPS) -> Tensor:
     z = upcast(logits)
     return soft_target_ce(z, ls_wrong_classes_target(labels, z.shape[-1], eps, z.dtype), log_eps)
 
 
-def ls_all_classes_loss(logits: Tensor, labels: Tensor, eps: float) -> Tensor:
-    return F.cross_entropy(upcast(logits), labels, label_smoothing=eps)
+def ls_all_classes_loss(logits: Tensor, labels: Tensor, eps: float, log_eps: float = 0.0) -> Tensor:
+    z = upcast(logits)
+    if log_eps > 0:
+        return soft_target_ce(z, ls_all_classes_target(labels, z.shape[-1], eps, z.dtype), log_eps)
+    return F.cross_entropy(z, labels, label_smoothing=eps)
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -75,21 +76,12 @@ def max_entropy_terms(logits: Tensor, labels: Tensor, beta: float) -> dict[str, 
     return {"ce": F.cross_entropy(upcast(logits), labels), "entropy": -beta * entropy(logits)}
 
 
-def dsn_terms(logits: list[Tensor], labels: Tensor, backend: str = "torch") -> dict[str, Tensor]:
-    if backend == "triton":
-        from kernels.objective_bridge import ce_terms_triton
-
-        return ce_terms_triton(list(logits), labels)  # ce_0 ... ce_{E-1}, one launch
+def dsn_terms(logits: list[Tensor], labels: Tensor) -> dict[str, Tensor]:
     return {f"ce_{i}": F.cross_entropy(upcast(z), labels) for i, z in enumerate(logits)}
 
 
-def hinton_kd_terms(student: Tensor, teacher: Tensor, labels: Tensor, alpha: float, temperature: float,
-                    backend: str = "torch") -> dict[str, Tensor]:
-    if backend == "triton":
-        from kernels.objective_bridge import kd_terms_triton
-
-        return kd_terms_triton(student, teacher, labels, ce_weight=1 - alpha, kd_weight=alpha,
-                               temperature=temperature, kd="kl", t_squared=True, scale_student=True)
+def hinton_kd_terms(student: Tensor, teacher: Tensor, labels: Tensor, alpha: float,
+                    temperature: float) -> dict[str, Tensor]:
     return {"ce": (1 - alpha) * F.cross_entropy(upcast(student), labels),
             "kd": alpha * kd_loss(student, teacher, temperature, "kl", t_squared=True)}
 
@@ -135,19 +127,16 @@ class LabelSmoothingWrongClasses(Objective):
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
         self.eps = cfg.objective.label_smoothing.epsilon
-        self.backend = resolve_backend(cfg.objective.backend, device)
-        self.log_eps = LOG_EPS if self.backend == "torch" else None  # wrong_classes only
+        self.log_eps = log_eps(cfg)
+        self.fused = fused_call(cfg, device, {"ls": (0, 0)})
 
     def loss(self, out: ExitOutputs, batch: Batch) -> LossOutput:
         z = out.logits[-1]
-        if self.backend == "triton":
-            from kernels.objective_bridge import ce_terms_triton
-
-            ls = ce_terms_triton(z, batch.labels, label_smoothing=self.eps, convention=self.convention)["ce"]
-            return sum_terms({"ls": ls})
+        if self.fused is not None:
+            return LossOutput(*self.fused(z, batch.labels))
         if self.convention == "wrong_classes":
             return sum_terms({"ls": ls_wrong_classes_loss(z, batch.labels, self.eps, self.log_eps)})
-        return sum_terms({"ls": ls_all_classes_loss(z, batch.labels, self.eps)})
+        return sum_terms({"ls": ls_all_classes_loss(z, batch.labels, self.eps, self.log_eps)})
 
 
 @register_objective("ls_all_classes")
@@ -180,10 +169,12 @@ class DeepSupervision(Objective):
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
-        self.backend = resolve_backend(cfg.objective.backend, device)
+        self.fused = fused_call(cfg, device, {f"ce_{i}": (i, 0) for i in range(num_exits)}, num_exits)
 
     def loss(self, out: ExitOutputs, batch: Batch) -> LossOutput:
-        return sum_terms(dsn_terms(out.logits, batch.labels, self.backend))
+        if self.fused is not None:
+            return LossOutput(*self.fused(out.logits, batch.labels))
+        return sum_terms(dsn_terms(out.logits, batch.labels))
 
 
 @register_objective("kd")
@@ -199,13 +190,14 @@ class HintonKD(Objective):
         t = cfg.objective.teacher
         self.alpha, self.temperature = t.alpha, t.temperature
         self.teacher = FrozenTeacher.from_config(cfg, device)
-        self.backend = resolve_backend(cfg.objective.backend, device)
+        self.fused = fused_call(cfg, device, {"ce": (0, 0), "kd": (0, 1)})
 
     def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out = model(batch.images)
         zt = self.teacher(batch.images)
-        terms = hinton_kd_terms(out.logits[-1], zt, batch.labels, self.alpha, self.temperature, self.backend)
-        return sum_terms(terms), out
+        if self.fused is not None:
+            return LossOutput(*self.fused(out.logits[-1], batch.labels, teacher_logits=zt)), out
+        return sum_terms(hinton_kd_terms(out.logits[-1], zt, batch.labels, self.alpha, self.temperature)), out
 
     def get_extra_state(self):
         return {"teacher": self.teacher.info}
@@ -243,7 +235,8 @@ class MixupCSKD(Objective):
         self.sampler = MixupSampler(cfg.objective.mixup_alpha)
         self.lam, self.temperature = c.lam, c.temperature
         self.partner = PartnerForward(c.partner_updates_bn)
-        self.backend = resolve_backend(cfg.objective.backend, device)
+        # the KL only: the mixed CE (two labels, l on device) has no kernel form
+        self.fused = fused_call(cfg, device, {"cskd": (0, 1)})
 
     def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         from engine.objectives.cskd import partner_images
@@ -251,12 +244,9 @@ class MixupCSKD(Objective):
         lam, perm = self.sampler(len(batch), batch.images.device)
         out, zp = self.partner.ordered(model, lambda: model(mix(batch.images, lam, perm)),
                                        lambda: self.partner(model, mix(partner_images(batch), lam, perm)).logits[-1])
-        if self.backend == "triton":  # the KL only: the mixed CE (two labels, l on device) has no kernel form
-            from kernels.objective_bridge import kd_terms_triton
-
-            cskd = kd_terms_triton(out.logits[-1], zp, batch.labels, ce_weight=0.0, kd_weight=self.lam,
-                                   temperature=self.temperature, kd="kl", t_squared=True)["kd"]
-        else:
-            cskd = self.lam * kd_loss(out.logits[-1], zp, self.temperature, "kl", t_squared=True)
-        terms = {"ce": mixup_ce(out.logits[-1], batch.labels, lam, perm), "cskd": cskd}
-        return sum_terms(terms), out
+        ce = mixup_ce(out.logits[-1], batch.labels, lam, perm)
+        if self.fused is not None:
+            kl_total, kl_terms = self.fused(out.logits[-1], batch.labels, teacher_logits=zp)
+            return LossOutput(ce + kl_total, {"ce": ce, **kl_terms}), out
+        cskd = self.lam * kd_loss(out.logits[-1], zp, self.temperature, "kl", t_squared=True)
+        return sum_terms({"ce": ce, "cskd": cskd}), out

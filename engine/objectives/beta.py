@@ -15,11 +15,9 @@ buffers are not averaged. The draws, sort and assignment run on the training dev
 Beta(beta, 1) the inverse CDF is u^(1/beta), so b = sort(u)^(1/beta) with u ~ U(0, 1) on device.
 Multi-exit models: the loss and the teacher confidence use the deepest exit.
 
-objective.backend=triton: both terms come from one fused launch (kernels.objective_bridge.soft_target_terms_triton)
-with the Beta target given by its per-row b only (never built as [B, K]), and the soft CE uses the exact
-log-softmax instead of log(p + 1e-8) (the kernel has no epsilon). `beta_smoothing_terms(..., log_eps=None)` is the
-PyTorch twin of that; the objective's `log_eps` attribute says which one it computes (LOG_EPS on torch, None on
-triton). The draws, their assignment and the random stream are the same on both backends.
+objective.backend=triton: both terms come from one fused launch with the Beta target given by its per-row b only
+(never built as [B, K]), with the same log(p + eps) (objective.log_eps). The draws, their assignment and the random
+stream are the same on both backends.
 """
 from __future__ import annotations
 
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.ema import ModelEMA
-from engine.objectives.base import Objective, register_objective, resolve_backend, sum_terms
+from engine.objectives.base import Objective, fused_call, log_eps, register_objective, sum_terms
 from engine.objectives.baselines import LOG_EPS, soft_target_ce
 from engine.objectives.byot import upcast
 from engine.types import Batch, ExitOutputs, LossOutput
@@ -68,19 +66,9 @@ def beta_masses(logits: Tensor, teacher_logits: Tensor, labels: Tensor, beta: fl
 
 
 def beta_smoothing_terms(logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, beta: float,
-                         draws: Tensor | None = None, log_eps: float | None = LOG_EPS,
-                         backend: str = "torch") -> dict[str, Tensor]:
-    """`ce` = (1-alpha)·CE and `beta` = alpha·softCE(Beta targets); `draws` (sorted) may be given for tests.
-    backend="triton" needs log_eps=None (the kernel's soft CE is the exact log-softmax one)."""
+                         draws: Tensor | None = None, log_eps: float = LOG_EPS) -> dict[str, Tensor]:
+    """`ce` = (1-alpha)·CE and `beta` = alpha·softCE(Beta targets); `draws` (sorted) may be given for tests."""
     b = beta_masses(logits, teacher_logits, labels, beta, draws)
-    if backend == "triton":
-        if log_eps is not None:
-            raise ValueError("beta_smoothing_terms: the Triton backend computes the exact log-softmax; "
-                             "pass log_eps=None")
-        from kernels.objective_bridge import soft_target_terms_triton
-
-        fused = soft_target_terms_triton(logits, labels, b, ce_weight=1 - alpha, soft_weight=alpha, kind="soft_ce")
-        return {"ce": fused["ce"], "beta": fused["soft"]}
     z = upcast(logits)
     target = beta_targets(labels, z.shape[-1], b)
     return {"ce": (1 - alpha) * F.cross_entropy(z, labels), "beta": alpha * soft_target_ce(z, target, log_eps)}
@@ -94,8 +82,8 @@ class BetaSmoothing(Objective):
 
         b = cfg.objective.beta
         self.alpha, self.beta = b.alpha, b.beta
-        self.backend = resolve_backend(cfg.objective.backend, device)
-        self.log_eps = LOG_EPS if self.backend == "torch" else None
+        self.log_eps = log_eps(cfg)
+        self.fused = fused_call(cfg, device, {"ce": (0, 0), "beta": (0, 1)})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + EMA_SEED_OFFSET)
             teacher = create_model(cfg.model, cfg.exits)
@@ -110,8 +98,10 @@ class BetaSmoothing(Objective):
             self.ema.module.train()
         with torch.no_grad():
             zt = self.ema.module(batch.images).logits[-1]
-        terms = beta_smoothing_terms(out.logits[-1], zt, batch.labels, self.alpha, self.beta, log_eps=self.log_eps,
-                                     backend=self.backend)
+        if self.fused is not None:
+            b = beta_masses(out.logits[-1], zt, batch.labels, self.beta)
+            return LossOutput(*self.fused(out.logits[-1], batch.labels, soft_b=b)), out
+        terms = beta_smoothing_terms(out.logits[-1], zt, batch.labels, self.alpha, self.beta, log_eps=self.log_eps)
         return sum_terms(terms), out
 
     def decay_at(self, step: int) -> float:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.objectives.base import Objective, register_objective, resolve_backend, sum_terms
+from engine.objectives.base import Objective, fused_call, register_objective, resolve_backend, sum_terms
 from engine.types import Batch, ExitOutputs, LossOutput
 
 
@@ -92,16 +92,17 @@ class BYOT(Objective):
             raise ValueError("objective 'byot' needs at least one shallow exit (exits.stages is empty); use 'ce'")
         self.b = cfg.objective.byot
         self.weights = ByotWeights.from_config(self.b, num_exits)
-        self.backend = resolve_backend(cfg.objective.backend, device)
+        self.fused = None
+        if resolve_backend(cfg.objective.backend, device) == "triton":
+            from engine.objectives.fused import byot_call  # triton loads with this backend only
+
+            self.fused = byot_call(self.b, self.weights)
 
     def loss(self, out: ExitOutputs, batch: Batch) -> LossOutput:
-        if self.backend == "triton":
-            from kernels.objective_bridge import byot_terms_triton
-
-            terms = byot_terms_triton(out.logits, out.features, batch.labels, self.weights, self.b)
-        else:
-            terms = byot_terms(out.logits, out.features, batch.labels, self.weights, self.b.temperature, self.b.kd,
-                               self.b.t_squared, self.b.hint)
+        if self.fused is not None:
+            return LossOutput(*self.fused(out.logits, batch.labels, out.features))
+        terms = byot_terms(out.logits, out.features, batch.labels, self.weights, self.b.temperature, self.b.kd,
+                           self.b.t_squared, self.b.hint)
         return sum_terms(terms)
 
 
@@ -111,11 +112,9 @@ class CrossEntropy(Objective):
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
-        self.backend = resolve_backend(cfg.objective.backend, device)
+        self.fused = fused_call(cfg, device, {"ce": (0, 0)})
 
     def loss(self, out: ExitOutputs, batch: Batch) -> LossOutput:
-        if self.backend == "triton":
-            from kernels.objective_bridge import ce_terms_triton
-
-            return sum_terms(ce_terms_triton(out.logits[-1], batch.labels))
+        if self.fused is not None:
+            return LossOutput(*self.fused(out.logits[-1], batch.labels))
         return sum_terms({"ce": F.cross_entropy(upcast(out.logits[-1]), batch.labels)})

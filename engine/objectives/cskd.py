@@ -18,9 +18,8 @@ augmentation of each anchor (`batch.extra["view"]`, DDGSD-style sample-wise term
 multi-exit model gets deep supervision plus CS-KD at each exit). `byot_cskd` sums the BYOT terms and the CS-KD
 KL terms (on the deepest exit or every exit), for BYOT + CS-KD.
 
-objective.backend=triton: `cskd_terms(..., backend="triton")` computes, for each chosen exit, CE and the partner KL
-in one fused launch (kernels.objective_bridge.kd_terms_triton, partner logits as the external teacher, detached)
-and the sample-wise KL in a second one; same names and values as the PyTorch path (exact log-softmax in both).
+objective.backend=triton: for each chosen exit, CE and the partner KL come from one fused launch (partner logits as
+the external teacher, detached) and the sample-wise KL from a second one; same names and values as `cskd_terms`.
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.checkpoint import unwrap
-from engine.objectives.base import Objective, register_objective, resolve_backend, sum_terms
+from engine.objectives.base import Objective, combine, register_objective, resolve_backend, sum_terms
 from engine.objectives.byot import BYOT, kd_loss, upcast
 from engine.types import Batch, ExitOutputs, LossOutput
 
@@ -41,28 +40,19 @@ def cskd_kl(student: Tensor, partner: Tensor, temperature: float) -> Tensor:
     return kd_loss(student, partner, temperature, "kl", t_squared=True)
 
 
-def cskd_terms(logits: list[Tensor], partner_logits: list[Tensor], labels: Tensor, lam: float, temperature: float,
-               exits: str = "deepest", view_logits: list[Tensor] | None = None, with_ce: bool = True,
-               backend: str = "torch") -> dict[str, Tensor]:
-    """Named terms: `ce`, `cskd` (+ `cskd_sample`) for the deepest exit, or `ce_i`, `cskd_i`, `cskd_sample_i`.
-    backend="triton": the same terms from the fused kernel (see the module docstring)."""
-    chosen = [len(logits) - 1] if exits == "deepest" else list(range(len(logits)))
-    terms: dict[str, Tensor] = {}
-    for i in chosen:
-        sfx = "" if exits == "deepest" else f"_{i}"
-        if backend == "triton":
-            from kernels.objective_bridge import kd_terms_triton
+def chosen_exits(num_exits: int, exits: str) -> list[tuple[int, str]]:
+    """(exit index, term-name suffix) of the exits CS-KD applies to."""
+    if exits == "deepest":
+        return [(num_exits - 1, "")]
+    return [(i, f"_{i}") for i in range(num_exits)]
 
-            fused = kd_terms_triton(logits[i], partner_logits[i], labels, ce_weight=1.0 if with_ce else 0.0,
-                                    kd_weight=lam, temperature=temperature, kd="kl", t_squared=True)
-            if with_ce:
-                terms[f"ce{sfx}"] = fused["ce"]
-            terms[f"cskd{sfx}"] = fused["kd"]
-            if view_logits is not None:
-                terms[f"cskd_sample{sfx}"] = kd_terms_triton(
-                    logits[i], view_logits[i], labels, ce_weight=0.0, kd_weight=lam, temperature=temperature,
-                    kd="kl", t_squared=True)["kd"]
-            continue
+
+def cskd_terms(logits: list[Tensor], partner_logits: list[Tensor], labels: Tensor, lam: float, temperature: float,
+               exits: str = "deepest", view_logits: list[Tensor] | None = None,
+               with_ce: bool = True) -> dict[str, Tensor]:
+    """Named terms: `ce`, `cskd` (+ `cskd_sample`) for the deepest exit, or `ce_i`, `cskd_i`, `cskd_sample_i`."""
+    terms: dict[str, Tensor] = {}
+    for i, sfx in chosen_exits(len(logits), exits):
         if with_ce:
             terms[f"ce{sfx}"] = F.cross_entropy(upcast(logits[i]), labels)
         terms[f"cskd{sfx}"] = lam * cskd_kl(logits[i], partner_logits[i], temperature)
@@ -130,14 +120,37 @@ class PartnerForward:
             return model(images)
 
 
+class FusedCSKD:
+    """The fused form of cskd_terms: per chosen exit, one launch for CE + the partner KL (CE left out for
+    byot_cskd) and one for the sample-wise KL."""
+
+    def __init__(self, cfg, num_exits: int, with_ce: bool):
+        from engine.objectives.fused import FusedCall, cskd_options  # triton loads with this backend only
+
+        pair, view = cskd_options(cfg, with_ce), cskd_options(cfg, with_ce=False)
+        self.calls = []
+        for i, sfx in chosen_exits(num_exits, cfg.objective.cskd.exits):
+            names = {f"ce{sfx}": (0, 0), f"cskd{sfx}": (0, 1)} if with_ce else {f"cskd{sfx}": (0, 1)}
+            self.calls.append((i, FusedCall(pair, names), FusedCall(view, {f"cskd_sample{sfx}": (0, 1)})))
+
+    def __call__(self, logits, partner_logits, labels, view_logits=None) -> list[tuple[Tensor, dict[str, Tensor]]]:
+        parts = []
+        for i, pair, view in self.calls:
+            parts.append(pair(logits[i], labels, teacher_logits=partner_logits[i]))
+            if view_logits is not None:
+                parts.append(view(logits[i], labels, teacher_logits=view_logits[i]))
+        return parts
+
+
 @register_objective("cskd")
 class CSKD(Objective):
-    def __init__(self, cfg, num_exits: int, device: torch.device):
+    def __init__(self, cfg, num_exits: int, device: torch.device, with_ce: bool = True):
         super().__init__()
         c = cfg.objective.cskd
         self.lam, self.temperature, self.exits, self.sample_wise = c.lam, c.temperature, c.exits, c.sample_wise
         self.partner = PartnerForward(c.partner_updates_bn)
-        self.backend = resolve_backend(cfg.objective.backend, device)
+        use_kernel = resolve_backend(cfg.objective.backend, device) == "triton"
+        self.fused = FusedCSKD(cfg, num_exits, with_ce) if use_kernel else None
 
     def _targets(self, model, batch: Batch) -> tuple[list[Tensor], list[Tensor] | None]:
         zp = self.partner(model, partner_images(batch)).logits
@@ -154,9 +167,9 @@ class CSKD(Objective):
 
     def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out, (zp, zv) = self._forward_all(model, batch)
-        terms = cskd_terms(out.logits, zp, batch.labels, self.lam, self.temperature, self.exits, zv,
-                           backend=self.backend)
-        return sum_terms(terms), out
+        if self.fused is not None:
+            return combine(*self.fused(out.logits, zp, batch.labels, zv)), out
+        return sum_terms(cskd_terms(out.logits, zp, batch.labels, self.lam, self.temperature, self.exits, zv)), out
 
 
 @register_objective("byot_cskd")
@@ -164,12 +177,15 @@ class BYOTCSKD(CSKD):
     """BYOT terms (objective.byot.*, any backend) + CS-KD KL terms (objective.cskd.*)."""
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
-        super().__init__(cfg, num_exits, device)
+        super().__init__(cfg, num_exits, device, with_ce=False)
         self.byot = BYOT(cfg, num_exits, device)
 
     def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out, (zp, zv) = self._forward_all(model, batch)
-        terms = dict(self.byot.loss(out, batch).terms)
+        byot = self.byot.loss(out, batch)
+        if self.fused is not None:
+            return combine((byot.total, byot.terms), *self.fused(out.logits, zp, batch.labels, zv)), out
+        terms = dict(byot.terms)
         terms.update(cskd_terms(out.logits, zp, batch.labels, self.lam, self.temperature, self.exits, zv,
-                                with_ce=False, backend=self.backend))
+                                with_ce=False))
         return sum_terms(terms), out

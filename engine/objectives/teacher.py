@@ -10,9 +10,8 @@ state (`get_extra_state`): path, architecture, epoch, best-validation epoch and 
 with a = 0.4, T = 4, s = T if objective.teacher.scale_student else 1 (official: 1), f = T² if
 objective.teacher.t_squared else 1 (official: 1), and the official log(p + 1e-8).
 
-objective.backend=triton: both terms from one fused launch (kernels.objective_bridge.kd_terms_triton, kd="soft_ce")
-with the exact log-softmax instead of log(p + 1e-8) (the kernel has no epsilon); the PyTorch twin is
-`generation_kd_terms(..., log_eps=None)`, and the objective's `log_eps` attribute says which one it computes.
+objective.backend=triton: both terms from one fused launch (kd="soft_ce"), with the same log(p + eps)
+(objective.log_eps).
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.objectives.base import Objective, register_objective, resolve_backend, sum_terms
+from engine.objectives.base import Objective, fused_call, log_eps, register_objective, sum_terms
 from engine.objectives.baselines import LOG_EPS, soft_target_ce
 from engine.objectives.byot import upcast
 from engine.types import Batch, ExitOutputs, LossOutput
@@ -97,17 +96,8 @@ class FrozenTeacher:
 
 def generation_kd_terms(student: Tensor, teacher: Tensor, labels: Tensor, alpha: float, temperature: float,
                         scale_student: bool = False, t_squared: bool = False,
-                        log_eps: float | None = LOG_EPS, backend: str = "torch") -> dict[str, Tensor]:
-    """`ce` = (1-a)·CE and `kd` = a·f·softCE; backend="triton" needs log_eps=None (exact log-softmax)."""
-    if backend == "triton":
-        if log_eps is not None:
-            raise ValueError("generation_kd_terms: the Triton backend computes the exact log-softmax; "
-                             "pass log_eps=None")
-        from kernels.objective_bridge import kd_terms_triton
-
-        return kd_terms_triton(student, teacher, labels, ce_weight=1 - alpha, kd_weight=alpha,
-                               temperature=temperature, kd="soft_ce", t_squared=t_squared,
-                               scale_student=scale_student)
+                        log_eps: float = LOG_EPS) -> dict[str, Tensor]:
+    """`ce` = (1-a)·CE and `kd` = a·f·softCE."""
     z = upcast(student)
     target = F.softmax(upcast(teacher.detach()) / temperature, -1)
     soft = soft_target_ce(z / temperature if scale_student else z, target, log_eps)
@@ -123,14 +113,16 @@ class GenerationKD(Objective):
         self.alpha, self.temperature = t.alpha, t.temperature
         self.scale_student, self.t_squared = t.scale_student, t.t_squared
         self.teacher = FrozenTeacher.from_config(cfg, device)
-        self.backend = resolve_backend(cfg.objective.backend, device)
-        self.log_eps = LOG_EPS if self.backend == "torch" else None
+        self.log_eps = log_eps(cfg)
+        self.fused = fused_call(cfg, device, {"ce": (0, 0), "kd": (0, 1)})
 
     def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out = model(batch.images)
         zt = self.teacher(batch.images)
+        if self.fused is not None:
+            return LossOutput(*self.fused(out.logits[-1], batch.labels, teacher_logits=zt)), out
         terms = generation_kd_terms(out.logits[-1], zt, batch.labels, self.alpha, self.temperature,
-                                    self.scale_student, self.t_squared, self.log_eps, self.backend)
+                                    self.scale_student, self.t_squared, self.log_eps)
         return sum_terms(terms), out
 
     def get_extra_state(self):
