@@ -40,9 +40,10 @@ from kernels import multi_exit_triton as K
 from kernels.options import MAX_EXITS, LossOptions, ce_true_mass, options, resolve_weights
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TEACHER = {"none": K.TEACHER_NONE, "deepest": K.TEACHER_DEEPEST, "logits": K.TEACHER_LOGITS,
-            "closed_form": K.TEACHER_CLOSED}
-_HINT = {"none": K.HINT_NONE, "sse": K.HINT_SSE, "l2": K.HINT_L2, "mse": K.HINT_MSE}
+_TEACHER = {"none": K.TEACHER_NONE.value, "deepest": K.TEACHER_DEEPEST.value, "logits": K.TEACHER_LOGITS.value,
+            "closed_form": K.TEACHER_CLOSED.value}
+_HINT = {"none": K.HINT_NONE.value, "sse": K.HINT_SSE.value, "l2": K.HINT_L2.value, "mse": K.HINT_MSE.value}
+_ROW_STATS = K.ROW_STATS.value
 MAX_POW = 8  # exp(x) as exp(x / T)^T up to this T; above (or a fractional T) the polynomial exp2 takes over
 
 
@@ -133,9 +134,9 @@ def _plan(opts: LossOptions, E: int, B: int, C: int, D: int, z_dtype: torch.dtyp
     pow_s, two_s = _pow_of(ts)
     pow_t, two_t = _pow_of(t) if opts.teacher == "deepest" else (0, False)
     ce_b = ce_true_mass(opts, C)
-    eps = K.EPS_NONE
+    eps = K.EPS_NONE.value
     if opts.log_eps > 0:
-        eps = K.EPS_KD if opts.log_eps_on_kd else K.EPS_CE
+        eps = (K.EPS_KD if opts.log_eps_on_kd else K.EPS_CE).value
     bb, nt, v, bd, warps = _blocks(B, C, D, z_dtype.itemsize, opts.block_c)
     grid = (triton.cdiv(B, bb),)
     part_stride = triton.next_power_of_2(3 * E + 1)
@@ -146,7 +147,7 @@ def _plan(opts: LossOptions, E: int, B: int, C: int, D: int, z_dtype: torch.dtyp
     weights = torch.tensor(w, dtype=torch.float32, device=device)  # once per configuration, not per step
     scalars = (opts.ignore_index, 1.0 / t, 1.0 / ts, t * t if opts.t_squared else 1.0, ce_b, opts.log_eps)
     return Plan(opts, E, B, C, D, device, tuple(wh != 0.0 for _, _, wh in w), weights, scalars,
-                1.0 / max(B * D, 1), meta, fwd_meta, grid, (K.ROW_STATS * E + 2) * B + E + 1, part_stride)
+                1.0 / max(B * D, 1), meta, fwd_meta, grid, (_ROW_STATS * E + 2) * B + E + 1, part_stride)
 
 
 def plan_for(opts: LossOptions, logits: Sequence[Tensor], targets: Tensor, features: Sequence[Tensor],
@@ -295,7 +296,7 @@ def _loss_fake(logits, targets, features, teacher_logits, soft_b, options):
     E, (B, C) = len(logits), logits[0].shape
     z = logits[0]
     f32 = dict(dtype=torch.float32)
-    return z.new_empty((), **f32), z.new_empty((E, 3), **f32), z.new_empty((K.ROW_STATS * E + 2) * B + E + 1, **f32)
+    return z.new_empty((), **f32), z.new_empty((E, 3), **f32), z.new_empty((_ROW_STATS * E + 2) * B + E + 1, **f32)
 
 
 @torch.library.custom_op("selfdistill::multi_exit_loss_backward", mutates_args=())

@@ -25,15 +25,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-TEACHER_NONE, TEACHER_DEEPEST, TEACHER_LOGITS, TEACHER_CLOSED = 0, 1, 2, 3
-HINT_NONE, HINT_SSE, HINT_L2, HINT_MSE = 0, 1, 2, 3
-EPS_NONE, EPS_CE, EPS_KD = 0, 1, 2  # which soft-target term takes log(q + eps)
+# Module constants are tl.constexpr so the kernels can read them.
+LOG2E = tl.constexpr(1.4426950408889634)
+TEACHER_NONE, TEACHER_DEEPEST, TEACHER_LOGITS, TEACHER_CLOSED = (tl.constexpr(i) for i in range(4))
+HINT_NONE, HINT_SSE, HINT_L2, HINT_MSE = (tl.constexpr(i) for i in range(4))
+EPS_NONE, EPS_CE, EPS_KD = (tl.constexpr(i) for i in range(3))  # which soft-target term takes log(q + eps)
 # Saved per-row statistics, STATS[(k * E + e) * B + row]: log-sum-exp and other-class mass at T = 1 and at the
 # student's KD temperature, and the log_eps normaliser; then the teacher's two at T, then per-exit hint factors
 # and the labelled-row count.
-ROW_STATS = 5
-ST_LSE1, ST_R1, ST_LSES, ST_RS, ST_WEPS = 0, 1, 2, 3, 4
+ROW_STATS = tl.constexpr(5)
+ST_LSE1, ST_R1, ST_LSES, ST_RS, ST_WEPS = (tl.constexpr(i) for i in range(5))
 # Per-program partial sums in the scratch buffer, PART[pid * PART_STRIDE + 3 * e + k] (k: ce, kd, hint), then the
 # program's labelled-row count.
 
@@ -43,12 +44,13 @@ ST_LSE1, ST_R1, ST_LSES, ST_RS, ST_WEPS = 0, 1, 2, 3, 4
 
 @triton.jit
 def _exp2_fma(x):
-    # 2^x without the special-function unit (FlashAttention-4's trick): 2^n by exponent bits for the nearest integer
-    # n, 2^(x - n) by a degree-6 polynomial on [-1/2, 1/2] (max relative error 1.0e-7 in fp32, the accuracy of
-    # MUFU.EX2). Arguments below -126 give 0, like a flushed exp2.
-    xc = tl.maximum(x, -126.0)
-    n = tl.floor(xc + 0.5)
-    f = xc - n
+    # 2^x without the special-function unit (FlashAttention-4's trick): 2^(x - n) by a degree-6 polynomial on
+    # [-1/2, 1/2] (max relative error 1.0e-7 in fp32, the accuracy of MUFU.EX2), times 2^n by adding n to the
+    # exponent bits. n = round(x) comes from adding 1.5 * 2^23, which leaves n in the low mantissa bits. Arguments
+    # are clamped at -125 (2^-125 = 2.4e-38 stands in for anything smaller, which no fp32 sum or bf16 value sees).
+    xc = tl.maximum(x, -125.0)
+    t = xc + 12582912.0
+    f = xc - (t - 12582912.0)
     p = 0.00015353351773228496
     p = p * f + 0.0013398873852565885
     p = p * f + 0.00961843691766262
@@ -56,18 +58,23 @@ def _exp2_fma(x):
     p = p * f + 0.24022647738456726
     p = p * f + 0.6931471824645996
     p = p * f + 1.0
-    bits = p.to(tl.int32, bitcast=True) + (n.to(tl.int32) << 23)
-    return tl.where(x < -126.0, 0.0, bits.to(tl.float32, bitcast=True))
+    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ipow(e, P: tl.constexpr):
+    r = e
+    for _ in tl.static_range(P - 1):
+        r = r * e
+    return r
 
 
 @triton.jit
 def _unit_exp(e, d, POW: tl.constexpr):
     # exp(d) given e = exp(d / T): e^T for an integer T (POW), else the polynomial exp2
     if POW > 0:
-        r = e
-        for _ in tl.static_range(POW - 1):
-            r = r * e
-        return r
+        return _ipow(e, POW)
     return _exp2_fma(d * LOG2E)
 
 
@@ -77,7 +84,7 @@ def _softmax_1(q, x, lse1, TWO: tl.constexpr):
     # q would triple q's rounding error), and the special-function unit is spent on q: the polynomial exp2.
     if not TWO:
         return q
-    return _exp2_fma((x - lse1[:, None, None]) * LOG2E)
+    return _exp2_fma(x * LOG2E - (lse1 * LOG2E)[:, None, None])
 
 
 @triton.jit
@@ -100,15 +107,14 @@ def _sweep(x, m, lo_a, lo_b, not_y, k_a, POW: tl.constexpr, TWO: tl.constexpr):
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     d_lane = m - m_ref
     r = tl.exp2(d_lane * k_a)
-    d = x - m_ref[:, :, None]
-    e = tl.exp2(d * k_a)
+    e = tl.exp2(x * k_a - (m_ref * k_a)[:, :, None])
     e_out = tl.where(not_y, e, 0.0)
     lo_a = lo_a * r + tl.sum(e_out, 2)
     if TWO:
         if POW > 0:
-            e1 = _unit_exp(e_out, d, POW)
+            e1 = _ipow(e_out, POW)
         else:
-            e1 = tl.where(not_y, _exp2_fma(d * LOG2E), 0.0)
+            e1 = tl.where(not_y, _exp2_fma(x * LOG2E - (m_ref * LOG2E)[:, :, None]), 0.0)
         lo_b = lo_b * _unit_exp(r, d_lane, POW) + tl.sum(e1, 2)
     return m_new, lo_a, lo_b, r, e
 
@@ -136,7 +142,8 @@ def _labels(Y, rows, row_ok, C, ignore_index):
     y = tl.load(Y + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = row_ok & (y != ignore_index)
     in_range = (y >= 0) & (y < C)
-    return valid, in_range, tl.where(valid & in_range, y, -1)  # -1: no column is the true class
+    # int32 (C < 2^31): the per-element compare with the column index stays a 32-bit op
+    return valid, in_range, tl.where(valid & in_range, y, -1).to(tl.int32)  # -1: no column is the true class
 
 
 @triton.jit
@@ -159,13 +166,13 @@ def _fwd_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, state, tstate, k_
     e_t = tl.zeros([1, 1, 1], tl.float32)
     tt = tl.zeros([1, 1, 1], tl.float32)
     r_t = tl.zeros([1, 1], tl.float32)
-    if TEACHER == 2:
+    if TEACHER == TEACHER_LOGITS:
         tz, t = _load(TZ, rows[:, None, None] * stride_t + cols, mask, MASKED)
         m_t, lo_t, _, r_t, e_t = _sweep(t, tstate[0], tstate[1], tstate[1], not_y, k_t, 1, False)
         tstate = (m_t, lo_t)
         tt = tz * inv_t
     deep = state[N - 1]
-    if TEACHER == 1:
+    if TEACHER == TEACHER_DEEPEST:
         xz, x = _load(ZS[N - 1], rows[:, None, None] * SZ[N - 1] + cols, mask, MASKED)
         m, lo_a, lo_b, r_t, e_t = _sweep(x, deep[0], deep[1], deep[2], not_y, k_t, POW_T, TWO_T)
         sz = deep[4] + tl.sum(xz, 2) if SUM_Z else deep[4]
@@ -173,14 +180,14 @@ def _fwd_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, state, tstate, k_
         tt = xz * inv_t
     out = ()
     for s in tl.static_range(N):
-        if TEACHER == 1 and s == N - 1:
+        if TEACHER == TEACHER_DEEPEST and s == N - 1:
             out = out + (deep,)
         else:
             st = state[s]
             xz, x = _load(ZS[s], rows[:, None, None] * SZ[s] + cols, mask, MASKED)
             m, lo_a, lo_b, _, _ = _sweep(x, st[0], st[1], st[2], not_y, k_s, POW_S, TWO_S)
             kd = st[3]
-            if TEACHER == 1 or TEACHER == 2:
+            if TEACHER == TEACHER_DEEPEST or TEACHER == TEACHER_LOGITS:
                 if KD_KL:
                     kd = kd * r_t + tl.sum(e_t * (tt - xz * inv_ts), 2)
                 else:
@@ -198,20 +205,20 @@ def _eps_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, acc, lse_q, lse_t
     mask = cols < C
     is_y = cols == y_cls[:, None, None]
     tgt = tl.zeros([1, 1, 1], tl.float32)
-    if EPS == 1:
+    if EPS == EPS_CE:
         tgt = tl.where(is_y, ce_b, (1.0 - ce_b) / (C - 1))
-    elif TEACHER == 3:
+    elif TEACHER == TEACHER_CLOSED:
         b_on, b_off = _closed_target(b_row, C)
         tgt = tl.where(is_y, b_on[:, None, None], b_off[:, None, None])
-    elif TEACHER == 2:
+    elif TEACHER == TEACHER_LOGITS:
         _, t = _load(TZ, rows[:, None, None] * stride_t + cols, mask, MASKED)
         tgt = tl.exp2(t * k_t - (lse_t * LOG2E)[:, None, None])
-    elif TEACHER == 1:
+    elif TEACHER == TEACHER_DEEPEST:
         _, t = _load(ZS[N - 1], rows[:, None, None] * SZ[N - 1] + cols, mask, MASKED)
         tgt = tl.exp2(t * k_t - (lse_t * LOG2E)[:, None, None])
     out = ()
     for s in tl.static_range(N):
-        if TEACHER == 1 and s == N - 1:
+        if TEACHER == TEACHER_DEEPEST and s == N - 1:
             out = out + (acc[s],)
         else:
             _, x = _load(ZS[s], rows[:, None, None] * SZ[s] + cols, mask, MASKED)
@@ -239,14 +246,14 @@ def _hint_sums(FS, SF, rows, row_ok, D, N: tl.constexpr, HINT: tl.constexpr, BLO
         for s in tl.static_range(N - 1):
             f = tl.load(FS[s] + rows[:, None] * SF[s] + dc[None, :], mask=mask, other=0.0).to(tl.float32)
             diff = f - ft
-            if HINT == 1:
+            if HINT == HINT_SSE:
                 diff = tl.where((f > 0.0) | (ft > 0.0), diff, 0.0)
             new = new + (acc[s] + diff * diff,)
         acc = new
     out = ()
     for s in tl.static_range(N - 1):
         out = out + (tl.sum(tl.sum(acc[s], 1), 0),)
-    return out + (0.0,)
+    return out
 
 
 @triton.jit
@@ -255,9 +262,9 @@ def _fwd_kernel(
     SZ,  # tuple of their row strides
     FS,  # tuple of N [B, D] pooled features (read only with a hint)
     SF,  # tuple of their row strides
-    TZ, stride_t,  # [B, C] external teacher logits (TEACHER == 2)
+    TZ, stride_t,  # [B, C] external teacher logits (TEACHER == TEACHER_LOGITS)
     Y,  # [B] integer labels
-    BROW,  # [B] closed-form teacher: mass on the true class (TEACHER == 3)
+    BROW,  # [B] closed-form teacher: mass on the true class (TEACHER == TEACHER_CLOSED)
     W,  # [N, 3] fp32 weights (ce, kd, hint)
     STATS,  # fp32 out: per-row statistics for the backward, hint factors, labelled-row count (layout above)
     PART,  # fp32 scratch [grid, PART_STRIDE]: per-program partial sums
@@ -280,7 +287,7 @@ def _fwd_kernel(
     lanes = (tl.arange(0, NT)[:, None] * V + tl.arange(0, V)[None, :])[None, :, :]
     k_s = LOG2E * inv_ts
     k_t = LOG2E * inv_t
-    SUM_Z: tl.constexpr = SMOOTH or TEACHER == 3
+    SUM_Z: tl.constexpr = SMOOTH or TEACHER == TEACHER_CLOSED
     zero = tl.zeros([BLOCK_B, NT], tl.float32)
     state = ()
     for s in tl.static_range(N):
@@ -301,11 +308,11 @@ def _fwd_kernel(
     r_tch = tl.zeros([BLOCK_B], tl.float32)
     l_t = tl.zeros([BLOCK_B], tl.float32) + 1.0
     s_t = zero
-    if TEACHER == 2:
+    if TEACHER == TEACHER_LOGITS:
         t_y = tl.load(TZ + rows * stride_t + tl.where(has_y, y_cls, 0), mask=row_ok, other=0.0).to(tl.float32)
         lse_t, r_tch, _, _, l_t, s_t = _row_stats(tstate[0], tstate[1], tstate[1], t_y, has_y, k_t, inv_t, 1, False)
     b_row = tl.zeros([BLOCK_B], tl.float32)
-    if TEACHER == 3:
+    if TEACHER == TEACHER_CLOSED:
         b_row = tl.load(BROW + rows, mask=row_ok, other=1.0).to(tl.float32)
 
     # per exit: row statistics, then the row losses
@@ -314,7 +321,7 @@ def _fwd_kernel(
     part = PART + pid.to(tl.int64) * PART_STRIDE
     lse_q = ()
     stats = ()
-    if TEACHER == 1:
+    if TEACHER == TEACHER_DEEPEST:
         deep = state[N - 1]
         z_y = tl.load(ZS[N - 1] + rows * SZ[N - 1] + tl.where(has_y, y_cls, 0), mask=row_ok, other=0.0)
         lse_t, r_tch, lse1_t, r1_t, l_t, s_t = _row_stats(deep[0], deep[1], deep[2], z_y.to(tl.float32), has_y,
@@ -322,7 +329,7 @@ def _fwd_kernel(
     for s in tl.static_range(N):
         st = state[s]
         z_y = tl.load(ZS[s] + rows * SZ[s] + tl.where(has_y, y_cls, 0), mask=row_ok, other=0.0).to(tl.float32)
-        if TEACHER == 1 and s == N - 1:
+        if TEACHER == TEACHER_DEEPEST and s == N - 1:
             lse_s, rs, lse1, r1 = lse_t, r_tch, lse1_t, r1_t
         else:
             lse_s, rs, lse1, r1, _, _ = _row_stats(st[0], st[1], st[2], z_y, has_y, k_s, inv_ts, POW_S, TWO_S)
@@ -330,22 +337,22 @@ def _fwd_kernel(
         tl.store(st_base + (ST_R1 * N + s) * B, r1, mask=row_ok)
         tl.store(st_base + (ST_LSES * N + s) * B, lse_s, mask=row_ok)
         tl.store(st_base + (ST_RS * N + s) * B, rs, mask=row_ok)
-        if EPS == 0:  # every saved value is written, so the op's outputs are deterministic
+        if EPS == EPS_NONE:  # every saved value is written, so the op's outputs are deterministic
             tl.store(st_base + (ST_WEPS * N + s) * B, tl.zeros([BLOCK_B], tl.float32), mask=row_ok)
-        lse_q = lse_q + (lse1 if EPS == 1 else lse_s,)
+        lse_q = lse_q + (lse1 if EPS == EPS_CE else lse_s,)
         sz = tl.sum(st[4], 1)
         if SMOOTH:
             ce_row = lse1 - ce_b * z_y - (1.0 - ce_b) / (C - 1) * (sz - z_y)
         else:
             ce_row = lse1 - z_y
         kd_row = tl.zeros([BLOCK_B], tl.float32)
-        if TEACHER == 3:
+        if TEACHER == TEACHER_CLOSED:
             b_on, b_off = _closed_target(b_row, C)
             kd_row = lse_s - inv_ts * (b_on * z_y + b_off * (sz - z_y))
             if KD_KL:
                 kd_row += tl.where(b_on > 0.0, b_on * tl.log(b_on), 0.0)
                 kd_row += tl.where(b_on < 1.0, (1.0 - b_on) * tl.log(b_off), 0.0)
-        elif (TEACHER == 1 and s != N - 1) or TEACHER == 2:
+        elif (TEACHER == TEACHER_DEEPEST and s != N - 1) or TEACHER == TEACHER_LOGITS:
             kd_row = tl.sum(st[3] * s_t, 1) / l_t + lse_s
             if KD_KL:
                 kd_row -= lse_t
@@ -353,11 +360,11 @@ def _fwd_kernel(
     tl.store(STATS + (ROW_STATS * N) * B + rows, lse_t, mask=row_ok)
     tl.store(STATS + (ROW_STATS * N + 1) * B + rows, r_tch, mask=row_ok)
 
-    if EPS != 0:  # the second sweep of log(q + eps); the Beta-smoothing code's form
+    if EPS != EPS_NONE:  # the second sweep of log(q + eps); the Beta-smoothing code's form
         acc = ()
         for s in tl.static_range(N):
             acc = acc + ((tl.zeros([BLOCK_B], tl.float32), tl.zeros([BLOCK_B], tl.float32)),)
-        k_q = LOG2E if EPS == 1 else k_s
+        k_q = LOG2E if EPS == EPS_CE else k_s
         for c0 in range(0, c_full, BLOCK_C):
             acc = _eps_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c0, C, y_cls, acc, lse_q, lse_t, k_q, k_t,
                             b_row, ce_b, log_eps, N, TEACHER, EPS, False)
@@ -367,26 +374,26 @@ def _fwd_kernel(
         new = ()
         for s in tl.static_range(N):
             tl.store(st_base + (ST_WEPS * N + s) * B, acc[s][1], mask=row_ok)
-            if EPS == 1:
+            if EPS == EPS_CE:
                 new = new + ((acc[s][0], stats[s][1]),)
             else:
                 new = new + ((stats[s][0], acc[s][0]),)
         stats = new
 
     hints = ()
-    if HINT != 0:
+    if HINT != HINT_NONE:
         hints = _hint_sums(FS, SF, rows, row_ok, D, N, HINT, BLOCK_B, BLOCK_D)
     for s in tl.static_range(N):
         ce_row, kd_row = stats[s]
         ce_row = tl.where(in_range, ce_row, float("nan"))  # an out-of-range label poisons CE, never reads astray
         tl.store(part + 3 * s, tl.sum(tl.where(valid, ce_row, 0.0), 0))
-        if TEACHER == 3:
+        if TEACHER == TEACHER_CLOSED:
             tl.store(part + 3 * s + 1, tl.sum(tl.where(valid & in_range, kd_row, 0.0), 0))
         else:
             tl.store(part + 3 * s + 1, tl.sum(tl.where(row_ok, kd_row, 0.0), 0))
-        if HINT != 0:
+        if HINT != HINT_NONE and s < N - 1:
             tl.store(part + 3 * s + 2, hints[s])
-        else:
+        else:  # no hint, or the deepest exit, the hints' teacher
             tl.store(part + 3 * s + 2, 0.0)
     tl.store(part + 3 * N, n_rows)
 
@@ -411,13 +418,13 @@ def _reduce(PART, W, STATS, TOTAL, LOSSES, TICKET, n_prog, B, D, kd_scale, inv_b
     n_valid = tl.sum(tl.where(j == 3 * N, sums, 0.0), 0)
     term = j % 3
     w = tl.load(W + j, mask=j < 3 * N, other=0.0)
-    kd_rows = n_valid if TEACHER == 3 else B * 1.0
+    kd_rows = n_valid if TEACHER == TEACHER_CLOSED else B * 1.0
     loss = tl.where(term == 0, w * sums / n_valid, w * kd_scale * sums / kd_rows)
     fscale = tl.zeros([PART_STRIDE], tl.float32)
-    if HINT == 1:
+    if HINT == HINT_SSE:
         hint_loss = w * sums
         fscale = 2.0 * w
-    elif HINT == 2:  # torch.dist: one un-squared norm over the whole batch
+    elif HINT == HINT_L2:  # torch.dist: one un-squared norm over the whole batch
         norm = tl.sqrt(sums)
         hint_loss = w * norm
         fscale = tl.where(norm > 0.0, w / norm, 0.0)
@@ -438,55 +445,68 @@ def _reduce(PART, W, STATS, TOTAL, LOSSES, TICKET, n_prog, B, D, kd_scale, inv_b
 
 
 @triton.jit
-def _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C, y_cls, rs_all, c_all, lse_t, rt, b_row,
-               ce_b, log_eps, inv_t, inv_ts, N: tl.constexpr, TEACHER: tl.constexpr, EPS: tl.constexpr,
+def _grad_slot(Z, stride_z, DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rstats, coefs, p, rt, b_on, b_off,
+               ce_b, log_eps, inv_tq, inv_ts, TEACHER: tl.constexpr, EPS: tl.constexpr, IS_TEACHER: tl.constexpr,
+               TWO: tl.constexpr, MASKED: tl.constexpr):
+    """Write one exit's gradient tile; return its softmax at its KD temperature (the others' teacher when
+    IS_TEACHER)."""
+    lse1, r1, lse_q, rq, weps = rstats
+    c_ce, c_kd = coefs
+    _, x = _load(Z, rows_ld[:, None, None] * stride_z + cols, mask, MASKED)
+    q = tl.exp2((x * inv_tq - lse_q[:, None, None]) * LOG2E)
+    sm = _softmax_1(q, x, lse1, TWO)
+    off_ce = (1.0 - ce_b) / (C - 1)
+    if EPS == EPS_CE:
+        tgt = tl.where(is_y, ce_b, off_ce)
+        g_ce = sm * weps[:, None, None] - tgt * sm / (sm + log_eps)
+    else:
+        g_ce = tl.where(is_y, (1.0 - ce_b) - r1[:, None, None], sm - off_ce)
+    g = c_ce[:, None, None] * g_ce
+    if not (TEACHER == TEACHER_NONE or IS_TEACHER):
+        if EPS == EPS_KD:
+            tgt = p
+            if TEACHER == TEACHER_CLOSED:
+                tgt = tl.where(is_y, b_on, b_off)
+            g_kd = q * weps[:, None, None] - tgt * q / (q + log_eps)
+        elif TEACHER == TEACHER_CLOSED:
+            g_kd = tl.where(is_y, (1.0 - b_on) - rq[:, None, None], q - b_off)
+        else:  # q_y - p_y as the difference of the other classes' masses
+            g_kd = tl.where(is_y, (rt - rq)[:, None, None], q - p)
+        g += (c_kd * inv_ts)[:, None, None] * g_kd
+    out = DZ + (rows[:, None, None] + s * B) * C + cols
+    if MASKED:
+        tl.store(out, g.to(DZ.dtype.element_ty), mask=row_ok[:, None, None] & mask)
+    else:
+        tl.store(out, g.to(DZ.dtype.element_ty), mask=row_ok[:, None, None])
+    return q
+
+
+@triton.jit
+def _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C, y_cls, rs_all, c_all, lse_t, rt,
+               b_row, ce_b, log_eps, inv_t, inv_ts, N: tl.constexpr, TEACHER: tl.constexpr, EPS: tl.constexpr,
                TWO_S: tl.constexpr, TWO_T: tl.constexpr, MASKED: tl.constexpr):
     cols = c0 + lanes
     mask = cols < C
     is_y = cols == y_cls[:, None, None]
-    off_ce = (1.0 - ce_b) / (C - 1)
     p = tl.zeros([1, 1, 1], tl.float32)
-    if TEACHER == 2:
+    if TEACHER == TEACHER_LOGITS:
         _, t = _load(TZ, rows_ld[:, None, None] * stride_t + cols, mask, MASKED)
-        p = tl.exp(t * inv_t - lse_t[:, None, None])
+        p = tl.exp2((t * inv_t - lse_t[:, None, None]) * LOG2E)
     b_on = tl.zeros([1, 1, 1], tl.float32)
     b_off = tl.zeros([1, 1, 1], tl.float32)
-    if TEACHER == 3:
+    if TEACHER == TEACHER_CLOSED:
         b_on, b_off = _closed_target(b_row[:, None, None], C)
-    for i in tl.static_range(N):
-        s = N - 1 - i if TEACHER == 1 else i  # the deepest first: its softmax at T is the others' teacher
-        lse1, r1, lse_s, rs, weps = rs_all[s]
-        c_ce, c_kd = c_all[s]
-        _, x = _load(ZS[s], rows_ld[:, None, None] * SZ[s] + cols, mask, MASKED)
-        if TEACHER == 1 and s == N - 1:
-            q = tl.exp(x * inv_t - lse_s[:, None, None])
-            p = q
-            sm = _softmax_1(q, x, lse1, TWO_T)
-        else:
-            q = tl.exp(x * inv_ts - lse_s[:, None, None])
-            sm = _softmax_1(q, x, lse1, TWO_S)
-        if EPS == 1:
-            tgt = tl.where(is_y, ce_b, off_ce)
-            g_ce = sm * weps[:, None, None] - tgt * sm / (sm + log_eps)
-        else:
-            g_ce = tl.where(is_y, (1.0 - ce_b) - r1[:, None, None], sm - off_ce)
-        g = c_ce[:, None, None] * g_ce
-        if not (TEACHER == 0 or (TEACHER == 1 and s == N - 1)):
-            if EPS == 2:
-                tgt = p
-                if TEACHER == 3:
-                    tgt = tl.where(is_y, b_on, b_off)
-                g_kd = q * weps[:, None, None] - tgt * q / (q + log_eps)
-            elif TEACHER == 3:
-                g_kd = tl.where(is_y, (1.0 - b_on) - rs[:, None, None], q - b_off)
-            else:
-                g_kd = tl.where(is_y, (rt - rs)[:, None, None], q - p)
-            g += (c_kd * inv_ts)[:, None, None] * g_kd
-        out = DZ + (rows[:, None, None] + s * B) * C + cols
-        if MASKED:
-            tl.store(out, g.to(DZ.dtype.element_ty), mask=row_ok[:, None, None] & mask)
-        else:
-            tl.store(out, g.to(DZ.dtype.element_ty), mask=row_ok[:, None, None])
+    if TEACHER == TEACHER_DEEPEST:  # the deepest exit first: its softmax at T is the others' teacher
+        p = _grad_slot(ZS[N - 1], SZ[N - 1], DZ, N - 1, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[N - 1],
+                       c_all[N - 1], p, rt, b_on, b_off, ce_b, log_eps, inv_t, inv_ts, TEACHER, EPS, True, TWO_T,
+                       MASKED)
+        for s in tl.static_range(N - 1):
+            _grad_slot(ZS[s], SZ[s], DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[s], c_all[s], p,
+                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, MASKED)
+    else:
+        for s in tl.static_range(N):
+            _grad_slot(ZS[s], SZ[s], DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[s], c_all[s], p,
+                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, MASKED)
 
 
 @triton.jit
@@ -515,14 +535,14 @@ def _bwd_kernel(
     lse_t = tl.load(STATS + (ROW_STATS * N) * B + rows, mask=row_ok, other=0.0)
     rt = tl.load(STATS + (ROW_STATS * N + 1) * B + rows, mask=row_ok, other=0.0)
     b_row = tl.zeros([BLOCK_B], tl.float32)
-    if TEACHER == 3:
+    if TEACHER == TEACHER_CLOSED:
         b_row = tl.load(BROW + rows, mask=row_ok, other=1.0).to(tl.float32)
     rs_all = ()
     c_all = ()
     st = STATS + rows
     for s in tl.static_range(N):
         weps = tl.zeros([BLOCK_B], tl.float32)
-        if EPS != 0:
+        if EPS != EPS_NONE:
             weps = tl.load(st + (ST_WEPS * N + s) * B, mask=row_ok, other=0.0)
         rs_all = rs_all + ((tl.load(st + (ST_LSE1 * N + s) * B, mask=row_ok, other=0.0),
                             tl.load(st + (ST_R1 * N + s) * B, mask=row_ok, other=0.0),
@@ -534,7 +554,7 @@ def _bwd_kernel(
         g_kd = tl.load(GL + s * s_gl0 + s_gl1)
         # a weight of 0 drops the term even when nothing is labelled (no 0 / 0)
         c_ce = tl.where(valid & in_range, tl.where(w_ce != 0.0, g_ce * w_ce / n_valid, 0.0), 0.0)
-        if TEACHER == 3:
+        if TEACHER == TEACHER_CLOSED:
             c_kd = tl.where(valid & in_range, tl.where(w_kd != 0.0, g_kd * w_kd * kd_scale / n_valid, 0.0), 0.0)
         else:
             c_kd = tl.where(row_ok, g_kd * w_kd * kd_scale / B, 0.0)
@@ -549,7 +569,7 @@ def _bwd_kernel(
         _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c_full, B, C, y_cls, rs_all, c_all, lse_t, rt,
                    b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, True)
 
-    if HINT != 0:
+    if HINT != HINT_NONE:
         for d0 in range(0, D, BLOCK_D):
             dc = d0 + tl.arange(0, BLOCK_D)
             mask = row_ok[:, None] & (dc < D)[None, :]
@@ -560,7 +580,7 @@ def _bwd_kernel(
                     scale = tl.load(GL + s * s_gl0 + 2 * s_gl1) * tl.load(tail + s)
                     f = tl.load(FS[s] + rows[:, None] * SF[s] + dc[None, :], mask=mask, other=0.0).to(tl.float32)
                     diff = f - ft
-                    if HINT == 1:
+                    if HINT == HINT_SSE:
                         diff = tl.where((f > 0.0) | (ft > 0.0), diff, 0.0)
                     tl.store(DF + (rows[:, None] + s * B) * D + dc[None, :],
                              (diff * scale).to(DF.dtype.element_ty), mask=mask)
