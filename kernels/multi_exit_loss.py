@@ -84,6 +84,11 @@ class Plan:
     stats_size: int
     part_stride: int
 
+    def align(self, *streams: Tensor) -> int:
+        """V when every row of the streams starts on a 16-byte vector (vectorised loads), else 1."""
+        v = self.meta["V"]
+        return v if self.C % v == 0 and all(t.stride(0) % v == 0 for t in streams) else 1
+
 
 def _pow_of(temperature: float) -> tuple[int, bool]:
     """(POW, TWO): whether a stream needs its softmax at T and at 1, and T as an integer power (0 = fractional)."""
@@ -100,7 +105,9 @@ def _blocks(B: int, C: int, D: int, itemsize: int, block_c: int) -> tuple[int, i
     tile = 1 << 16 if interpreting() else 2048
     bc = block_c if block_c > 0 else min(triton.next_power_of_2(C), tile)
     v = min(max(1, 16 // itemsize), bc)
-    bb = max(1, min(tile // bc, triton.next_power_of_2(B)))
+    # Several rows per program only for short rows: the per-row statistics of a multi-row block are held by every
+    # thread, which at 4 exits costs more registers than the extra programs cost.
+    bb = max(1, min(tile // bc, triton.next_power_of_2(B))) if bc < 512 or interpreting() else 1
     nt = bc // v
     bd = max(1, min(triton.next_power_of_2(max(D, 1)), max(16, tile // bb)))
     warps = max(1, min(8, bb * nt // 32))
@@ -223,7 +230,7 @@ def forward(plan: Plan, logits, targets, features, teacher_logits, soft_b) -> tu
     K._fwd_kernel[plan.grid](
         zs, tuple(z.stride(0) for z in zs), fs, tuple(f.stride(0) for f in fs), tz, tz.stride(0), y, brow,
         plan.weights, stats, part, ticket, total, losses, plan.B, plan.C, plan.D, *plan.scalars, plan.inv_bd,
-        **plan.fwd_meta)
+        ALIGN=plan.align(*zs, tz), **plan.fwd_meta)
     return total, losses, stats
 
 
@@ -236,7 +243,7 @@ def backward(plan: Plan, grad: Tensor, stats: Tensor, logits, targets, features,
     K._bwd_kernel[plan.grid](
         zs, tuple(z.stride(0) for z in zs), fs, tuple(f.stride(0) for f in fs), tz, tz.stride(0), y, brow,
         plan.weights, stats, grad, grad.stride(0), grad.stride(1), dz, df, plan.B, plan.C, plan.D, *plan.scalars,
-        **plan.meta)
+        ALIGN=plan.align(*zs, tz), **plan.meta)
     return dz, (df if plan.D else None)
 
 

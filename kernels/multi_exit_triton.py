@@ -99,6 +99,27 @@ def _load(ptr, offs, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _row_off(rows, stride, ALIGN: tl.constexpr):
+    """[BLOCK_B, 1, 1] element offsets of the rows; ALIGN > 1 vouches that each row starts on a 16-byte vector."""
+    off = rows * stride
+    if ALIGN > 1:
+        off = tl.multiple_of(off, ALIGN)
+    return off[:, None, None]
+
+
+@triton.jit
+def _lanes(NT: tl.constexpr, V: tl.constexpr, ALIGN: tl.constexpr):
+    """[1, NT, V] column offsets of a tile. Aligned rows: lane i owns the V contiguous columns of one 16-byte load.
+    Otherwise lane i owns columns i, i + NT, ...: a warp still reads consecutive addresses, and every thread still
+    reduces its own V columns."""
+    nt = tl.arange(0, NT)[:, None]
+    v = tl.arange(0, V)[None, :]
+    if ALIGN > 1:
+        return (nt * V + v)[None, :, :]
+    return (v * NT + nt)[None, :, :]
+
+
+@triton.jit
 def _sweep(x, m, lo_a, lo_b, not_y, k_a, POW: tl.constexpr, TWO: tl.constexpr):
     """One tile of one stream. m [BB, NT]: per-lane running max of the raw logits; lo_a / lo_b: per-lane sums,
     true class left out, of exp((x - m) / T_a) and (TWO) exp(x - m). Returns the new state, the lanes' rescale
@@ -158,7 +179,7 @@ def _closed_target(b_row, C):
 def _fwd_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, state, tstate, k_s, k_t, inv_t, inv_ts,
               N: tl.constexpr, TEACHER: tl.constexpr, KD_KL: tl.constexpr, POW_S: tl.constexpr,
               TWO_S: tl.constexpr, POW_T: tl.constexpr, TWO_T: tl.constexpr, SUM_Z: tl.constexpr,
-              MASKED: tl.constexpr):
+              ALIGN: tl.constexpr, MASKED: tl.constexpr):
     cols = c0 + lanes
     mask = cols < C
     not_y = cols != y_cls[:, None, None]
@@ -167,13 +188,13 @@ def _fwd_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, state, tstate, k_
     tt = tl.zeros([1, 1, 1], tl.float32)
     r_t = tl.zeros([1, 1], tl.float32)
     if TEACHER == TEACHER_LOGITS:
-        tz, t = _load(TZ, rows[:, None, None] * stride_t + cols, mask, MASKED)
+        tz, t = _load(TZ, _row_off(rows, stride_t, ALIGN) + cols, mask, MASKED)
         m_t, lo_t, _, r_t, e_t = _sweep(t, tstate[0], tstate[1], tstate[1], not_y, k_t, 1, False)
         tstate = (m_t, lo_t)
         tt = tz * inv_t
     deep = state[N - 1]
     if TEACHER == TEACHER_DEEPEST:
-        xz, x = _load(ZS[N - 1], rows[:, None, None] * SZ[N - 1] + cols, mask, MASKED)
+        xz, x = _load(ZS[N - 1], _row_off(rows, SZ[N - 1], ALIGN) + cols, mask, MASKED)
         m, lo_a, lo_b, r_t, e_t = _sweep(x, deep[0], deep[1], deep[2], not_y, k_t, POW_T, TWO_T)
         sz = deep[4] + tl.sum(xz, 2) if SUM_Z else deep[4]
         deep = (m, lo_a, lo_b, deep[3], sz)
@@ -184,7 +205,7 @@ def _fwd_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, state, tstate, k_
             out = out + (deep,)
         else:
             st = state[s]
-            xz, x = _load(ZS[s], rows[:, None, None] * SZ[s] + cols, mask, MASKED)
+            xz, x = _load(ZS[s], _row_off(rows, SZ[s], ALIGN) + cols, mask, MASKED)
             m, lo_a, lo_b, _, _ = _sweep(x, st[0], st[1], st[2], not_y, k_s, POW_S, TWO_S)
             kd = st[3]
             if TEACHER == TEACHER_DEEPEST or TEACHER == TEACHER_LOGITS:
@@ -199,7 +220,8 @@ def _fwd_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, state, tstate, k_
 
 @triton.jit
 def _eps_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, acc, lse_q, lse_t, k_q, k_t, b_row, ce_b,
-              log_eps, N: tl.constexpr, TEACHER: tl.constexpr, EPS: tl.constexpr, MASKED: tl.constexpr):
+              log_eps, N: tl.constexpr, TEACHER: tl.constexpr, EPS: tl.constexpr, ALIGN: tl.constexpr,
+              MASKED: tl.constexpr):
     """Second sweep for log_eps: per student, (-sum tgt log(q + eps), sum tgt q / (q + eps)) of the eps term."""
     cols = c0 + lanes
     mask = cols < C
@@ -211,17 +233,17 @@ def _eps_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, acc, lse_q, lse_t
         b_on, b_off = _closed_target(b_row, C)
         tgt = tl.where(is_y, b_on[:, None, None], b_off[:, None, None])
     elif TEACHER == TEACHER_LOGITS:
-        _, t = _load(TZ, rows[:, None, None] * stride_t + cols, mask, MASKED)
+        _, t = _load(TZ, _row_off(rows, stride_t, ALIGN) + cols, mask, MASKED)
         tgt = tl.exp2(t * k_t - (lse_t * LOG2E)[:, None, None])
     elif TEACHER == TEACHER_DEEPEST:
-        _, t = _load(ZS[N - 1], rows[:, None, None] * SZ[N - 1] + cols, mask, MASKED)
+        _, t = _load(ZS[N - 1], _row_off(rows, SZ[N - 1], ALIGN) + cols, mask, MASKED)
         tgt = tl.exp2(t * k_t - (lse_t * LOG2E)[:, None, None])
     out = ()
     for s in tl.static_range(N):
         if TEACHER == TEACHER_DEEPEST and s == N - 1:
             out = out + (acc[s],)
         else:
-            _, x = _load(ZS[s], rows[:, None, None] * SZ[s] + cols, mask, MASKED)
+            _, x = _load(ZS[s], _row_off(rows, SZ[s], ALIGN) + cols, mask, MASKED)
             q = tl.exp2(x * k_q - (lse_q[s] * LOG2E)[:, None, None])
             t_ok = tl.where(mask, tgt, 0.0)
             loss = acc[s][0] - tl.sum(tl.sum(tl.where(mask, t_ok * tl.log(q + log_eps), 0.0), 2), 1)
@@ -274,8 +296,8 @@ def _fwd_kernel(
     B, C, D, ignore_index, inv_t, inv_ts, kd_scale, ce_b, log_eps, inv_bd,
     N: tl.constexpr, TEACHER: tl.constexpr, KD_KL: tl.constexpr, SMOOTH: tl.constexpr, HINT: tl.constexpr,
     EPS: tl.constexpr, POW_S: tl.constexpr, TWO_S: tl.constexpr, POW_T: tl.constexpr, TWO_T: tl.constexpr,
-    BLOCK_B: tl.constexpr, NT: tl.constexpr, V: tl.constexpr, BLOCK_D: tl.constexpr, PART_STRIDE: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_B: tl.constexpr, NT: tl.constexpr, V: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
+    PART_STRIDE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -284,7 +306,9 @@ def _fwd_kernel(
     rows_ld = tl.minimum(rows, B - 1)
     valid, in_range, y_cls = _labels(Y, rows, row_ok, C, ignore_index)
     has_y = y_cls >= 0
-    lanes = (tl.arange(0, NT)[:, None] * V + tl.arange(0, V)[None, :])[None, :, :]
+    lanes = _lanes(NT, V, ALIGN)
+    if ALIGN > 1:  # so the class mask is uniform over each vector
+        C = tl.multiple_of(C, ALIGN)
     k_s = LOG2E * inv_ts
     k_t = LOG2E * inv_t
     SUM_Z: tl.constexpr = SMOOTH or TEACHER == TEACHER_CLOSED
@@ -298,10 +322,10 @@ def _fwd_kernel(
     c_full = (C // BLOCK_C) * BLOCK_C
     for c0 in range(0, c_full, BLOCK_C):
         state, tstate = _fwd_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c0, C, y_cls, state, tstate, k_s, k_t,
-                                  inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, False)
+                                  inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, ALIGN, False)
     if c_full < C:
         state, tstate = _fwd_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c_full, C, y_cls, state, tstate, k_s,
-                                  k_t, inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, True)
+                                  k_t, inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, ALIGN, True)
 
     # teacher statistics at T
     lse_t = tl.zeros([BLOCK_B], tl.float32)
@@ -367,10 +391,10 @@ def _fwd_kernel(
         k_q = LOG2E if EPS == EPS_CE else k_s
         for c0 in range(0, c_full, BLOCK_C):
             acc = _eps_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c0, C, y_cls, acc, lse_q, lse_t, k_q, k_t,
-                            b_row, ce_b, log_eps, N, TEACHER, EPS, False)
+                            b_row, ce_b, log_eps, N, TEACHER, EPS, ALIGN, False)
         if c_full < C:
             acc = _eps_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c_full, C, y_cls, acc, lse_q, lse_t, k_q, k_t,
-                            b_row, ce_b, log_eps, N, TEACHER, EPS, True)
+                            b_row, ce_b, log_eps, N, TEACHER, EPS, ALIGN, True)
         new = ()
         for s in tl.static_range(N):
             tl.store(st_base + (ST_WEPS * N + s) * B, acc[s][1], mask=row_ok)
@@ -447,12 +471,12 @@ def _reduce(PART, W, STATS, TOTAL, LOSSES, TICKET, n_prog, B, D, kd_scale, inv_b
 @triton.jit
 def _grad_slot(Z, stride_z, DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rstats, coefs, p, rt, b_on, b_off,
                ce_b, log_eps, inv_tq, inv_ts, TEACHER: tl.constexpr, EPS: tl.constexpr, IS_TEACHER: tl.constexpr,
-               TWO: tl.constexpr, MASKED: tl.constexpr):
+               TWO: tl.constexpr, ALIGN: tl.constexpr, MASKED: tl.constexpr):
     """Write one exit's gradient tile; return its softmax at its KD temperature (the others' teacher when
     IS_TEACHER)."""
     lse1, r1, lse_q, rq, weps = rstats
     c_ce, c_kd = coefs
-    _, x = _load(Z, rows_ld[:, None, None] * stride_z + cols, mask, MASKED)
+    _, x = _load(Z, _row_off(rows_ld, stride_z, ALIGN) + cols, mask, MASKED)
     q = tl.exp2((x * inv_tq - lse_q[:, None, None]) * LOG2E)
     sm = _softmax_1(q, x, lse1, TWO)
     off_ce = (1.0 - ce_b) / (C - 1)
@@ -484,13 +508,13 @@ def _grad_slot(Z, stride_z, DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C
 @triton.jit
 def _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C, y_cls, rs_all, c_all, lse_t, rt,
                b_row, ce_b, log_eps, inv_t, inv_ts, N: tl.constexpr, TEACHER: tl.constexpr, EPS: tl.constexpr,
-               TWO_S: tl.constexpr, TWO_T: tl.constexpr, MASKED: tl.constexpr):
+               TWO_S: tl.constexpr, TWO_T: tl.constexpr, ALIGN: tl.constexpr, MASKED: tl.constexpr):
     cols = c0 + lanes
     mask = cols < C
     is_y = cols == y_cls[:, None, None]
     p = tl.zeros([1, 1, 1], tl.float32)
     if TEACHER == TEACHER_LOGITS:
-        _, t = _load(TZ, rows_ld[:, None, None] * stride_t + cols, mask, MASKED)
+        _, t = _load(TZ, _row_off(rows_ld, stride_t, ALIGN) + cols, mask, MASKED)
         p = tl.exp2((t * inv_t - lse_t[:, None, None]) * LOG2E)
     b_on = tl.zeros([1, 1, 1], tl.float32)
     b_off = tl.zeros([1, 1, 1], tl.float32)
@@ -499,14 +523,14 @@ def _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C,
     if TEACHER == TEACHER_DEEPEST:  # the deepest exit first: its softmax at T is the others' teacher
         p = _grad_slot(ZS[N - 1], SZ[N - 1], DZ, N - 1, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[N - 1],
                        c_all[N - 1], p, rt, b_on, b_off, ce_b, log_eps, inv_t, inv_ts, TEACHER, EPS, True, TWO_T,
-                       MASKED)
+                       ALIGN, MASKED)
         for s in tl.static_range(N - 1):
             _grad_slot(ZS[s], SZ[s], DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[s], c_all[s], p,
-                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, MASKED)
+                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, ALIGN, MASKED)
     else:
         for s in tl.static_range(N):
             _grad_slot(ZS[s], SZ[s], DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[s], c_all[s], p,
-                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, MASKED)
+                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, ALIGN, MASKED)
 
 
 @triton.jit
@@ -521,15 +545,17 @@ def _bwd_kernel(
     DF,  # [N, B, D] out, features dtype (only the exits with a hint are written)
     B, C, D, ignore_index, inv_t, inv_ts, kd_scale, ce_b, log_eps,
     N: tl.constexpr, TEACHER: tl.constexpr, HINT: tl.constexpr, EPS: tl.constexpr, TWO_S: tl.constexpr,
-    TWO_T: tl.constexpr, BLOCK_B: tl.constexpr, NT: tl.constexpr,
-    V: tl.constexpr, BLOCK_D: tl.constexpr,
+    TWO_T: tl.constexpr, BLOCK_B: tl.constexpr, NT: tl.constexpr, V: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows_ld = tl.minimum(rows, B - 1)
     valid, in_range, y_cls = _labels(Y, rows, row_ok, C, ignore_index)
-    lanes = (tl.arange(0, NT)[:, None] * V + tl.arange(0, V)[None, :])[None, :, :]
+    lanes = _lanes(NT, V, ALIGN)
+    if ALIGN > 1:  # so the class mask is uniform over each vector
+        C = tl.multiple_of(C, ALIGN)
     tail = STATS + (ROW_STATS * N + 2) * B
     n_valid = tl.load(tail + N)
     lse_t = tl.load(STATS + (ROW_STATS * N) * B + rows, mask=row_ok, other=0.0)
@@ -564,10 +590,10 @@ def _bwd_kernel(
     c_full = (C // BLOCK_C) * BLOCK_C
     for c0 in range(0, c_full, BLOCK_C):
         _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C, y_cls, rs_all, c_all, lse_t, rt, b_row,
-                   ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, False)
+                   ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN, False)
     if c_full < C:
         _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c_full, B, C, y_cls, rs_all, c_all, lse_t, rt,
-                   b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, True)
+                   b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN, True)
 
     if HINT != HINT_NONE:
         for d0 in range(0, D, BLOCK_D):
