@@ -188,12 +188,13 @@ class Loop:
     body: int = 0  # static instructions in it (nested loops included)
     branch: tuple = ()  # ((file, if line, 'then'|'else'), ...) runtime ifs around it
     counted: bool = True
+    site: tuple = ()  # the `for` and the call sites leading to it: one per source loop instance
 
 
 def _trip(node, ns: dict):
-    it = node.iter
-    if not (isinstance(it, ast.Call) and _name(it) == "range" and not it.keywords):
-        return None  # tl.static_range is unrolled and has no SASS loop; while loops and others: unknown
+    it = node.iter  # range / tl.range (its keywords only tune the schedule); static_range leaves no SASS loop
+    if not (isinstance(it, ast.Call) and _name(it) == "range"):
+        return None
     try:
         args = [evaluate(a, ns) for a in it.args]
         return len(range(*args))
@@ -217,7 +218,7 @@ def _map(loop: Loop, body: list[Instr], src: Source, kernel_ns: dict, const_ns: 
     ins = next(i for i in body if any(f == file and node.lineno <= ln <= node.end_lineno for f, ln in i.chain))
     k = next(j for j, (f, ln) in enumerate(ins.chain) if f == file and node.lineno <= ln <= node.end_lineno)
     chain = ((file, node.lineno),) + ins.chain[k + 1:]
-    loop.where = f"{os.path.basename(file)}:{node.lineno}"
+    loop.where, loop.site = f"{os.path.basename(file)}:{node.lineno}", chain
     frames = src.frames(chain, kernel_ns, globals_ns)
     if frames and frames[-1][0] is src.func_at(file, node.lineno):
         loop.trip = _trip(node, frames[-1][1])
@@ -251,6 +252,9 @@ def count(sass_text: str, kernel_ns: dict, const_ns: dict, globals_ns: dict, src
             if lp.first <= i.addr <= lp.last:
                 mult[i.addr] *= lp.trip if lp.trip is not None else 1
     notes = [f"loop at {lp.where}: trip unknown, counted once" for lp in loops if lp.trip is None]
+    twins = Counter(lp.site for lp in loops if lp.site)
+    notes += [f"the loop at {os.path.basename(site[0][0])}:{site[0][1]} became {n} SASS loops (unrolled or "
+              "pipelined?): each counted at the full trip, an upper bound" for site, n in twins.items() if n > 1]
     sides: dict[tuple, dict[str, list[Loop]]] = {}
     for lp in loops:
         for f, line, side in lp.branch:

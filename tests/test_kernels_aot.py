@@ -42,6 +42,23 @@ def tiny(X, OUT, n_rows, n_cols, BLOCK: tl.constexpr):
     tl.store(OUT + row, total, mask=row < n_rows)
 
 
+@triton.jit
+def branchy(X, OUT, FLAG, n_cols, BLOCK: tl.constexpr, CUBE: tl.constexpr):
+    # a runtime if/else with a loop on each side: the side with three exponentials per element is the costlier
+    acc = tl.zeros([BLOCK], tl.float32)
+    if tl.load(FLAG) > 0:
+        for c0 in range(0, n_cols, BLOCK):  # the cheap side
+            x = tl.load(X + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < n_cols, other=0.0)
+            acc += tl.exp(x)
+    else:
+        for c0 in range(0, n_cols, BLOCK):  # the costly side
+            x = tl.load(X + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < n_cols, other=0.0)
+            acc += tl.exp(x) * tl.exp(2.0 * x) + tl.exp(3.0 * x)
+    if CUBE:  # a constexpr if: the compiler keeps one side, nothing to choose
+        acc = acc * acc * acc
+    tl.store(OUT, tl.sum(acc))
+
+
 def _probe() -> dict:
     """Runs in a subprocess without the interpreter (the suite runs under TRITON_INTERPRET=1, where nothing can be
     compiled): capture, specialize, compile and count the tiny kernel at three launches."""
@@ -57,6 +74,10 @@ def _probe() -> dict:
         spec = compile_launch(launch, 90)[2]
         out[f"{rows}x{cols}"] = dict(analyse(launch, 90, Source()), grid_captured=list(launch.grid),
                                      raw_spec={k: list(v) for k, v in spec.items()})
+    launches, x, y, flag = [], torch.empty(1000), torch.empty(1), torch.ones(1, dtype=torch.int32)
+    with intercept(launches, ["forward"]):
+        branchy[(1,)](x, y, flag, 1000, BLOCK=128, CUBE=True, num_warps=1)
+    out["branchy"] = analyse(launches[0], 90, Source())
     return out
 
 
@@ -93,6 +114,21 @@ def test_loop_trip_and_per_element_counts(probe):
     assert k2["loops"][0]["trip"] == 16 and k2["static"] == k["static"]
     assert k2["per_thread"] - k["per_thread"] == 8 * loop["body"]
     assert k2["ops"]["MUFU.EX2"] == 64
+
+
+def test_runtime_branch_counts_its_costlier_side_only(probe):
+    """Both loops exist in the SASS; the model counts the else side (3 exponentials per element: 8 tiles x 4
+    columns x 3 per thread), not the sum of both sides, and names the choice."""
+    k = probe["branchy"]
+    src = Path(__file__).read_text().splitlines()
+    cheap, costly = (next(i for i, s in enumerate(src, 1) if s.endswith(tag)) for tag in ("# the cheap side",
+                                                                                         "# the costly side"))
+    loops = {lp["where"]: lp for lp in k["loops"]}
+    assert set(loops) == {f"test_kernels_aot.py:{cheap}", f"test_kernels_aot.py:{costly}"}
+    assert not loops[f"test_kernels_aot.py:{cheap}"]["counted"] and loops[f"test_kernels_aot.py:{costly}"]["counted"]
+    assert all(lp["trip"] == 8 for lp in k["loops"])
+    assert k["ops"]["MUFU.EX2"] == 8 * 4 * 3
+    assert len(k["notes"]) == 1 and "else side" in k["notes"][0]
 
 
 def test_quick_mode_compiles_every_launched_kernel(tmp_path):
