@@ -77,7 +77,6 @@ class Arg:
 
     def __init__(self, t):
         self.dtype, self.ptr = t.dtype, t.data_ptr()
-        self.storage = t.untyped_storage().data_ptr()
         extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) if t.numel() else 0
         self.span = (self.ptr, self.ptr + extent * t.element_size())
         self.keep = t.untyped_storage()  # no other tensor may reuse these addresses while the spans are compared
@@ -97,8 +96,8 @@ class Launch:
 
 @contextlib.contextmanager
 def intercept(launches: list, phase: list):
-    """Record instead of launch: JITFunction.run (and every config of an autotuned kernel), plus the launcher's
-    device guard, which refuses CPU tensors outside the interpreter."""
+    """Record instead of launch: JITFunction.run (an autotuned kernel with its first config: which one wins is only
+    known on a GPU), plus the launcher's device guard, which refuses CPU tensors outside the interpreter."""
     import torch
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
@@ -115,13 +114,12 @@ def intercept(launches: list, phase: list):
             grid = grid(dict(bound.arguments))
         launches.append(Launch(self, args, kwargs, tuple(grid), phase[0]))
 
-    def every_config(self, *args, **kwargs):
-        for cfg in self.configs:
-            self.fn.run(*args, **kwargs, **cfg.all_kwargs())
+    def first_config(self, *args, **kwargs):
+        self.fn.run(*args, **kwargs, **self.configs[0].all_kwargs())
 
     saved = [(JITFunction, "run", JITFunction.run), (Autotuner, "run", Autotuner.run)]
     saved += [(launcher, n, getattr(launcher, n)) for n in dir(launcher) if "check_device" in n]
-    JITFunction.run, Autotuner.run = record, every_config
+    JITFunction.run, Autotuner.run = record, first_config
     for _, name, _ in saved[2:]:
         setattr(launcher, name, lambda *a, **k: None)
     try:
@@ -140,7 +138,8 @@ def capture(shape: tuple, D: int, dtype: str, options: dict) -> list[Launch]:
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     leaf = dict(dtype=dt, requires_grad=True)
     z = [torch.empty(B, C, **leaf) for _ in range(E)]
-    extra = dict(features=[torch.empty(B, D, **leaf) for _ in range(E)] if D else None)
+    feats = [torch.empty(B, D, **leaf) for _ in range(E)] if D else []
+    extra = dict(features=feats or None)
     if options.get("teacher") == "logits":
         extra["teacher_logits"] = torch.empty(B, C, dtype=dt)
     if options.get("teacher") == "closed_form":
@@ -149,7 +148,8 @@ def capture(shape: tuple, D: int, dtype: str, options: dict) -> list[Launch]:
     with intercept(launches, phase):
         out = multi_exit_loss(z, torch.zeros(B, dtype=torch.long), **extra, **options)
         phase[0] = "backward"
-        out.sum().backward()
+        # autograd.grad, not backward(): accumulating into .grad could copy (and so touch) gigabytes on the CPU
+        torch.autograd.grad(out.sum(), z + feats, allow_unused=True)
     return launches
 
 
@@ -174,7 +174,8 @@ class _Driver:
 
 
 def compile_launch(launch: Launch, arch: int):
-    """(CompiledKernel, {parameter: (type, specialization)}) through Triton's own launch path, minus the launch."""
+    """(CompiledKernel, bound arguments, {parameter: (type or 'constexpr', specialization or value)}) through
+    Triton's own launch path, minus the launch."""
     from triton.runtime import driver
 
     saved, fn = driver._active, launch.fn
@@ -380,7 +381,7 @@ def markdown(results: list[dict], argv: list[str], hw: dict) -> str:
             "", f"Command: `python -m kernels.aot_check {' '.join(argv)}` at commit {_commit()}. No GPU was used: "
             "every figure below is a compiler output or a prediction of the model, not a measurement.", "",
             f"Model parameters: {hw['sms']} SMs, {hw['clock_ghz']} GHz, {hw['dram_tbs']} TB/s copy bandwidth "
-            "(read + written).", "", "Per kernel:" + model, ""]
+            "(read + written).", "", "```text", "Per kernel:" + model, "```", ""]
     return "\n".join(head) + "\n" + render(results)
 
 

@@ -189,6 +189,7 @@ class Loop:
     branch: tuple = ()  # ((file, if line, 'then'|'else'), ...) runtime ifs around it
     counted: bool = True
     site: tuple = ()  # the `for` and the call sites leading to it: one per source loop instance
+    copies: int = 1  # SASS copies expected from enclosing tl.static_range loops (0: unknown)
 
 
 def _trip(node, ns: dict):
@@ -225,6 +226,12 @@ def _map(loop: Loop, body: list[Instr], src: Source, kernel_ns: dict, const_ns: 
     # runtime ifs around the loop: in each frame, the ifs holding the loop (or the call that leads to it)
     branch = []
     for (fn, ns), (f, ln) in zip(src.frames(chain, const_ns, globals_ns), reversed(chain)):
+        for st in (n for n in ast.walk(fn) if isinstance(n, ast.For) and n is not node):
+            if _name(st.iter) == "static_range" and st.body[0].lineno <= ln <= st.body[-1].end_lineno:
+                try:  # unrolled by the front end: one SASS copy of this loop per iteration
+                    loop.copies *= len(range(*(evaluate(a, ns) for a in st.iter.args)))
+                except Unknown:
+                    loop.copies = 0
         for st in (n for n in ast.walk(fn) if isinstance(n, ast.If)):
             side = next((s for s, blk in (("then", st.body), ("else", st.orelse))
                          if blk and blk[0].lineno <= ln <= blk[-1].end_lineno), None)
@@ -253,8 +260,10 @@ def count(sass_text: str, kernel_ns: dict, const_ns: dict, globals_ns: dict, src
                 mult[i.addr] *= lp.trip if lp.trip is not None else 1
     notes = [f"loop at {lp.where}: trip unknown, counted once" for lp in loops if lp.trip is None]
     twins = Counter(lp.site for lp in loops if lp.site)
+    expected = {lp.site: lp.copies for lp in loops}
     notes += [f"the loop at {os.path.basename(site[0][0])}:{site[0][1]} became {n} SASS loops (unrolled or "
-              "pipelined?): each counted at the full trip, an upper bound" for site, n in twins.items() if n > 1]
+              "pipelined?): each counted at the full trip, an upper bound"
+              for site, n in twins.items() if n > 1 and expected[site] and n > expected[site]]
     sides: dict[tuple, dict[str, list[Loop]]] = {}
     for lp in loops:
         for f, line, side in lp.branch:

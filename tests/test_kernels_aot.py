@@ -59,6 +59,17 @@ def branchy(X, OUT, FLAG, n_cols, BLOCK: tl.constexpr, CUBE: tl.constexpr):
     tl.store(OUT, tl.sum(acc))
 
 
+@triton.jit
+def per_exit(X, OUT, n_cols, BLOCK: tl.constexpr, N_EXITS: tl.constexpr):
+    # one program for several exits, unrolled by the front end: one SASS loop per exit, each with the full trip
+    for e in tl.static_range(N_EXITS):
+        acc = tl.zeros([BLOCK], tl.float32)
+        for c0 in range(0, n_cols, BLOCK):  # the per-exit loop
+            x = tl.load(X + e * n_cols + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < n_cols, other=0.0)
+            acc += tl.exp(x)
+        tl.store(OUT + e, tl.sum(acc))
+
+
 def _probe() -> dict:
     """Runs in a subprocess without the interpreter (the suite runs under TRITON_INTERPRET=1, where nothing can be
     compiled): capture, specialize, compile and count the tiny kernel at three launches."""
@@ -78,7 +89,17 @@ def _probe() -> dict:
     with intercept(launches, ["forward"]):
         branchy[(1,)](x, y, flag, 1000, BLOCK=128, CUBE=True, num_warps=1)
     out["branchy"] = analyse(launches[0], 90, Source())
+    launches = []
+    with intercept(launches, ["forward"]):
+        per_exit[(1,)](torch.empty(3, 1000), torch.empty(3), 1000, BLOCK=128, N_EXITS=3, num_warps=1)
+    out["per_exit"] = analyse(launches[0], 90, Source())
     return out
+
+
+def _where(tag: str) -> str:
+    """'test_kernels_aot.py:<line>' of the line of this file that ends with tag, as the tool names source loops."""
+    lines = Path(__file__).read_text().splitlines()
+    return f"{Path(__file__).name}:{next(i for i, s in enumerate(lines, 1) if s.endswith(tag))}"
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +124,8 @@ def test_loop_trip_and_per_element_counts(probe):
     """One row of C=1000 in tiles of 128 over one warp: the helper's loop runs ceil(1000/128) = 8 times, each thread
     takes 4 columns per tile, so the dynamic MUFU.EX2 count is 8 x 4 per thread (1024 per 1000 elements)."""
     k = probe["256x1000"]
-    line = next(i for i, s in enumerate(Path(__file__).read_text().splitlines(), 1) if s.endswith("# the probed loop"))
     [loop] = k["loops"]
-    assert loop["where"] == f"test_kernels_aot.py:{line}"
+    assert loop["where"] == _where("# the probed loop")
     assert loop["trip"] == 8 and loop["counted"] and not k["notes"]
     assert k["ops"]["MUFU.EX2"] == 32
     assert k["grid"] == 256 and k["warps"] == 1
@@ -120,15 +140,21 @@ def test_runtime_branch_counts_its_costlier_side_only(probe):
     """Both loops exist in the SASS; the model counts the else side (3 exponentials per element: 8 tiles x 4
     columns x 3 per thread), not the sum of both sides, and names the choice."""
     k = probe["branchy"]
-    src = Path(__file__).read_text().splitlines()
-    cheap, costly = (next(i for i, s in enumerate(src, 1) if s.endswith(tag)) for tag in ("# the cheap side",
-                                                                                         "# the costly side"))
+    cheap, costly = _where("# the cheap side"), _where("# the costly side")
     loops = {lp["where"]: lp for lp in k["loops"]}
-    assert set(loops) == {f"test_kernels_aot.py:{cheap}", f"test_kernels_aot.py:{costly}"}
-    assert not loops[f"test_kernels_aot.py:{cheap}"]["counted"] and loops[f"test_kernels_aot.py:{costly}"]["counted"]
+    assert set(loops) == {cheap, costly}
+    assert not loops[cheap]["counted"] and loops[costly]["counted"]
     assert all(lp["trip"] == 8 for lp in k["loops"])
     assert k["ops"]["MUFU.EX2"] == 8 * 4 * 3
     assert len(k["notes"]) == 1 and "else side" in k["notes"][0]
+
+
+def test_static_range_copies_each_count_the_full_trip(probe):
+    """tl.static_range(3) around a runtime loop: three SASS loops of the same source `for`, each 8 trips, no warning
+    (the model must not mistake them for a partial unroll)."""
+    k = probe["per_exit"]
+    assert [(lp["where"], lp["trip"]) for lp in k["loops"]] == [(_where("# the per-exit loop"), 8)] * 3
+    assert not k["notes"] and k["ops"]["MUFU.EX2"] == 3 * 8 * 4
 
 
 def test_quick_mode_compiles_every_launched_kernel(tmp_path):
