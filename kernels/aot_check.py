@@ -3,13 +3,15 @@
     TRITON_INTERPRET=0 python -m kernels.aot_check [--arch 90] [--quick] [--md FILE] [--python PY ...]
                                                    [--sms 132] [--clock-ghz 1.98] [--dram-tbs 4.3]
 
-Capture: the public launcher (kernels.multi_exit_loss.multi_exit_loss) runs forward and `sum().backward()` on CPU
-tensors of the real shapes (allocated, never touched), with Triton's launch intercepted, so every kernel it launches
-is recorded with its arguments, grid and options; nothing here knows the kernels' names or argument lists. Each
-launch is then compiled through Triton's own JITFunction.run(warmup=True) behind a stand-in driver for
-GPUTarget("cuda", arch, 32): divisibility-by-16 and ==1 integer specialization, pointer alignment (torch CPU data is
-64-byte aligned, like CUDA's) and constexprs follow the installed Triton's rules, as on a GPU. --python runs the same
-under other interpreters (e.g. a venv with the GPU machine's Triton) and merges the tables.
+Capture: the public launcher (kernels.multi_exit_loss.multi_exit_loss) runs forward and the backward of the losses'
+sum on CPU tensors of the real shapes (allocated, not filled), with Triton's launch intercepted, so every kernel it
+launches is recorded with its arguments, grid and options (an autotuned kernel with its first config); nothing here
+knows the kernels' names or argument lists. Each launch is then compiled through Triton's own
+JITFunction.run(warmup=True) behind a stand-in driver for GPUTarget("cuda", arch, 32): divisibility-by-16 and ==1
+integer specialization, pointer alignment (torch CPU data is 64-byte aligned, like CUDA's) and constexprs follow the
+installed Triton's rules, as on a GPU. --python runs the same under other interpreters (e.g. a venv with the GPU
+machine's Triton) and merges the tables. The launcher's device guard (a `*check_device*` function of its module) is
+bypassed while capturing, since it admits CPU tensors only under the interpreter.
 
 Per kernel: registers, stack and local bytes (spills; cuobjdump), shared memory, and a dynamic count from the SASS
 (nvdisasm with line info), per thread:
@@ -337,6 +339,12 @@ def _targets(v: dict) -> list[str]:
     return [f"- {v['name']}: " + "; ".join(lines)]
 
 
+def _per_elem(k: dict, v: dict) -> float:
+    """Threads launched per logit element: turns a per-thread count into a per-element one."""
+    E, B, C = v["shape"]
+    return k["grid"] * k["warps"] * 32 / (E * B * C)
+
+
 def render(results: list[dict]) -> str:
     out = []
     for r in results:
@@ -352,14 +360,15 @@ def render(results: list[dict]) -> str:
         targets = [t for v in r["variants"] for t in _targets(v)]
         out += ["Targets at C=32000, bf16:", "", *targets, ""] if targets else []
         rows = [[v["name"], k["phase"][:3], k["kernel"], f"{k['grid']} x {k['warps']}w", k["reg"], k["stack"],
-                 k["local"], k["shared"], _g(k["per_thread"]),
+                 k["local"], k["shared"], _g(k["per_thread"]), _g(k["per_thread"] * _per_elem(k, v)),
+                 _g(sum(n for op, n in k["ops"].items() if op.startswith("MUFU")) * _per_elem(k, v)),
                  "; ".join(f"{lp['where']} {lp['trip'] if lp['trip'] is not None else '?'} x {lp['body']}"
                            + ("" if lp["counted"] else " (not counted)") for lp in k["loops"]) or "-",
                  "; ".join(k["notes"]) or "-"]
                 for v in r["variants"] for k in v["kernels"]]
         out += ["Per kernel (loops: source `for`, trip x static body instructions):", "",
                 _table(["variant", "pass", "kernel", "grid x warps", "regs", "stack B", "local B", "smem B",
-                        "instr/thread", "loops", "notes"], rows), ""]
+                        "instr/thread", "instr/elem", "MUFU/elem", "loops", "notes"], rows), ""]
     return "\n".join(out)
 
 
