@@ -236,8 +236,9 @@ def analyse(launch: Launch, arch: int, src: aot_sass.Source) -> dict:
     glob = {k: v for k, v in launch.fn.fn.__globals__.items() if isinstance(v, (int, float)) and not k.startswith("_")}
     values = {k: v for k, v in bound.items() if isinstance(v, (int, float))}
     consts = {k: s[1] for k, s in spec.items() if s[0] == "constexpr"}
-    dyn = aot_sass.count(_run_tool("nvdisasm", cubin, "-c", "-gi"), {**glob, **values}, {**glob, **consts}, glob,
-                         src)
+    env = aot_sass.Env((launch.fn.fn.__code__.co_filename, launch.fn.fn.__name__), {**glob, **values},
+                       {**glob, **consts}, glob)
+    dyn = aot_sass.count(_run_tool("nvdisasm", cubin, "-c", "-gi"), env, src)
     warps, programs = kernel.metadata.num_warps, 1
     for g in launch.grid:
         programs *= g

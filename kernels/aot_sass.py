@@ -177,6 +177,38 @@ class Source:
         return ns
 
 
+    def call_paths(self, file: str, kernel, target, const_ns: dict, globals_ns: dict) -> list[list[int]]:
+        """Call lines (innermost first) of every path from `kernel` to `target` through live code: a call under an
+        if whose constexpr test is false leaves no code."""
+        paths, funcs = [], {f.name: f for f in self.nodes(file, ast.FunctionDef)}
+
+        def live_calls(stmts, ns):
+            for st in stmts:
+                if isinstance(st, ast.If):
+                    try:
+                        taken = (st.body,) if evaluate(st.test, ns) else (st.orelse,)
+                    except Unknown:
+                        taken = (st.body, st.orelse)
+                    for block in taken:
+                        yield from live_calls(block, ns)
+                elif isinstance(st, (ast.For, ast.While, ast.With)):
+                    yield from live_calls(st.body + getattr(st, "orelse", []), ns)
+                else:
+                    yield from (c for c in ast.walk(st) if isinstance(c, ast.Call))
+
+        def walk(fn, ns, lines):
+            if fn is target:
+                paths.append(lines)
+                return
+            for call in live_calls(fn.body, ns):
+                callee = funcs.get(_name(call))
+                if callee is not None and callee is not fn and len(lines) < 16:
+                    walk(callee, self._bind(callee, (fn, ns), call.lineno, globals_ns), [call.lineno] + lines)
+
+        walk(kernel, dict(const_ns), [])
+        return paths
+
+
 # ------------------------------------------------------------------------------------------ the dynamic count
 
 @dataclass
@@ -192,6 +224,16 @@ class Loop:
     copies: int = 1  # SASS copies expected from enclosing tl.static_range loops (0: unknown)
 
 
+@dataclass
+class Env:
+    """The launch as the source sees it: the kernel's (file, function name), every launch value (constexprs and
+    runtime scalars: loop bounds), the constexprs alone (what the compiler could fold), the module's constants."""
+    kernel: tuple
+    values: dict
+    consts: dict
+    globals: dict
+
+
 def _trip(node, ns: dict):
     it = node.iter  # range / tl.range (its keywords only tune the schedule); static_range leaves no SASS loop
     if not (isinstance(it, ast.Call) and _name(it) == "range"):
@@ -203,7 +245,7 @@ def _trip(node, ns: dict):
         return None
 
 
-def _map(loop: Loop, body: list[Instr], src: Source, kernel_ns: dict, const_ns: dict, globals_ns: dict) -> None:
+def _map(loop: Loop, body: list[Instr], src: Source, env: Env) -> list[str]:
     import triton
 
     best, skip = None, os.path.dirname(triton.__file__)  # Triton's own helpers (tl.sum, ...) hold no kernel loop
@@ -214,18 +256,27 @@ def _map(loop: Loop, body: list[Instr], src: Source, kernel_ns: dict, const_ns: 
             if n and (best is None or key > best[0]):
                 best = (key, file, node)
     if best is None:
-        return
+        return []
     _, file, node = best
     ins = next(i for i in body if any(f == file and node.lineno <= ln <= node.end_lineno for f, ln in i.chain))
     k = next(j for j, (f, ln) in enumerate(ins.chain) if f == file and node.lineno <= ln <= node.end_lineno)
-    chain = ((file, node.lineno),) + ins.chain[k + 1:]
+    chain, notes = ((file, node.lineno),) + ins.chain[k + 1:], []
+    kernel = next((f for f in src.nodes(env.kernel[0], ast.FunctionDef) if f.name == env.kernel[1]), None)
+    outer = src.func_at(*chain[-1])
+    if kernel is not None and outer is not kernel and chain[-1][0] == env.kernel[0]:
+        # line info without inlining records (Triton 3.6): the call path comes from the source's live calls
+        paths = src.call_paths(env.kernel[0], kernel, outer, env.consts, env.globals)
+        chain += tuple((env.kernel[0], ln) for ln in (paths[0] if paths else ()))
+        if len(paths) > 1:
+            notes.append(f"loop at {os.path.basename(file)}:{node.lineno}: {len(paths)} live call paths, took the "
+                         "first")
     loop.where, loop.site = f"{os.path.basename(file)}:{node.lineno}", chain
-    frames = src.frames(chain, kernel_ns, globals_ns)
+    frames = src.frames(chain, env.values, env.globals)
     if frames and frames[-1][0] is src.func_at(file, node.lineno):
         loop.trip = _trip(node, frames[-1][1])
     # runtime ifs around the loop: in each frame, the ifs holding the loop (or the call that leads to it)
     branch = []
-    for (fn, ns), (f, ln) in zip(src.frames(chain, const_ns, globals_ns), reversed(chain)):
+    for (fn, ns), (f, ln) in zip(src.frames(chain, env.consts, env.globals), reversed(chain)):
         for st in (n for n in ast.walk(fn) if isinstance(n, ast.For) and n is not node):
             if _name(st.iter) == "static_range" and st.body[0].lineno <= ln <= st.body[-1].end_lineno:
                 try:  # unrolled by the front end: one SASS copy of this loop per iteration
@@ -241,24 +292,25 @@ def _map(loop: Loop, body: list[Instr], src: Source, kernel_ns: dict, const_ns: 
                 except Unknown:
                     branch.append((f, st.lineno, side))
     loop.branch = tuple(branch)
+    return notes
 
 
-def count(sass_text: str, kernel_ns: dict, const_ns: dict, globals_ns: dict, src: Source | None = None) -> dict:
+def count(sass_text: str, env: Env, src: Source | None = None) -> dict:
     """{'static', 'per_thread', 'ops' (Counter of dynamic counts per opcode family: MUFU.EX2, LDL, ...),
-    'loops' [Loop], 'notes' [str]} for one kernel; kernel_ns holds every launch value, const_ns the constexprs."""
+    'loops' [Loop], 'notes' [str]} for one kernel at one launch."""
     src = src or Source()
     code = parse_sass(sass_text)
-    loops = [Loop(a, b) for a, b in find_loops(code)]
+    loops, notes = [Loop(a, b) for a, b in find_loops(code)], []
     for lp in loops:
         body = [i for i in code if lp.first <= i.addr <= lp.last]
         lp.body = len(body)
-        _map(lp, body, src, kernel_ns, const_ns, globals_ns)
+        notes += _map(lp, body, src, env)
     mult = {i.addr: 1 for i in code}
     for lp in loops:
         for i in code:
             if lp.first <= i.addr <= lp.last:
                 mult[i.addr] *= lp.trip if lp.trip is not None else 1
-    notes = [f"loop at {lp.where}: trip unknown, counted once" for lp in loops if lp.trip is None]
+    notes += [f"loop at {lp.where}: trip unknown, counted once" for lp in loops if lp.trip is None]
     twins = Counter(lp.site for lp in loops if lp.site)
     expected = {lp.site: lp.copies for lp in loops}
     notes += [f"the loop at {os.path.basename(site[0][0])}:{site[0][1]} became {n} SASS loops (unrolled or "

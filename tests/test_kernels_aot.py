@@ -43,20 +43,30 @@ def tiny(X, OUT, n_rows, n_cols, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def branchy(X, OUT, FLAG, n_cols, BLOCK: tl.constexpr, CUBE: tl.constexpr):
-    # a runtime if/else with a loop on each side: the side with three exponentials per element is the costlier
-    acc = tl.zeros([BLOCK], tl.float32)
-    if tl.load(FLAG) > 0:
+def cubic_exp_sum(x_row, length, TILE: tl.constexpr):
+    acc = tl.zeros([TILE], tl.float32)
+    for c0 in range(0, length, TILE):  # the costly side
+        cols = c0 + tl.arange(0, TILE)
+        x = tl.load(x_row + cols, mask=cols < length, other=0.0)
+        acc += tl.exp(x) * tl.exp(2.0 * x) + tl.exp(3.0 * x)
+    return tl.sum(acc)
+
+
+@triton.jit
+def branchy(X, OUT, FLAG, n_cols, BLOCK: tl.constexpr, SKIP: tl.constexpr):
+    # a runtime if/else with a loop on each side, the costlier one (three exponentials per element) in a helper; a
+    # dead constexpr branch calls the same helper with twice the length: only the live call may bind its trip
+    if SKIP:
+        total = cubic_exp_sum(X, 2 * n_cols, BLOCK)
+    elif tl.load(FLAG) > 0:
+        acc = tl.zeros([BLOCK], tl.float32)
         for c0 in range(0, n_cols, BLOCK):  # the cheap side
             x = tl.load(X + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < n_cols, other=0.0)
             acc += tl.exp(x)
+        total = tl.sum(acc)
     else:
-        for c0 in range(0, n_cols, BLOCK):  # the costly side
-            x = tl.load(X + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < n_cols, other=0.0)
-            acc += tl.exp(x) * tl.exp(2.0 * x) + tl.exp(3.0 * x)
-    if CUBE:  # a constexpr if: the compiler keeps one side, nothing to choose
-        acc = acc * acc * acc
-    tl.store(OUT, tl.sum(acc))
+        total = cubic_exp_sum(X, n_cols, BLOCK)
+    tl.store(OUT, total)
 
 
 @triton.jit
@@ -72,27 +82,41 @@ def per_exit(X, OUT, n_cols, BLOCK: tl.constexpr, N_EXITS: tl.constexpr):
 
 def _probe() -> dict:
     """Runs in a subprocess without the interpreter (the suite runs under TRITON_INTERPRET=1, where nothing can be
-    compiled): capture, specialize, compile and count the tiny kernel at three launches."""
-    from kernels.aot_check import analyse, compile_launch, intercept
+    compiled): capture, specialize, compile and count the small kernels. '<name> flat' repeats a count with the
+    line info stripped of its inlining records, as Triton 3.6 emits it."""
+    import re
+
+    from kernels import aot_check
     from kernels.aot_sass import Source
+
+    def launch(kernel, grid, *args, **kwargs):
+        launches = []
+        with aot_check.intercept(launches, ["forward"]):
+            kernel[grid](*args, **kwargs)
+        [captured] = launches
+        return captured
+
+    disassemble = aot_check._run_tool
+
+    def flat(*args):
+        return re.sub(r'(//## File "[^"]+", line \d+) inlined at[^\n]*\n(?:\s*//##[^\n]*\n)*', r"\1\n",
+                      disassemble(*args))
 
     out = {}
     for rows, cols in ((256, 1000), (256, 1992), (1, 1000)):
-        launches, x, y = [], torch.empty(rows, cols), torch.empty(rows)
-        with intercept(launches, ["forward"]):
-            tiny[(rows,)](x, y, rows, cols, BLOCK=128, num_warps=1)
-        [launch] = launches
-        spec = compile_launch(launch, 90)[2]
-        out[f"{rows}x{cols}"] = dict(analyse(launch, 90, Source()), grid_captured=list(launch.grid),
+        cap = launch(tiny, (rows,), torch.empty(rows, cols), torch.empty(rows), rows, cols, BLOCK=128, num_warps=1)
+        spec = aot_check.compile_launch(cap, 90)[2]
+        out[f"{rows}x{cols}"] = dict(aot_check.analyse(cap, 90, Source()), grid_captured=list(cap.grid),
                                      raw_spec={k: list(v) for k, v in spec.items()})
-    launches, x, y, flag = [], torch.empty(1000), torch.empty(1), torch.ones(1, dtype=torch.int32)
-    with intercept(launches, ["forward"]):
-        branchy[(1,)](x, y, flag, 1000, BLOCK=128, CUBE=True, num_warps=1)
-    out["branchy"] = analyse(launches[0], 90, Source())
-    launches = []
-    with intercept(launches, ["forward"]):
-        per_exit[(1,)](torch.empty(3, 1000), torch.empty(3), 1000, BLOCK=128, N_EXITS=3, num_warps=1)
-    out["per_exit"] = analyse(launches[0], 90, Source())
+    cap = launch(branchy, (1,), torch.empty(1000), torch.empty(1), torch.ones(1, dtype=torch.int32), 1000,
+                 BLOCK=128, SKIP=False, num_warps=1)
+    out["branchy"] = aot_check.analyse(cap, 90, Source())
+    out["per_exit"] = aot_check.analyse(launch(per_exit, (1,), torch.empty(3, 1000), torch.empty(3), 1000, BLOCK=128,
+                                               N_EXITS=3, num_warps=1), 90, Source())
+    aot_check._run_tool = flat
+    out["branchy flat"] = aot_check.analyse(cap, 90, Source())
+    cap = launch(tiny, (256,), torch.empty(256, 1000), torch.empty(256), 256, 1000, BLOCK=128, num_warps=1)
+    out["256x1000 flat"] = aot_check.analyse(cap, 90, Source())
     return out
 
 
@@ -134,12 +158,17 @@ def test_loop_trip_and_per_element_counts(probe):
     assert k2["loops"][0]["trip"] == 16 and k2["static"] == k["static"]
     assert k2["per_thread"] - k["per_thread"] == 8 * loop["body"]
     assert k2["ops"]["MUFU.EX2"] == 64
+    # without inlining records the helper's loop still gets its trip, through the call found in the source
+    flat = probe["256x1000 flat"]
+    assert flat["loops"] == k["loops"] and flat["ops"] == k["ops"]
 
 
-def test_runtime_branch_counts_its_costlier_side_only(probe):
+@pytest.mark.parametrize("name", ["branchy", "branchy flat"])
+def test_runtime_branch_counts_its_costlier_side_only(probe, name):
     """Both loops exist in the SASS; the model counts the else side (3 exponentials per element: 8 tiles x 4
-    columns x 3 per thread), not the sum of both sides, and names the choice."""
-    k = probe["branchy"]
+    columns x 3 per thread), not the sum of both sides, and names the choice. The costly loop sits in a helper that
+    a dead constexpr branch also calls with twice the length: the trip is the live call's, 8, not 16."""
+    k = probe[name]
     cheap, costly = _where("# the cheap side"), _where("# the costly side")
     loops = {lp["where"]: lp for lp in k["loops"]}
     assert set(loops) == {cheap, costly}
