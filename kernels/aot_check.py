@@ -27,6 +27,7 @@ Pass model, per pass (forward, backward), defaults for an H200:
     MUFU  = MUFU ops / (SMs x 16 per clock x clock)
     DRAM  = bytes / measured copy bandwidth (read + written); bytes = every distinct tensor a pass's kernels
             dereference (TTIR), counted once: re-reads are assumed to hit L2
+    Only Triton launches count: torch ops around them (zero-fills, copies) are in none of these figures.
 Targets (at C=32000, bf16): 0 spills, <= 2.5 MUFU per logit element over forward + backward, issue <= DRAM per pass.
 Exit status 1 if any launch fails to compile.
 """
