@@ -176,7 +176,6 @@ class Source:
                     ns[name] = evaluate(expr, caller_ns)
         return ns
 
-
     def call_paths(self, file: str, kernel, target, const_ns: dict, globals_ns: dict) -> list[list[int]]:
         """Call lines (innermost first) of every path from `kernel` to `target` through live code: a call under an
         if whose constexpr test is false leaves no code."""
