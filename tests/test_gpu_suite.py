@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench import gpu_check
 from tests.helpers import tiny_config
 from tests.test_methods_nosync import no_host_reads
 
@@ -155,11 +158,35 @@ def test_rehearsal_runs_every_step_and_returns_at_most_8_files(tmp_path):
     assert {"./loss/report.json", "./train/report.json", "./exits/report.json", "./tests/junit.xml"} <= names
 
 
-def test_rehearsal_step_over_its_limit_is_recorded_and_the_others_are_kept(tmp_path):
+def test_rehearsal_killed_midway_still_returns_the_finished_steps(tmp_path):
+    """A step over its own limit is recorded as such, and a command killed (as the device tool does at its limit)
+    while a later step runs still leaves the summary of every step before it."""
     out = tmp_path / "out"
-    run, summary = _suite(out, "--steps", "env,train", TIMEOUT_TRAIN="2")
-    assert run.returncode == 1
-    status = {s["name"]: s["status"] for s in summary["steps"]}
-    assert status == {"env": "ok", "train": "timeout after 2 s"}
-    assert summary["suite"]["budget_s"] == 25 + 2
-    assert summary["steps"][0]["report"]["copy_gbps"] > 0
+    env = {**os.environ, "OUT": str(out), "TIMEOUT_TRAIN": "2", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(["bash", "bench/gpu_suite.sh", "--rehearse", "--steps", "env,train,exits"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            status = {s["name"]: s["status"] for s in _read_summary(out)}
+            if status.get("train", "").startswith("timeout"):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the summary must be written after each step, not only at the end"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and {"summary.json", "summary.md", "results.tgz"} <= {p.name for p in files}
+    steps = _read_summary(out)
+    assert [(s["name"], s["status"]) for s in steps] == [
+        ("env", "ok"), ("train", "timeout after 2 s"), ("exits", gpu_check.NOT_RUN)]
+    assert steps[0]["report"]["copy_gbps"] > 0
+    assert json.loads((out / "summary.json").read_text())["suite"]["budget_s"] == 40 + 2 + 45
+    with tarfile.open(out / "results.tgz") as tgz:
+        assert "./env/report.json" in tgz.getnames()
+
+
+def _read_summary(out: Path) -> list[dict]:
+    path = out / "summary.json"
+    return json.loads(path.read_text())["steps"] if path.is_file() else []
