@@ -251,29 +251,6 @@ def mode_fn(mode: str, loss: Callable, z, f, y) -> Callable[[], Any]:
     return lambda: out.backward(retain_graph=True)
 
 
-def graph_bench(fn: Callable[[], Any], device: torch.device, args, grads: list[torch.Tensor]
-                ) -> tuple[Optional[list[float]], str]:
-    """([median, p20, p80] ms, "ok") of replaying `fn` captured in a CUDA graph, or (None, why not). A call that
-    syncs with the host cannot be captured: one call under the sync debug mode finds that first."""
-    from bench.common import cuda_graph_fn
-
-    def drop_grads() -> None:  # the captured backward then allocates its gradients from the graph's pool
-        for t in grads:
-            t.grad = None
-
-    drop_grads()
-    fn()  # warm-up: first-call uploads and autotuning happen outside the check
-    torch.cuda.synchronize(device)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn()
-    except RuntimeError as e:
-        return None, f"n/a: syncs with the host ({str(e).splitlines()[0][:160]})"
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    return bench(cuda_graph_fn(fn, before_capture=drop_grads), device, args, []), "ok"
-
-
 def peak_memory(loss: Callable, z, f, y, device: torch.device) -> Optional[int]:
     """Peak bytes allocated by one fwd+bwd beyond the inputs (CUDA only)."""
     if device.type != "cuda":
@@ -330,27 +307,45 @@ def measure_case(case: Case, device: torch.device, args, fns: dict, copy_gbps: f
                 kgbps = case.kernel_bytes(mode, provider == "fused-recompute") / (med * 1e-3) / 1e9
                 row.update(kernel_gbps=kgbps, kernel_copy_fraction=kgbps / copy_gbps)
             if args.graphs:
-                g = graph_row(provider, mode, loss, z, f, y, device, args)
-                row.update(graph_status=g) if isinstance(g, str) else row.update(
-                    graph_status="ok", graph_ms_p50=g[0], graph_ms_p20=g[1], graph_ms_p80=g[2], host_ms=med - g[0])
+                row.update(graph_fields(provider, mode, mode_fn(mode, loss, z, f, y), device, args, z + f, med))
             rows.append(row)
         del z, f
     flush(rows)
     return rows
 
 
-def graph_row(provider: str, mode: str, loss: Callable, z, f, y, device: torch.device, args) -> list[float] | str:
-    """The CUDA-graph timing of one row, or why there is none."""
-    if device.type != "cuda":
-        return "n/a: CUDA graphs need a GPU"
-    if mode == "bwd" or provider == "compile-ro":
-        return "n/a: " + ("a retained backward is not replayed" if mode == "bwd" else
-                          "reduce-overhead replays its own CUDA graphs")
+def graph_fields(provider: str, mode: str, fn: Callable[[], Any], device: torch.device, args,
+                 grads: list[torch.Tensor], ms: float) -> dict[str, Any]:
+    """`fn` captured in a CUDA graph: graph_status, the replays' median/p20/p80 ms (device time alone) and host_ms
+    (do_bench's median minus the replay's). A call that syncs with the host cannot be captured: one call under the
+    sync debug mode finds that first."""
+    if device.type != "cuda" or mode == "bwd" or provider == "compile-ro":
+        return {"graph_status": "n/a: " + ("CUDA graphs need a GPU" if device.type != "cuda" else
+                                           "a retained backward is not replayed" if mode == "bwd" else
+                                           "reduce-overhead replays its own CUDA graphs")}
+    from bench.common import cuda_graph_fn
+
+    def drop_grads() -> None:  # the captured backward then allocates its gradients from the graph's pool
+        for t in grads:
+            t.grad = None
+
     try:
-        times, status = graph_bench(mode_fn(mode, loss, z, f, y), device, args, z + f)
+        drop_grads()
+        fn()  # first-call uploads and autotuning stay outside the check
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+        except RuntimeError as e:
+            if "synchroniz" not in str(e):
+                raise
+            return {"graph_status": f"n/a: syncs with the host ({str(e).splitlines()[0][:160]})"}
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        p50, p20, p80 = bench(cuda_graph_fn(fn, before_capture=drop_grads), device, args, [])
     except Exception as e:  # noqa: BLE001 - a failed capture must not lose the row
-        return _error(e)
-    return times if times is not None else status
+        return {"graph_status": _error(e)}
+    return {"graph_status": "ok", "graph_ms_p50": p50, "graph_ms_p20": p20, "graph_ms_p80": p80, "host_ms": ms - p50}
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
