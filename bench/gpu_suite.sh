@@ -101,13 +101,14 @@ step() {  # NAME CMD...: runs CMD under the step's limit, its output in NAME/log
   rc=$?
   case $rc in
     0) status=ok ;;
-    124|137) status="timeout after $limit s" ;;
+    124|137) status="timeout after $limit s"; [ $((SECONDS - t0)) -ge "$limit" ] || status="killed (exit $rc)" ;;
     *) status="failed (exit $rc)" ;;
   esac
   if [ $rc -ne 0 ]; then FAILED=1; tail -n 8 "$WORK/$name/log.txt" | sed 's/^/   | /'; fi
   record "$name" "$status" "$rc" "$((SECONDS - t0))" "$limit" "$*"
 }
-ARGS=$([ $REHEARSE -eq 1 ] && printf -- '--rehearse'; [ "$STEPS" != "$ALL" ] && printf -- ' --steps %s' "$STEPS")
+ARGS=$( (($REHEARSE)) && echo -n "--rehearse "; [ "$STEPS" = "$ALL" ] || echo -n "--steps $STEPS")
+ARGS=${ARGS% }
 pack
 
 if [ $REHEARSE -eq 1 ]; then
