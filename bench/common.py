@@ -162,7 +162,8 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 3, iters:
     return Stats(per_call)
 
 
-def cuda_graph_fn(fn: Callable[[], Any], warmup: int = 3) -> Callable[[], Any]:
+def cuda_graph_fn(fn: Callable[[], Any], warmup: int = 3, before_capture: Callable[[], Any] = lambda: None
+                  ) -> Callable[[], Any]:
     """Capture `fn` (static inputs it closes over) into a CUDA graph; returns a replay callable.
     Warm-up runs on a side stream first, as the CUDA-graphs recipe requires."""
     stream = torch.cuda.Stream()
@@ -171,6 +172,7 @@ def cuda_graph_fn(fn: Callable[[], Any], warmup: int = 3) -> Callable[[], Any]:
         for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
+    before_capture()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
@@ -347,10 +349,24 @@ def build_bench_model(checkpoint: Optional[str], config: Optional[str], override
 # --------------------------------------------------------------------------------------------- reports
 
 
+# Written by `make gpu-prep` before the tree travels to a machine where it arrives without .git (bench/GPU.md).
+COMMIT_STAMP = Path(__file__).resolve().parents[1] / ".whl" / "COMMIT"
+
+
+def commit(stamp: Path = COMMIT_STAMP) -> str:
+    """git's commit where there is a .git; else the stamp, marked as such; else "unknown"."""
+    from engine.rundir import git_commit
+
+    found = git_commit()
+    if found == "unknown" and stamp.is_file() and stamp.read_text().strip():
+        return f"{stamp.read_text().strip()} (stamped by make gpu-prep)"
+    return found
+
+
 def provenance(device: torch.device, extra: Optional[dict] = None) -> dict[str, Any]:
     from engine.rundir import provenance as run_provenance
 
-    return run_provenance({"device": device_info(device), **(extra or {})})
+    return {**run_provenance({"device": device_info(device), **(extra or {})}), "commit": commit()}
 
 
 def default_out_dir(name: str, device: torch.device, root: Path = RESULTS_DIR) -> Path:

@@ -1,144 +1,159 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project in one command:
-#   kernels (bench/kernels.py), loaders (bench/loader.py: dali, dali-cpu, torch), training throughput
-#   (bench/train.py, full matrix) and per-exit latency (bench/exits.py: resnet18 and resnet50 at 224 px).
+# The GPU check: every GPU figure of the project from one command, seven steps, each under its own time limit.
+# bench/GPU.md: how to run it on the lent GPU machine and how to commit what comes back.
 #
-#   bash bench/gpu_suite.sh [--data DIR] [--quick] [--dry-run]
+#   bash bench/gpu_suite.sh [--rehearse] [--steps env,loss,...]
 #
-#   --data DIR    ImageNet-style image folder (DIR/train, DIR/val) for the real loaders (else synthetic only)
-#   --quick       a reduced matrix (RN50 224 px, plain + BYOT) for a first look
-#   --dry-run     print the commands, run nothing (works without a GPU)
-#   env: CKPT_RESNET18 / CKPT_RESNET50 = checkpoints for the exit profiles (else random init, no accuracy);
-#        SELFDISTILL = the CLI to call (default: python -m engine.cli); BENCH_RESULTS = results root
-#        (default: bench/results)
+#   env    GPU, driver, torch/triton versions, commit, device-to-device copy bandwidth
+#   loss   fused loss at E=4 B=256 C=1000 bf16 fwd+bwd against eager, torch.compile (static shapes, and
+#          reduce-overhead) and Liger; do_bench and CUDA-graph replays (host overhead apart from device time)
+#   train  ResNet-50, 224 px, bf16, channels-last, compiled, synthetic data: plain vs BYOT (torch loss) vs BYOT
+#          (fused loss), img/s side by side with the exit heads' FLOP ratio
+#   exits  per-exit latency of ResNet-50 at batch 1 and 256 (CUDA graphs) against FLOP ratios and BYOT's claims
+#   large  fused loss at E*B = 16384 rows, C = 32000: bandwidth as a fraction of step env's copy, peak extra memory
+#   tests  kernel, method and no-sync tests with compiled kernels; the loop under the sync debug mode; timm + BYOT
+#   dali   DALI mixed decoding, only where DALI is importable (its wheels carried under .whl/)
 #
-# Writes bench/results/<UTC date>-<gpu>/: one folder per measurement (report.json, report.md, PNGs), logs/,
-# steps.tsv, nvidia-smi.txt, suite.json (commit, versions, GPU, every step's status) and suite.md (index).
-# A step that fails or is not built yet is recorded as such; the suite goes on with the others.
+# --rehearse  the same steps on CPU at toy sizes (Triton interpreter, tiny models, few iterations)
+# --steps     run only these (the summary still lists them in this order)
+# Results: after EVERY step summary.md, summary.json and results.tgz (every step's folder and log) are rewritten in
+# $OUT, so a command stopped at its limit still returns the steps it finished. Without $OUT: the step folders and
+# the summary go to bench/results/<date>-<gpu>/ (rehearsal: a new temporary folder).
+# Wheels under .whl/ are installed first (--no-deps, into /tmp/site); the commit comes from git, else from
+# .whl/COMMIT (make gpu-prep). TIMEOUT_<STEP>=seconds overrides a step's limit. Exit code 0: every step ok or skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-ARGS=("$@")
-DATA=""
-QUICK=0
-DRY=0
+ALL=env,loss,train,exits,large,tests,dali
+declare -A LIMIT=([env]=40 [loss]=85 [train]=195 [exits]=45 [large]=40 [tests]=105 [dali]=20)  # 530 s in all
+REHEARSE=0
+STEPS=$ALL
 while [ $# -gt 0 ]; do
   case "$1" in
-    --data) DATA="$2"; shift 2 ;;
-    --quick) QUICK=1; shift ;;
-    --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --rehearse) REHEARSE=1; shift ;;
+    --steps) STEPS=$2; shift 2 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-SD=${SELFDISTILL:-python -m engine.cli}
-RESULTS=${BENCH_RESULTS:-bench/results}
-
-# --- DALI wheels shipped next to the checkout (offline GPU machines) -----------------------------------------
-if compgen -G ".whl/*.whl" > /dev/null; then
-  echo "== installing the DALI wheels from .whl/ into /tmp/site"
-  if [ $DRY -eq 1 ]; then
-    echo "pip install --no-index --target /tmp/site .whl/*.whl"
-  elif ! pip install --no-index --target /tmp/site .whl/*.whl; then
-    echo "gpu_suite.sh: the .whl/ install failed; DALI steps will report DALI as unavailable" >&2
-  fi
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-
-# --- output folder -------------------------------------------------------------------------------------------
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr '[:upper:]' '[:lower:]' \
-      | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
-if [ -z "$GPU" ]; then
-  if [ $DRY -eq 0 ]; then
-    echo "gpu_suite.sh: no NVIDIA GPU visible (nvidia-smi failed); this suite measures GPUs only" >&2
-    exit 2
-  fi
-  GPU=no-gpu
-fi
-DATE=$(date -u +%Y-%m-%d)
-OUT="${RESULTS}/${DATE}-${GPU}"
-i=2
-while [ -e "$OUT" ] && [ $DRY -eq 0 ]; do OUT="${RESULTS}/${DATE}-${GPU}-$i"; i=$((i + 1)); done
-if [ $DRY -eq 0 ]; then mkdir -p "$OUT/logs"; : > "$OUT/steps.tsv"; fi
-echo "== GPU suite on ${GPU} -> ${OUT}"
-
-# step NAME MODULE CMD...: runs CMD (unless MODULE is not importable: "skipped"), logs to logs/NAME.log and
-# appends NAME, status, exit code, seconds and the command to steps.tsv.
-step() {
-  local name=$1 module=$2
-  shift 2
-  echo "== ${name}: $*"
-  if [ $DRY -eq 1 ]; then return 0; fi
-  if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('${module}') is None)" 2>/dev/null; then
-    echo "   skipped: ${module} is not part of this build"
-    printf '%s\tskipped: %s not in this build\t-\t0\t%s\n' "$name" "$module" "$*" >> "$OUT/steps.tsv"
-    return 0
-  fi
-  local t0 rc status
-  t0=$(date +%s)
-  "$@" > "$OUT/logs/${name}.log" 2>&1
-  rc=$?
-  status=ok
-  [ $rc -eq 0 ] || status="failed (see logs/${name}.log)"
-  echo "   ${status} in $(( $(date +%s) - t0 )) s"
-  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(( $(date +%s) - t0 ))" "$*" >> "$OUT/steps.tsv"
-}
-
-DATA_ARGS=()
-LOADER_DATA=()  # bench/loader.py reads --root (default: a generated photo folder)
-[ -n "$DATA" ] && DATA_ARGS=(--data "$DATA") && LOADER_DATA=(--root "$DATA")
-LOADERS=synthetic
-[ -n "$DATA" ] && LOADERS=synthetic,torch,dali,dali-cpu
-if [ $QUICK -eq 1 ]; then
-  TRAIN_MATRIX=(--models resnet50 --sizes 224 --variants plain,byot --steps 20 --repeats 2)
-else
-  TRAIN_MATRIX=(--models resnet18,resnet50 --sizes 224,32 --variants plain,byot,cskd,beta --steps 30 --repeats 3)
-fi
-
-# shellcheck disable=SC2086  # $SD is a command line on purpose
-step kernels bench.kernels $SD bench kernels --out "$OUT/kernels"
-# shellcheck disable=SC2086
-step loader bench.loader $SD bench loader --backends dali,dali-cpu,torch --out "$OUT/loader" "${LOADER_DATA[@]}"
-# shellcheck disable=SC2086
-step train bench.train $SD bench train "${TRAIN_MATRIX[@]}" --loaders "$LOADERS" --out "$OUT/train" "${DATA_ARGS[@]}"
-for MODEL in resnet18 resnet50; do
-  CKPT_VAR="CKPT_${MODEL^^}"
-  CKPT=${!CKPT_VAR:-}
-  if [ -n "$CKPT" ]; then
-    SRC=(--checkpoint "$CKPT" "${DATA_ARGS[@]}")
-  else
-    SRC=("model.name=${MODEL}" model.stem=imagenet model.num_classes=1000 data.image_size=224)
-  fi
-  # shellcheck disable=SC2086
-  step "exits-${MODEL}-224" bench.exits $SD profile exits "${SRC[@]}" --batch-sizes 1,32,256 \
-    --modes eager,compiled,cudagraph --amp bf16 --channels-last --out "$OUT/exits-${MODEL}-224"
+for s in ${STEPS//,/ }; do
+  [ -n "${LIMIT[$s]:-}" ] || { echo "gpu_suite.sh: --steps: unknown step '$s'; the steps are $ALL" >&2; exit 2; }
 done
+PLANNED=$(for s in ${ALL//,/ }; do case ",$STEPS," in *",$s,"*) printf '%s,' "$s" ;; esac; done)
+BUDGET=0
+for s in ${PLANNED//,/ }; do var=TIMEOUT_${s^^}; BUDGET=$((BUDGET + ${!var:-${LIMIT[$s]}})); done
 
-if [ $DRY -eq 1 ]; then echo "== dry run: nothing was run"; exit 0; fi
+export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ $REHEARSE -eq 1 ]; then
+  export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
+  GPU=cpu-rehearsal
+  SITE=$(mktemp -d)
+else
+  GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr '[:upper:]' '[:lower:]' \
+        | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
+  [ -n "$GPU" ] || { echo "gpu_suite.sh: no NVIDIA GPU visible (nvidia-smi); the CPU rehearsal is --rehearse" >&2
+                     exit 2; }
+  SITE=/tmp/site
+fi
+if [ -n "${OUT:-}" ]; then
+  DEST=$OUT WORK=$(mktemp -d)
+elif [ $REHEARSE -eq 1 ]; then
+  DEST=$(mktemp -d) WORK=$DEST
+else
+  DEST=bench/results/$(date -u +%Y-%m-%d)-$GPU
+  i=2; base=$DEST
+  while [ -e "$DEST" ]; do DEST=$base-$i; i=$((i + 1)); done
+  WORK=$DEST
+fi
+mkdir -p "$DEST" "$WORK"
+trap '[ "$WORK" = "$DEST" ] || rm -rf "$WORK"; [ "$SITE" = /tmp/site ] || rm -rf "$SITE"' EXIT
+: > "$WORK/steps.tsv"
+echo "== GPU check on $GPU -> $DEST (step limits ${BUDGET} s in all)"
 
-# --- provenance and index ------------------------------------------------------------------------------------
-nvidia-smi -q > "$OUT/nvidia-smi.txt" 2>&1 || true
-python - "$OUT" "${ARGS[@]}" <<'PY'
-import json, sys
-from pathlib import Path
-from engine.rundir import provenance
+if compgen -G ".whl/*.whl" > /dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+  then export PYTHONPATH="$PYTHONPATH:$SITE"
+  else echo "gpu_suite.sh: installing .whl/*.whl failed; going on without those packages" >&2
+  fi
+fi
 
-out = Path(sys.argv[1])
-steps = []
-for line in (out / "steps.tsv").read_text().splitlines():
-    name, status, rc, seconds, cmd = line.split("\t", 4)
-    report = out / name / "report.md"
-    steps.append({"name": name, "status": status, "exit_code": rc, "seconds": int(seconds), "command": cmd,
-                  "report": str(report.relative_to(out)) if report.is_file() else None})
-prov = provenance({"gpu": (out / "nvidia-smi.txt").read_text()[:4000]})
-(out / "suite.json").write_text(json.dumps({"provenance": prov, "steps": steps}, indent=2) + "\n")
-vers = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
-lines = [f"# GPU suite {out.name}", "", f"- commit: `{prov['commit']}`", f"- date (UTC): {prov['date']}",
-         f"- versions: {vers}", f"- command: `bash bench/gpu_suite.sh {' '.join(sys.argv[2:])}`", "",
-         "| step | status | seconds | report | command |", "|---|---|---|---|---|"]
-for s in steps:
-    link = f"[{s['report']}]({s['report']})" if s["report"] else ""
-    lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {link} | `{s['command']}` |")
-(out / "suite.md").write_text("\n".join(lines) + "\n")
-print(f"== suite index: {out / 'suite.md'}")
-PY
+pack() {
+  python3 -m bench.gpu_check summary "$WORK" "$DEST" "$PLANNED" "gpu=$GPU" "rehearse=$REHEARSE" "budget=$BUDGET" \
+    "command=bash bench/gpu_suite.sh${ARGS:+ $ARGS}" || echo "gpu_suite.sh: the summary failed" >&2
+  if [ "$DEST" != "$WORK" ]; then
+    tar -czf "$DEST/results.tgz.part" -C "$WORK" . && mv -f "$DEST/results.tgz.part" "$DEST/results.tgz"
+  fi
+}
+record() {  # NAME STATUS EXIT_CODE SECONDS LIMIT COMMAND
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >> "$WORK/steps.tsv"
+  echo "   $1: $2 ($4 s)"
+  pack
+}
+FAILED=0
+step() {  # NAME CMD...: runs CMD under the step's limit, its output in NAME/log.txt
+  local name=$1 var="TIMEOUT_${1^^}" t0=$SECONDS rc status limit
+  shift
+  case ",$PLANNED" in *",$name,"*) ;; *) return 0 ;; esac
+  limit=${!var:-${LIMIT[$name]}}
+  mkdir -p "$WORK/$name"
+  echo "== $name (limit $limit s): $*"
+  timeout -k 5 "$limit" "$@" > "$WORK/$name/log.txt" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124|137) status="timeout after $limit s"; [ $((SECONDS - t0)) -ge "$limit" ] || status="killed (exit $rc)" ;;
+    *) status="failed (exit $rc)" ;;
+  esac
+  if [ $rc -ne 0 ]; then FAILED=1; tail -n 8 "$WORK/$name/log.txt" | sed 's/^/   | /'; fi
+  record "$name" "$status" "$rc" "$((SECONDS - t0))" "$limit" "$*"
+}
+ARGS=$( (($REHEARSE)) && echo -n "--rehearse "; [ "$STEPS" = "$ALL" ] || echo -n "--steps $STEPS")
+ARGS=${ARGS% }
+pack
+
+if [ $REHEARSE -eq 1 ]; then
+  LOSS=(--exits 4 --batch 16 --classes 100 --feature-dim 16 --compile-backend eager --cpu-reps 3)
+  LARGE=(--exits 4 --batch 64 --classes 2000 --feature-dim 16 --cpu-reps 2)  # E*B = 256 rows
+  TRAIN=(--models resnet18 --sizes 8 --batch 8 --steps 2 --warmup 1 --repeats 2 --width 0.25 --depths 1,1,1,1
+         --num-classes 10 --compile-backend eager --threads 1)
+  EXITS=(model.name=resnet18 model.stem=cifar model.width=0.25 "model.depths=[1,1,1,1]" model.num_classes=10
+         data.image_size=8 --batch-sizes 1,8 --modes eager --warmup 1 --iters 2 --repeats 2 --ee-samples 8
+         --threads 1)
+  TESTS=(tests/test_gpu_suite.py -k "not rehearsal")
+  DALI=(--backends dali,dali-cpu --threads 1 --size 32 --batch-size 4 --batches 2 --warmup 1 --repeats 1
+        --per-class 2 --cache "$SITE/photos")
+else
+  LOSS=(--exits 4 --batch 256 --classes 1000 --feature-dim 512)
+  LARGE=(--exits 4 --batch 4096 --classes 32000 --feature-dim 512)  # E*B = 16384 rows
+  TRAIN=(--models resnet50 --sizes 224 --batch 256 --steps 20 --warmup 3 --repeats 2)
+  EXITS=(model.name=resnet50 model.stem=imagenet model.num_classes=1000 data.image_size=224 --batch-sizes 1,256
+         --modes cudagraph --ee-samples 64)
+  TESTS=(tests/test_kernels.py tests/test_kernels_methods.py tests/test_kernels_objective.py
+         tests/test_methods_nosync.py tests/test_gpu_suite.py -k "not rehearsal")
+  python3 -c "import xdist" 2> /dev/null && TESTS=(-n 8 "${TESTS[@]}")  # 8 workers share the GPU
+  DALI=(--backends dali,dali-cpu,torch --batches 20 --repeats 2 --cache "$SITE/photos")
+fi
+
+step env python3 -m bench.gpu_check env --out "$WORK/env"
+COPY=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["copy_gbps"])' "$WORK/env/report.json" \
+       2> /dev/null)  # steps loss and large state bandwidth against this copy (measured again if it is missing)
+step loss python3 -m bench.kernels "${LOSS[@]}" ${COPY:+--copy-gbps "$COPY"} --dtypes bf16 --modes fwd+bwd \
+  --providers eager,fused,liger,compile,compile-ro --graphs --out "$WORK/loss"
+step train python3 -m bench.train "${TRAIN[@]}" --variants plain,byot --backend torch,triton --ablate byot \
+  --compile compiled --amp bf16 --layout channels_last --loaders synthetic --no-plots --out "$WORK/train"
+step exits python3 -m bench.exits "${EXITS[@]}" --amp bf16 --channels-last --thresholds 0,0.5,0.9,1.01 --no-plots \
+  --out "$WORK/exits"
+step large python3 -m bench.kernels "${LARGE[@]}" ${COPY:+--copy-gbps "$COPY"} --dtypes bf16 --modes fwd+bwd \
+  --providers eager,fused --out "$WORK/large"
+step tests python3 -m pytest -q -p no:cacheprovider --junitxml "$WORK/tests/junit.xml" "${TESTS[@]}"
+case ",$PLANNED" in *,dali,*)
+  if python3 -c "import nvidia.dali" 2> /dev/null; then
+    step dali python3 -m bench.loader "${DALI[@]}" --out "$WORK/dali"
+  else
+    record dali "skipped: DALI is not installed (carry its wheels under .whl/ to measure mixed decoding)" - 0 \
+      "${LIMIT[dali]}" ""
+  fi ;;
+esac
+
+echo "== done: $DEST/summary.md"
+exit $FAILED

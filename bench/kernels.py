@@ -2,35 +2,40 @@
 
     selfdistill bench kernels [--device auto|cuda|cpu] [--exits 2,4] [--batch 64,256,1024]
                               [--classes 10,100,1000,32000] [--dtypes fp32,bf16] [--modes fwd,bwd,fwd+bwd]
-                              [--providers eager,compile,liger,fused,fused-recompute] [--feature-dim 512]
-                              [--extra 4x4096x32000]
+                              [--providers eager,compile,compile-ro,liger,fused,fused-recompute] [--feature-dim 512]
+                              [--extra 4x4096x32000] [--graphs] [--copy-gbps X] [--compile-backend inductor]
                               [--warmup-ms 25] [--rep-ms 100] [--quick] [--out DIR]
-    (= python -m bench.kernels ...; on a GPU: python -m bench.kernels --device cuda [--quick])
+    (= python3 -m bench.kernels ...; on a GPU: python3 -m bench.kernels --device cuda [--quick])
 
 The loss is BYOT's (engine defaults: CE at every exit with weight 1 - alpha, KL(deepest / T || exit_i / T) * T^2
 with weight alpha, T = 3, masked-sse hints on pooled [B, D] features with weight beta), on E exits of [B, C] logits
 plus features, one labelled row in 16 ignored. Providers, timed side by side on the same inputs in one run:
     eager    kernels.reference.multi_exit_loss_reference in fp32 (the tests' reference; F.cross_entropy, softmax, KL)
-    compile  the same function under torch.compile(dynamic=True) (one compile per exit count and dtype; donated
+    compile  the same function under torch.compile(dynamic=False): static shapes, one compile per shape (donated
              backward buffers off, since the bwd mode replays a retained graph)
+    compile-ro  the same with mode="reduce-overhead" (torch.compile's own CUDA graphs)
     liger    Liger-Kernel composed per exit: LigerKLDIVLoss on log_softmax(z/T) and LigerCrossEntropyLoss, torch
-             hints ("not installed" when liger-kernel is missing: pip install liger-kernel)
-    fused    kernels.multi_exit_loss: the forward writes every loss and the gradients, the backward scales them
-    fused-recompute  the same with recompute_grad=True: the forward keeps row statistics, the backward rebuilds the
-             gradient from the logits (one gradient buffer less)
+             hints ("not installed" when liger-kernel is missing: pip install liger-kernel; CUDA only)
+    fused    kernels.multi_exit_loss with its default options
+    fused-recompute  the same with recompute_grad=True (the backward rebuilds the gradient from the logits)
 Modes: fwd (forward with autograd recording), bwd (backward of a retained graph), fwd+bwd.
 
-GPU timing: triton.testing.do_bench, median and p20/p80 (ms), L2 flushed between calls. Two bandwidths, both as
-GB/s and as a fraction of a measured device-to-device tensor copy (read + write):
+GPU timing: triton.testing.do_bench, median and p20/p80 (ms), L2 flushed between calls. With --graphs the fwd and
+fwd+bwd calls are also captured in a CUDA graph and its replays timed the same way: the replay is device time
+alone, so `ms - graph ms` is what the host adds (launches, Python, autograd). A provider that syncs with the host
+(found by running it once under torch.cuda.set_sync_debug_mode("error")) cannot be captured and says so.
+Two bandwidths, both as GB/s and as a fraction of a device-to-device tensor copy (read + write; measured here, or
+--copy-gbps from an earlier measurement):
     useful   the bytes any implementation must move: fwd reads logits and features once, bwd writes their
              gradients once, fwd+bwd both (the same yardstick for every provider)
     kernel   the compulsory traffic of the fused design (every buffer its kernels read or write, once): how close
              the kernels run to the copy roofline, whatever the design costs on top of `useful`
-Peak memory is measured once per shape (fwd+bwd, beyond the inputs) as a multiple of the gradient bytes. Each shape
-also records |provider - eager| on the loss, so a figure never comes from a broken kernel.
+Peak memory is measured once per shape (fwd+bwd, beyond the inputs) in GiB and as a multiple of the gradient bytes.
+Each shape also records |provider - eager| on the loss, so a figure never comes from a broken kernel.
 CPU: perf_counter with tiny default shapes; the fused kernel runs in the Triton interpreter (TRITON_INTERPRET=1 is
 set when nothing imported the kernels yet), so its CPU times are a smoke test, not a measurement.
-Reports: bench/results/kernels-<date>-<device>/ (report.json, report.md, PNG plots).
+Reports: bench/results/kernels-<date>-<device>/ (report.json, report.md, PNG plots), rewritten after every provider
+so a run stopped early keeps what it measured.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -59,8 +65,8 @@ from bench.common import (
     resolve_device,
 )
 
-PROVIDERS = ("eager", "compile", "liger", "fused", "fused-recompute")
-BASELINES = ("eager", "compile", "liger")
+PROVIDERS = ("eager", "compile", "compile-ro", "liger", "fused", "fused-recompute")
+BASELINES = ("eager", "compile", "compile-ro", "liger")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTILES = [0.5, 0.2, 0.8]
@@ -157,7 +163,8 @@ def liger_loss_fn(opts: dict[str, Any]) -> Callable | str:
     return fn
 
 
-def loss_fns(providers: list[str], fused_ok: str) -> dict[str, Callable[[dict], Callable] | str]:
+def loss_fns(providers: list[str], fused_ok: str, device: torch.device, compile_backend: str = "inductor"
+             ) -> dict[str, Callable[[dict], Callable] | str]:
     """provider -> factory(opts) -> loss(logits, feats, y) -> scalar, or a status string."""
     from kernels.reference import multi_exit_loss_reference
 
@@ -167,25 +174,32 @@ def loss_fns(providers: list[str], fused_ok: str) -> dict[str, Callable[[dict], 
 
     compiled: dict[tuple, Callable] = {}
 
-    def compile_(opts):
-        # the bwd mode replays one graph's backward (retain_graph), which donated backward buffers forbid
-        import torch._functorch.config as functorch_config
+    def compile_(mode: Optional[str]):
+        def factory(opts):
+            # the bwd mode replays one graph's backward (retain_graph), which donated backward buffers forbid
+            import torch._functorch.config as functorch_config
 
-        functorch_config.donated_buffer = False
-        key = tuple(sorted((k, str(v)) for k, v in opts.items()))
-        if key not in compiled:
-            compiled[key] = torch.compile(eager(opts), dynamic=True)
-        return compiled[key]
+            functorch_config.donated_buffer = False
+            key = (mode, *sorted((k, str(v)) for k, v in opts.items()))
+            if key not in compiled:
+                compiled[key] = torch.compile(eager(opts), dynamic=False, mode=mode, backend=compile_backend)
+            fn = compiled[key]
+            if mode != "reduce-overhead":
+                return fn
+            # one training step per call: the outputs of the previous replay may be overwritten
+            return lambda z, f, y: (torch.compiler.cudagraph_mark_step_begin(), fn(z, f, y))[1]
 
-    def fused(recompute: bool):
+        return factory
+
+    def fused(extra: dict):
         from kernels.multi_exit_loss import multi_exit_loss
 
-        return lambda opts: (lambda z, f, y: multi_exit_loss(z, y, features=f or None, recompute_grad=recompute,
-                                                             **opts).sum())
+        return lambda opts: (lambda z, f, y: multi_exit_loss(z, y, features=f or None, **extra, **opts).sum())
 
-    table = {"eager": eager, "compile": compile_, "liger": liger_loss_fn,
-             "fused": fused(False) if fused_ok == "ok" else fused_ok,
-             "fused-recompute": fused(True) if fused_ok == "ok" else fused_ok}
+    liger = liger_loss_fn if device.type == "cuda" else "n/a: Liger's kernels run on CUDA only"
+    table = {"eager": eager, "compile": compile_(None), "compile-ro": compile_("reduce-overhead"), "liger": liger,
+             "fused": fused({}) if fused_ok == "ok" else fused_ok,
+             "fused-recompute": fused({"recompute_grad": True}) if fused_ok == "ok" else fused_ok}
     return {p: table[p] for p in providers}
 
 
@@ -218,7 +232,9 @@ def bench(fn: Callable[[], Any], device: torch.device, args, grad_to_none: list[
 
 
 def copy_bandwidth(device: torch.device, args) -> float:
-    """GB/s of a plain device tensor copy, counting the read and the write."""
+    """GB/s of a plain device tensor copy, counting the read and the write (--copy-gbps: given, not measured)."""
+    if getattr(args, "copy_gbps", None):
+        return args.copy_gbps
     n = (256 if device.type == "cuda" else 32) * 2**20
     src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
@@ -235,8 +251,8 @@ def mode_fn(mode: str, loss: Callable, z, f, y) -> Callable[[], Any]:
     return lambda: out.backward(retain_graph=True)
 
 
-def peak_memory_ratio(loss: Callable, z, f, y, case: Case, device: torch.device) -> Optional[float]:
-    """Peak allocation of one fwd+bwd beyond the inputs, in units of the gradient bytes (CUDA only)."""
+def peak_memory(loss: Callable, z, f, y, device: torch.device) -> Optional[int]:
+    """Peak bytes allocated by one fwd+bwd beyond the inputs (CUDA only)."""
     if device.type != "cuda":
         return None
     for t in z + f:
@@ -246,14 +262,21 @@ def peak_memory_ratio(loss: Callable, z, f, y, case: Case, device: torch.device)
     base = torch.cuda.memory_allocated(device)
     loss(z, f, y).backward()
     torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / case.io_bytes()
+    return torch.cuda.max_memory_allocated(device) - base
 
 
-def measure_case(case: Case, device: torch.device, args, fns: dict, copy_gbps: float) -> list[dict[str, Any]]:
+def _error(e: Exception) -> str:
+    return f"error: {type(e).__name__}: {str(e)[:300]}"
+
+
+def measure_case(case: Case, device: torch.device, args, fns: dict, copy_gbps: float,
+                 flush: Callable[[list], None] = lambda rows: None) -> list[dict[str, Any]]:
+    """Every provider x mode on one shape; `flush(rows so far)` after each provider."""
     opts = byot_options(case.E, case.D)
     logits, feats, y = make_inputs(case, device)
     rows, ref_loss = [], None
     for provider, factory in fns.items():
+        flush(rows)
         base = dict(asdict(case), provider=provider)
         loss = factory(opts) if callable(factory) else factory
         if isinstance(loss, str):
@@ -264,27 +287,65 @@ def measure_case(case: Case, device: torch.device, args, fns: dict, copy_gbps: f
         try:
             value = loss(z, f, y).detach().double()
             ref_loss = value if provider == "eager" else ref_loss
-            mem = peak_memory_ratio(loss, z, f, y, case, device)
+            mem = peak_memory(loss, z, f, y, device)
         except Exception as e:  # noqa: BLE001 - one failing provider must not lose the others' numbers
-            rows += [dict(base, mode=m, status=f"error: {type(e).__name__}: {str(e)[:300]}") for m in args.modes]
+            rows += [dict(base, mode=m, status=_error(e)) for m in args.modes]
             continue
         err = None if ref_loss is None else abs(value - ref_loss).item()
         for mode in args.modes:
             try:
                 med, p20, p80 = bench(mode_fn(mode, loss, z, f, y), device, args, z + f)
             except Exception as e:  # noqa: BLE001
-                rows.append(dict(base, mode=mode, status=f"error: {type(e).__name__}: {str(e)[:300]}"))
+                rows.append(dict(base, mode=mode, status=_error(e)))
                 continue
             gbps = case.useful_bytes(mode) / (med * 1e-3) / 1e9
             row = dict(base, mode=mode, status="ok", ms_p50=med, ms_p20=p20, ms_p80=p80, gbps=gbps,
-                       copy_fraction=gbps / copy_gbps, peak_mem_over_grads=mem, loss=value.item(),
+                       copy_fraction=gbps / copy_gbps, peak_mem_gib=None if mem is None else mem / 2**30,
+                       peak_mem_over_grads=None if mem is None else mem / case.io_bytes(), loss=value.item(),
                        abs_diff_vs_eager=err)
             if provider.startswith("fused"):
                 kgbps = case.kernel_bytes(mode, provider == "fused-recompute") / (med * 1e-3) / 1e9
                 row.update(kernel_gbps=kgbps, kernel_copy_fraction=kgbps / copy_gbps)
+            if args.graphs:
+                row.update(graph_fields(provider, mode, mode_fn(mode, loss, z, f, y), device, args, z + f, med))
             rows.append(row)
         del z, f
+    flush(rows)
     return rows
+
+
+def graph_fields(provider: str, mode: str, fn: Callable[[], Any], device: torch.device, args,
+                 grads: list[torch.Tensor], ms: float) -> dict[str, Any]:
+    """`fn` captured in a CUDA graph: graph_status, the replays' median/p20/p80 ms (device time alone) and host_ms
+    (do_bench's median minus the replay's). A call that syncs with the host cannot be captured: one call under the
+    sync debug mode finds that first."""
+    if device.type != "cuda" or mode == "bwd" or provider == "compile-ro":
+        return {"graph_status": "n/a: " + ("CUDA graphs need a GPU" if device.type != "cuda" else
+                                           "a retained backward is not replayed" if mode == "bwd" else
+                                           "reduce-overhead replays its own CUDA graphs")}
+    from bench.common import cuda_graph_fn
+
+    def drop_grads() -> None:  # the captured backward then allocates its gradients from the graph's pool
+        for t in grads:
+            t.grad = None
+
+    try:
+        drop_grads()
+        fn()  # first-call uploads and autotuning stay outside the check
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+        except RuntimeError as e:
+            if "synchroniz" not in str(e):
+                raise
+            return {"graph_status": f"n/a: syncs with the host ({str(e).splitlines()[0][:160]})"}
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        p50, p20, p80 = bench(cuda_graph_fn(fn, before_capture=drop_grads), device, args, [])
+    except Exception as e:  # noqa: BLE001 - a failed capture must not lose the row
+        return {"graph_status": _error(e)}
+    return {"graph_status": "ok", "graph_ms_p50": p50, "graph_ms_p20": p20, "graph_ms_p80": p80, "host_ms": ms - p50}
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -361,6 +422,14 @@ def markdown(payload: dict[str, Any], device: torch.device) -> str:
         lines += ["", f"## {mode}: median ms", ""]
         lines.append(md_table(["E", "B", "C", "dtype", *payload["providers"]],
                               [[*s, *[_ms(by.get(s + (mode, p))) for p in payload["providers"]]] for s in shapes]))
+        graphed = [by[s + (mode, p)] for s in shapes for p in payload["providers"]
+                   if "graph_status" in by.get(s + (mode, p), {})]
+        if graphed:
+            lines += ["", f"## {mode}: do_bench against CUDA-graph replay (median ms; host = the difference)", ""]
+            lines.append(md_table(["E", "B", "C", "dtype", "provider", "do_bench", "graph replay", "host"], [
+                [r["E"], r["B"], r["C"], r["dtype"], r["provider"], _ms(r),
+                 _num(r.get("graph_ms_p50"), ".4g") if r["graph_status"] == "ok" else r["graph_status"],
+                 _num(r.get("host_ms"), ".4g")] for r in graphed]))
         fused_rows = [(s, v, by.get(s + (mode, v))) for s in shapes for v in variants]
         fused_rows = [(s, v, r) for s, v, r in fused_rows if r is not None and r["status"] == "ok"]
         if not fused_rows:
@@ -368,9 +437,10 @@ def markdown(payload: dict[str, Any], device: torch.device) -> str:
         lines += ["", f"## {mode}: fused kernels", ""]
         lines.append(md_table(
             ["E", "B", "C", "dtype", "variant", *[f"vs {b}" for b in baselines], "useful GB/s", "% copy",
-             "kernel GB/s", "% copy (kernel)", "peak mem / grads", "|Δloss| vs eager"],
+             "kernel GB/s", "% copy (kernel)", "peak mem GiB", "peak mem / grads", "|Δloss| vs eager"],
             [[*s, v, *[_x(r.get(f"speedup_vs_{b}")) for b in baselines], _num(r["gbps"]), _pct(r["copy_fraction"]),
-              _num(r["kernel_gbps"]), _pct(r["kernel_copy_fraction"]), _num(r["peak_mem_over_grads"], ".2f"),
+              _num(r["kernel_gbps"]), _pct(r["kernel_copy_fraction"]), _num(r["peak_mem_gib"], ".3g"),
+              _num(r["peak_mem_over_grads"], ".2f"),
               _num(r["abs_diff_vs_eager"], ".1e")] for s, v, r in fused_rows]))
     return "\n".join(lines) + "\n"
 
@@ -430,6 +500,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up (GPU)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time (GPU)")
     p.add_argument("--cpu-reps", type=int, default=5, help="timed calls per figure on CPU")
+    p.add_argument("--graphs", action="store_true", help="also time fwd and fwd+bwd as CUDA-graph replays (GPU)")
+    p.add_argument("--copy-gbps", type=float, help="copy bandwidth measured earlier (default: measure it here)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile providers")
     p.add_argument("--out", help="report folder (default bench/results/kernels-<date>-<device>/)")
     a = p.parse_args(argv)
     a.modes, a.providers = csv_list(a.modes), csv_list(a.providers)
@@ -461,18 +534,27 @@ def fused_status(device: torch.device) -> str:
 
 
 def run(argv: list[str]) -> dict[str, Any]:
-    """Measure and write the report; returns the payload plus the written paths under 'written'."""
+    """Measure and write the report (after every provider too); returns the payload plus the written paths under
+    'written'."""
     args = parse_args(argv)
     device = resolve_device(args.device)
-    fused_ok = fused_status(device)
-    fns = loss_fns(args.providers, fused_ok)
+    fns = loss_fns(args.providers, fused_status(device), device, args.compile_backend)
     copy_gbps = copy_bandwidth(device, args)
     log(f"bench kernels on {device}: copy bandwidth {copy_gbps:.1f} GB/s")
-    rows = []
+    out_dir = default_out_dir("kernels", device) if args.out is None else Path(args.out)
+    rows: list[dict[str, Any]] = []
     for case in cases(args, device):
-        t0 = time.perf_counter()
-        rows += measure_case(case, device, args, fns, copy_gbps)
+        t0, done = time.perf_counter(), list(rows)
+        rows += measure_case(case, device, args, fns, copy_gbps,
+                             flush=lambda part: write_report(done + part, args, device, copy_gbps, out_dir, False))
         log(f"  {case.label()}: {time.perf_counter() - t0:.1f} s")
+    payload = write_report(rows, args, device, copy_gbps, out_dir, True)
+    log(f"report: {payload['written']['markdown']}")
+    return payload
+
+
+def write_report(rows: list[dict[str, Any]], args, device: torch.device, copy_gbps: float, out_dir: Path,
+                 plots: bool) -> dict[str, Any]:
     add_speedups(rows)
     liger = next((r["status"] for r in rows if r["provider"] == "liger"), "not requested")
     payload = dict(provenance=provenance(device, {"liger_kernel": liger if liger != "ok" else "installed"}),
@@ -484,13 +566,11 @@ def run(argv: list[str]) -> dict[str, Any]:
                            f"time.perf_counter, {args.cpu_reps} calls"),
                    gbps_definition=("useful = logits+features read once (fwd), their gradients written once (bwd), "
                                     "both (fwd+bwd); kernel = every buffer the fused kernels read or write, once"),
-                   rows=rows)
+                   complete=plots, rows=rows)
     payload["targets"] = targets(rows, device)
-    out_dir = default_out_dir("kernels", device) if args.out is None else __import__("pathlib").Path(args.out)
-    report = Report("kernels", payload, markdown(payload, device),
-                    {"time_vs_classes.png": plot_times(payload), "fused_bandwidth.png": plot_bandwidth(payload)})
-    payload["written"] = report.write(out_dir)
-    log(f"report: {payload['written']['markdown']}")
+    figures = {"time_vs_classes.png": plot_times(payload), "fused_bandwidth.png": plot_bandwidth(payload)}
+    payload["written"] = Report("kernels", payload, markdown(payload, device), figures if plots else {}
+                                ).write(out_dir)
     return payload
 
 

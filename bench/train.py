@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
+import os
 import tempfile
 import time
 import traceback
@@ -192,8 +193,8 @@ def unavailable_reason(spec: RunSpec, args: argparse.Namespace, device: torch.de
     if objective not in OBJECTIVES:
         return f"objective '{objective}' is not registered in this build"
     if spec.backend == "triton":
-        if device.type != "cuda":
-            return "objective.backend=triton needs a CUDA device (the Triton CPU interpreter is no speed measure)"
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "objective.backend=triton needs a CUDA device, or TRITON_INTERPRET=1 (no speed measure) on CPU"
         try:
             import kernels.objective_bridge  # noqa: F401
         except ImportError as e:
@@ -593,23 +594,31 @@ def main(argv: Optional[list[str]] = None) -> int:
             rate = f"{row['img_s']['mean']:.1f} img/s" if row["status"] == "ok" else row.get("reason", "")
             log(f"[bench train] {i + 1}/{len(runs)} {spec.key}: {row['status']} {rate} "
                 f"({time.perf_counter() - t:.1f} s)")
-        nvml = sampler.summary()
-        nvml["static"] = sampler.static
+            if i + 1 < len(runs):  # a run stopped early keeps the runs it finished
+                write_report(rows, args, device, lists, sampler, out_dir, final=False)
+        files = write_report(rows, args, device, lists, sampler, out_dir, final=not args.no_plots)
+    print(f"bench train: {sum(r['status'] == 'ok' for r in rows)}/{len(rows)} runs ok; report: {files['markdown']}")
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+def write_report(rows: list[dict], args: argparse.Namespace, device: torch.device, lists: dict,
+                 sampler: NvmlSampler, out_dir: Path, final: bool) -> dict:
+    nvml = sampler.summary()
+    nvml["static"] = sampler.static
     ratios = compute_ratios(rows)
     payload = {"kind": "bench-train", "device_type": device.type,
                "provenance": provenance(device),
                "settings": {"batch": args.batch, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                             "design": args.design, "ablate": csv_list(args.ablate),
-                            "base": {a: v[0] for a, v in lists.items()}, "axes": lists, "models": models,
-                            "sizes": sizes, "variants": variants, "compile_backend": args.compile_backend,
+                            "base": {a: v[0] for a, v in lists.items()}, "axes": lists, "models": csv_list(args.models),
+                            "sizes": int_list(args.sizes), "variants": csv_list(args.variants),
+                            "compile_backend": args.compile_backend,
                             "compile_mode": args.compile_mode, "data": args.data, "dataset": args.dataset,
                             "overrides": list(args.overrides), "width": args.width, "depths": args.depths},
                "nvml": nvml, "runs": rows, "ratios": ratios,
                "targets": evaluate_targets(rows, ratios, device)}
-    report = Report("train", payload, render_markdown(payload), {} if args.no_plots else _figures(payload))
-    files = report.write(out_dir)
-    print(f"bench train: {sum(r['status'] == 'ok' for r in rows)}/{len(rows)} runs ok; report: {files['markdown']}")
-    return 0 if any(r["status"] == "ok" for r in rows) else 1
+    report = Report("train", payload, render_markdown(payload), _figures(payload) if final else {})
+    return report.write(out_dir)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,9 @@ def build_components(cfg: Config, device: str | None = None) -> Components:
     ema = ModelEMA(model, cfg.ema.decay) if cfg.ema.enabled else None
     optimizer = build_optimizer(model, cfg, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision.amp == "fp16")
-    train_model: nn.Module = model
+    train_model = wrap_ddp(model, info, cfg.distributed.find_unused_parameters)
     if cfg.precision.compile:
+        # DDP inside compile: dynamo splits the graph at DDP's gradient buckets, so each bucket's all-reduce
+        # overlaps the rest of the backward; DDP around a compiled module waits for the whole backward
         train_model = torch.compile(train_model, mode=cfg.precision.compile_mode)
-    train_model = wrap_ddp(train_model, info, cfg.distributed.find_unused_parameters)
     return Components(info, data, model, train_model, objective, optimizer, scaler, ema)

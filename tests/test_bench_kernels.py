@@ -19,20 +19,28 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 def test_tiny_sweep_report_is_well_formed(tmp_path):
     out = tmp_path / "kernels"
     argv = ["--device", DEVICE, "--exits", "2", "--batch", "4", "--classes", "10", "--dtypes", "fp32,bf16",
-            "--feature-dim", "8", "--providers", "eager,liger,fused,fused-recompute", "--cpu-reps", "2",
-            "--out", str(out)]
+            "--feature-dim", "8", "--providers", "eager,compile,liger,fused,fused-recompute", "--cpu-reps", "2",
+            "--compile-backend", "eager", "--graphs", "--copy-gbps", "123.5", "--out", str(out)]
     payload = run(argv)
     report = json.loads((out / "report.json").read_text())  # strict JSON: no NaN / Infinity
     assert report["provenance"]["commit"] and report["provenance"]["device"]["type"] == DEVICE
     assert {"torch", "triton"} <= set(report["provenance"]["versions"])
-    assert report["copy_gbps"] > 0
+    assert report["copy_gbps"] == 123.5 and report["complete"]  # the given copy bandwidth, not a new one
     rows = report["rows"]
-    assert len(rows) == 2 * 4 * len(MODES)  # dtypes x providers x modes
+    assert len(rows) == 2 * 5 * len(MODES)  # dtypes x providers x modes
     for r in rows:
         if r["provider"] == "liger":
-            assert r["status"] in ("ok", "not installed")
+            assert r["status"] in (("ok", "not installed") if DEVICE == "cuda" else
+                                   ("n/a: Liger's kernels run on CUDA only",))
             continue
         assert r["status"] == "ok", r
+        if DEVICE == "cpu":
+            assert r["graph_status"] == "n/a: CUDA graphs need a GPU"
+        elif r["mode"] == "bwd":
+            assert r["graph_status"] == "n/a: a retained backward is not replayed"
+        else:  # the replay is the device time alone: never slower than do_bench's launch-and-run by much
+            assert r["graph_status"] == "ok" and 0 < r["graph_ms_p50"] < 1.5 * r["ms_p50"], r
+            assert r["host_ms"] == pytest.approx(r["ms_p50"] - r["graph_ms_p50"])
         assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"]
         assert r["gbps"] > 0 and r["copy_fraction"] > 0
         if r["provider"].startswith("fused"):

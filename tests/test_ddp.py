@@ -69,3 +69,22 @@ def test_ddp_matches_single_process(tmp_path):
     seed_everything(cfg.seed)
     init = dict(create_model(cfg.model, cfg.exits).named_parameters())
     assert max((init[n] - p).abs().max().item() for n, p in ref.items()) > 1e-3  # training moved the weights
+
+
+def test_ddp_wraps_the_model_before_compile(tmp_path, monkeypatch):
+    """torch.compile(DDP(model)), never DDP(torch.compile(model)); `model` stays the bare module."""
+    from torch import nn
+
+    import engine.distributed
+    from engine.setup_run import build_components
+
+    class Tag(nn.Module):
+        def __init__(self, kind: str, inner: nn.Module):
+            super().__init__()
+            self.kind, self.inner = kind, inner
+
+    monkeypatch.setattr(engine.distributed, "wrap_ddp", lambda m, info, find_unused: Tag("ddp", m))
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: Tag("compile", m))
+    c = build_components(tiny_config(tmp_path, *OVERRIDES, "precision.compile=true"), "cpu")
+    assert c.train_model.kind == "compile" and c.train_model.inner.kind == "ddp"
+    assert c.train_model.inner.inner is c.model and not isinstance(c.model, Tag)

@@ -1,4 +1,5 @@
-"""`selfdistill profile exits` on CPU with tiny settings, and the FLOP counter against hand counts."""
+"""`selfdistill profile exits` with tiny settings on the default device (the GPU where there is one), and the FLOP
+counter against hand counts."""
 import json
 
 import pytest
@@ -6,8 +7,10 @@ import torch
 from torch import nn
 
 from bench import exits as profile
-from bench.common import count_flops
+from bench.common import count_flops, resolve_device
 from engine.models.heads import BottleneckHead
+
+DEVICE = resolve_device("auto").type  # what the profiler picks without --device
 
 TINY = ["model.stem=cifar", "model.width=0.25", "model.depths=[1,1,1,1]", "model.num_classes=10",
         "model.in_chans=1", "data.image_size=8"]
@@ -100,7 +103,11 @@ def _check_common(rep: dict, batch_sizes: list[int], modes: list[str]) -> None:
     assert meas["status"] == "ok" and meas["full_ms_per_image"]["mean"] > 0
     for r in meas["per_threshold"]:
         assert r["agreement_with_simulation"] == 1.0 and r["ms_per_image"]["mean"] > 0
-    assert rep["nvml_status"].startswith("unavailable")
+    if DEVICE == "cpu":
+        assert rep["nvml_status"] == "unavailable: not a CUDA device"
+    else:
+        assert rep["nvml_status"] == "ok" or rep["nvml_status"].startswith("unavailable: ")
+    assert rep["provenance"]["device"]["type"] == DEVICE
 
 
 def test_profile_exits_random_init_with_data(tmp_path):
@@ -117,7 +124,7 @@ def test_profile_exits_random_init_with_data(tmp_path):
     assert all(r["top1"] is not None for r in rep["policy"])
     assert rep["policy"][0]["top1"] == pytest.approx(rep["accuracy"]["exit0"]["top1"])
     md = (out / "report.md").read_text()
-    assert "BYOT claim" in md and "CPU run" in md and "Early-exit policy" in md
+    assert "BYOT claim" in md and "Early-exit policy" in md and ("CPU run" in md) == (DEVICE == "cpu")
 
 
 def test_profile_exits_without_data_and_plots(tmp_path):
@@ -126,8 +133,9 @@ def test_profile_exits_without_data_and_plots(tmp_path):
             *[a for a in FAST if a != "--no-plots"], "--out", str(out), *TINY]
     assert profile.main(args) == 0
     rep = json.loads((out / "report.json").read_text())
-    _check_common(rep, [2], ["eager"])
-    assert rep["settings"]["modes"] == ["eager"]  # cudagraph needs CUDA: dropped on CPU
+    modes = ["eager", "cudagraph"] if DEVICE == "cuda" else ["eager"]  # cudagraph needs CUDA: dropped on CPU
+    _check_common(rep, [2], modes)
+    assert rep["settings"]["modes"] == modes
     assert rep["accuracy"] == {} and rep["accuracy_source"].startswith("no data")
     assert all(r["top1"] is None for r in rep["policy"])
     for png in ("latency.png", "speedup.png", "early_exit.png"):
