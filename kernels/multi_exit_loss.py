@@ -18,8 +18,8 @@ Nothing is written into an input. No double backward. Out-of-range labels make t
 Eager calls go through a plain torch.autograd.Function with flat tensor arguments; under torch.compile the same
 kernels run as the torch.library ops selfdistill::multi_exit_loss / _backward (fake implementations included), so
 tracing has no graph break. Validation and launch parameters are computed once per configuration (`_plan`).
-One caveat of the single-launch reduction: a scratch buffer and a ticket counter per device are reused by every
-call, so two calls must not run concurrently on different streams of one device.
+One caveat of the single-launch reduction: each configuration owns a scratch buffer and a ticket counter that all
+its calls reuse, so two calls of one configuration must not run concurrently on different streams.
 Memory between the passes: per-row statistics only (the gradient is recomputed), so the peak extra memory is the
 logits' gradient itself.
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -83,11 +83,9 @@ class Plan:
     grid: tuple[int]
     stats_size: int
     part_stride: int
-
-    def align(self, *streams: Tensor) -> int:
-        """V when every row of the streams starts on a 16-byte vector (vectorised loads), else 1."""
-        v = self.meta["V"]
-        return v if self.C % v == 0 and all(t.stride(0) % v == 0 for t in streams) else 1
+    row_strides: tuple  # of contiguous logits and features: ((C,) * E, (D,) * E)
+    part: Tensor  # fp32 scratch: every program's partial sums
+    ticket: Tensor  # int32 [1], 0 between launches: zeroed once here, reset by each launch's last program
 
 
 def _pow_of(temperature: float) -> tuple[int, bool]:
@@ -123,15 +121,15 @@ def _plan(opts: LossOptions, E: int, B: int, C: int, D: int, z_dtype: torch.dtyp
         raise ValueError(f"logits: each exit must be [B, C] with C >= 2, got C = {C}")
     if z_dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits: dtype {z_dtype} is not supported; use float32, bfloat16 or float16")
-    if y_shape != (B,) or y_dtype.is_floating_point or y_dtype == torch.bool:
+    if tuple(y_shape) != (B,) or y_dtype.is_floating_point or y_dtype == torch.bool:
         raise ValueError(f"targets: expected integer labels of shape ({B},), got {tuple(y_shape)} {y_dtype}")
     _check_device(device)
     if opts.teacher == "deepest" and E < 2:
         raise ValueError("teacher='deepest' needs at least two exits (the deepest one is the teacher)")
-    if opts.teacher == "logits" and (t_shape != (B, C) or t_dtype not in FLOAT_DTYPES):
+    if opts.teacher == "logits" and (t_shape is None or tuple(t_shape) != (B, C) or t_dtype not in FLOAT_DTYPES):
         raise ValueError(f"teacher_logits: teacher='logits' needs a float [{B}, {C}] tensor, got "
-                         f"{None if t_shape is None else (t_shape, t_dtype)}")
-    if opts.teacher == "closed_form" and (b_shape != (B,) or not b_dtype.is_floating_point):
+                         f"{None if t_shape is None else (tuple(t_shape), t_dtype)}")
+    if opts.teacher == "closed_form" and (b_shape is None or tuple(b_shape) != (B,) or not b_dtype.is_floating_point):
         raise ValueError(f"soft_b: teacher='closed_form' needs a float [{B}] tensor of true-class masses")
     if opts.hint != "none" and f_dtype not in FLOAT_DTYPES:
         raise TypeError(f"features: dtype {f_dtype} is not supported")
@@ -152,107 +150,114 @@ def _plan(opts: LossOptions, E: int, B: int, C: int, D: int, z_dtype: torch.dtyp
     fwd_meta = dict(meta, KD_KL=opts.kd == "kl", SMOOTH=ce_b != 1.0, POW_S=pow_s, POW_T=pow_t,
                     PART_STRIDE=part_stride, BLOCK_P=max(1, min(triton.next_power_of_2(grid[0]), 4096 // part_stride)))
     weights = torch.tensor(w, dtype=torch.float32, device=device)  # once per configuration, not per step
+    part = torch.empty(grid[0] * part_stride, dtype=torch.float32, device=device)
+    ticket = torch.zeros(1, dtype=torch.int32, device=device)
     scalars = (opts.ignore_index, 1.0 / t, 1.0 / ts, t * t if opts.t_squared else 1.0, ce_b, opts.log_eps)
     return Plan(opts, E, B, C, D, device, tuple(wh != 0.0 for _, _, wh in w), weights, scalars,
-                1.0 / max(B * D, 1), meta, fwd_meta, grid, (_ROW_STATS * E + 2) * B + E + 1, part_stride)
+                1.0 / max(B * D, 1), meta, fwd_meta, grid, (_ROW_STATS * E + 2) * B + E + 1, part_stride,
+                ((C,) * E, (D,) * E), part, ticket)
 
 
 def plan_for(opts: LossOptions, logits: Sequence[Tensor], targets: Tensor, features: Sequence[Tensor],
              teacher_logits: Optional[Tensor], soft_b: Optional[Tensor]) -> Plan:
-    """The cached plan of these inputs; the per-call checks are the ones a cache hit cannot vouch for."""
+    """The cached plan of these inputs. The per-call checks are the ones a cache hit cannot vouch for (the exits
+    agree with the first one); a tensor on another device fails at the launch."""
     if not logits:
         raise ValueError("logits: need at least one exit")
     z0 = logits[0]
-    if z0.dim() != 2:
-        raise ValueError(f"logits: each exit must be [B, C], got {tuple(z0.shape)}")
+    shape, dtype = z0.shape, z0.dtype
+    if len(shape) != 2:
+        raise ValueError(f"logits: each exit must be [B, C], got {tuple(shape)}")
     for i in range(1, len(logits)):
-        z = logits[i]
-        if z.shape != z0.shape or z.dtype != z0.dtype or z.device != z0.device:
-            raise ValueError(f"logits[{i}]: {tuple(z.shape)} {z.dtype} {z.device} differs from logits[0]: "
-                             f"{tuple(z0.shape)} {z0.dtype} {z0.device}")
-    B, C = z0.shape
+        if logits[i].shape != shape or logits[i].dtype != dtype:
+            raise ValueError(f"logits[{i}]: {tuple(logits[i].shape)} {logits[i].dtype} differs from logits[0]: "
+                             f"{tuple(shape)} {dtype}")
     D, f_dtype = 0, None
     if opts.hint != "none":
         if len(features) != len(logits):
             raise ValueError(f"hint={opts.hint!r} needs features: one [B, D] tensor per exit, got {len(features)} "
                              f"for {len(logits)} exits")
-        f0 = features[0]
-        D, f_dtype = (f0.shape[1] if f0.dim() == 2 else 0), f0.dtype
+        f_shape, f_dtype = features[0].shape, features[0].dtype
         for i, f in enumerate(features):
-            if f.dim() != 2 or f.shape != (B, D) or f.dtype != f_dtype or f.device != z0.device:
-                raise ValueError(f"features[{i}]: every exit needs the same [B={B}, D] float shape, dtype and "
-                                 f"device, got {tuple(f.shape)} {f.dtype} {f.device}")
-    for name, t in (("targets", targets), ("teacher_logits", teacher_logits), ("soft_b", soft_b)):
-        if t is not None and t.device != z0.device:
-            raise ValueError(f"{name}: on {t.device}, the logits are on {z0.device}")
-    t_meta = (tuple(teacher_logits.shape), teacher_logits.dtype) if teacher_logits is not None else (None, None)
-    b_meta = (tuple(soft_b.shape), soft_b.dtype) if soft_b is not None else (None, None)
-    return _plan(opts, len(logits), B, C, D, z0.dtype, f_dtype, *t_meta, *b_meta, tuple(targets.shape),
+            if len(f.shape) != 2 or f.shape != f_shape or f.shape[0] != shape[0] or f.dtype != f_dtype:
+                raise ValueError(f"features[{i}]: every exit needs the same [B={shape[0]}, D] float shape and "
+                                 f"dtype, got {tuple(f.shape)} {f.dtype}")
+        D = f_shape[1]
+    t_meta = (teacher_logits.shape, teacher_logits.dtype) if teacher_logits is not None else (None, None)
+    b_meta = (soft_b.shape, soft_b.dtype) if soft_b is not None else (None, None)
+    return _plan(opts, len(logits), shape[0], shape[1], D, dtype, f_dtype, *t_meta, *b_meta, targets.shape,
                  targets.dtype, z0.device)
 
 
 # --------------------------------------------------------------------------------------------- launches
 
 
-@functools.lru_cache(maxsize=16)
-def _scratch(device: torch.device) -> dict:
-    # the ticket must read 0 before a launch: zeroed once here, reset by the last program of every launch
-    return {"ticket": torch.zeros(1, dtype=torch.int32, device=device), "part": torch.empty(0, device=device)}
-
-
-def _part(plan: Plan) -> tuple[Tensor, Tensor]:
-    s = _scratch(plan.device)
-    need = plan.grid[0] * plan.part_stride
-    if s["part"].numel() < need:
-        s["part"] = torch.empty(max(need, 2 * s["part"].numel()), dtype=torch.float32, device=plan.device)
-    return s["part"], s["ticket"]
-
-
 def _unit_col(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _streams(plan: Plan, logits, features, teacher_logits, soft_b, targets):
-    zs = tuple(_unit_col(z) for z in logits)
-    fs = tuple(_unit_col(f) for f in features) if plan.D else zs
-    tz = _unit_col(teacher_logits) if teacher_logits is not None else zs[0]
+class Streams(NamedTuple):
+    """The tensors and row strides a launch reads, prepared once per forward and kept for the backward."""
+
+    zs: tuple[Tensor, ...]
+    fs: tuple[Tensor, ...]
+    tz: Tensor
+    y: Tensor
+    brow: Tensor
+    teacher: Optional[Tensor]  # the tensors to save for the backward (None where the plan has none)
+    soft_b: Optional[Tensor]
+    strides: tuple  # (row strides of zs, of fs, of tz)
+    align: int
+
+
+def streams(plan: Plan, logits, targets, features, teacher_logits, soft_b) -> Streams:
+    if all(z.is_contiguous() for z in logits) and all(f.is_contiguous() for f in features):
+        zs, fs = tuple(logits), tuple(features)
+        zst, fst = plan.row_strides
+    else:
+        zs = tuple(_unit_col(z) for z in logits)
+        fs = tuple(_unit_col(f) for f in features)
+        zst, fst = tuple(z.stride(0) for z in zs), tuple(f.stride(0) for f in fs)
+    tz = _unit_col(teacher_logits) if teacher_logits is not None else None
     y = targets if targets.stride(0) == 1 else targets.contiguous()
-    brow = soft_b if soft_b is None or soft_b.stride(0) == 1 else soft_b.contiguous()
-    return zs, fs, tz, y, brow if brow is not None else plan.weights
+    b = soft_b if soft_b is None or soft_b.stride(0) == 1 else soft_b.contiguous()
+    t_stride = tz.stride(0) if tz is not None else 0
+    v = plan.meta["V"]
+    align = v if plan.C % v == 0 and all(st % v == 0 for st in zst) and t_stride % v == 0 else 1
+    # without a logits teacher or a closed-form target the kernels never read those pointers: any tensor will do
+    return Streams(zs, fs if plan.D else zs, tz if tz is not None else zs[0], y, b if b is not None else plan.weights,
+                   tz, b, (zst, fst if plan.D else zst, t_stride), align)
 
 
-def forward(plan: Plan, logits, targets, features, teacher_logits, soft_b) -> tuple[Tensor, Tensor, Tensor]:
+def forward(plan: Plan, st: Streams) -> tuple[Tensor, Tensor, Tensor]:
     """(total [], losses [E, 3], saved statistics)."""
-    zs, fs, tz, y, brow = _streams(plan, logits, features, teacher_logits, soft_b, targets)
     f32 = dict(dtype=torch.float32, device=plan.device)
     total, losses, stats = torch.empty((), **f32), torch.empty((plan.E, 3), **f32), torch.empty(plan.stats_size, **f32)
-    part, ticket = _part(plan)
+    zst, fst, t_stride = st.strides
     K._fwd_kernel[plan.grid](
-        zs, tuple(z.stride(0) for z in zs), fs, tuple(f.stride(0) for f in fs), tz, tz.stride(0), y, brow,
-        plan.weights, stats, part, ticket, total, losses, plan.B, plan.C, plan.D, *plan.scalars, plan.inv_bd,
-        ALIGN=plan.align(*zs, tz), **plan.fwd_meta)
+        st.zs, zst, st.fs, fst, st.tz, t_stride, st.y, st.brow, plan.weights, stats, plan.part, plan.ticket, total,
+        losses, plan.B, plan.C, plan.D, *plan.scalars, plan.inv_bd, ALIGN=st.align, **plan.fwd_meta)
     return total, losses, stats
 
 
-def backward(plan: Plan, grad: Tensor, stats: Tensor, logits, targets, features, teacher_logits,
-             soft_b) -> tuple[Tensor, Tensor]:
+def backward(plan: Plan, grad: Tensor, stats: Tensor, st: Streams) -> tuple[Tensor, Optional[Tensor]]:
     """(d logits [E, B, C] in the logits' dtype, d features [E, B, D] in theirs; rows of unhinted exits unset)."""
-    zs, fs, tz, y, brow = _streams(plan, logits, features, teacher_logits, soft_b, targets)
-    dz = torch.empty((plan.E, plan.B, plan.C), dtype=zs[0].dtype, device=plan.device)
-    df = torch.empty((plan.E, plan.B, plan.D), dtype=fs[0].dtype, device=plan.device) if plan.D else dz
+    dz = torch.empty((plan.E, plan.B, plan.C), dtype=st.zs[0].dtype, device=plan.device)
+    df = torch.empty((plan.E, plan.B, plan.D), dtype=st.fs[0].dtype, device=plan.device) if plan.D else dz
+    zst, fst, t_stride = st.strides
     K._bwd_kernel[plan.grid](
-        zs, tuple(z.stride(0) for z in zs), fs, tuple(f.stride(0) for f in fs), tz, tz.stride(0), y, brow,
-        plan.weights, stats, grad, grad.stride(0), grad.stride(1), dz, df, plan.B, plan.C, plan.D, *plan.scalars,
-        ALIGN=plan.align(*zs, tz), **plan.meta)
+        st.zs, zst, st.fs, fst, st.tz, t_stride, st.y, st.brow, plan.weights, stats, grad,
+        *(grad.stride() if grad.dim() else (0, 0)), dz, df, plan.B, plan.C, plan.D, *plan.scalars, ALIGN=st.align,
+        **plan.meta)
     return dz, (df if plan.D else None)
 
 
-def upstream(g_total: Optional[Tensor], g_losses: Optional[Tensor], E: int) -> Optional[Tensor]:
-    """[E, 3] fp32 upstream gradient of every term: a broadcast view when only `total` was used (no copy)."""
+def upstream(g_total: Optional[Tensor], g_losses: Optional[Tensor]) -> Optional[Tensor]:
+    """The fp32 upstream gradient of every term: [E, 3], or the scalar gradient of `total` alone, which the
+    kernel reads with zero strides (no copy, no broadcast)."""
     if g_total is None:
         return None if g_losses is None else g_losses.float()
-    g = g_total.float().expand(E, 3)
-    return g if g_losses is None else g + g_losses.float()
+    return g_total.float() if g_losses is None else g_losses.float() + g_total.float()
 
 
 # --------------------------------------------------------------------------------------------- eager autograd
@@ -261,26 +266,30 @@ def upstream(g_total: Optional[Tensor], g_losses: Optional[Tensor], E: int) -> O
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: Plan, targets, teacher_logits, soft_b, *tensors):
-        logits, features = tensors[:plan.E], tensors[plan.E:]
-        total, losses, stats = forward(plan, logits, targets, features, teacher_logits, soft_b)
+        st = streams(plan, tensors[:plan.E], targets, tensors[plan.E:], teacher_logits, soft_b)
+        total, losses, stats = forward(plan, st)
         ctx.set_materialize_grads(False)  # unused outputs get no zero-filled gradients
-        ctx.plan = plan
-        ctx.save_for_backward(stats, targets, teacher_logits, soft_b, *tensors)
+        ctx.plan, ctx.streams = plan, (st.strides, st.align, len(st.fs) if plan.D else 0)
+        ctx.save_for_backward(stats, st.y, st.teacher, st.soft_b, *st.zs, *(st.fs if plan.D else ()))
         return total, losses
 
     @staticmethod
     def backward(ctx, g_total, g_losses):
         plan = ctx.plan
-        stats, targets, teacher_logits, soft_b, *tensors = ctx.saved_tensors
-        n_in = 4 + len(tensors)
-        g = upstream(g_total, g_losses, plan.E)
+        stats, y, teacher, soft_b, *tensors = ctx.saved_tensors
+        n_feats = len(tensors) - plan.E
+        g = upstream(g_total, g_losses)
         if g is None:
-            return (None,) * n_in
-        logits, features = tensors[:plan.E], tensors[plan.E:]
-        dz, df = backward(plan, g, stats, logits, targets, features, teacher_logits, soft_b)
-        d_feats = [df[e] if h else None for e, h in enumerate(plan.hinted)] if df is not None else \
-            [None] * len(features)
-        return (None, None, None, None, *dz.unbind(0), *d_feats)
+            return (None,) * (4 + len(tensors))
+        strides, align, _ = ctx.streams
+        zs, fs = tuple(tensors[:plan.E]), tuple(tensors[plan.E:])
+        st = Streams(zs, fs or zs, teacher if teacher is not None else zs[0], y,
+                     soft_b if soft_b is not None else plan.weights, teacher, soft_b, strides, align)
+        dz, df = backward(plan, g, stats, st)
+        if df is None:
+            return (None, None, None, None, *dz.unbind(0), *([None] * n_feats))
+        d_feats = df.unbind(0)
+        return (None, None, None, None, *dz.unbind(0), *[d if h else None for d, h in zip(d_feats, plan.hinted)])
 
 
 # --------------------------------------------------------------------------------------------- torch.library ops
@@ -295,7 +304,7 @@ def _loss_op(logits: list[Tensor], targets: Tensor, features: list[Tensor], teac
              soft_b: Optional[Tensor], options: str) -> tuple[Tensor, Tensor, Tensor]:
     """(total [], losses [E, 3], saved statistics); `options` is LossOptions.encoded."""
     plan = _plan_from(logits, targets, features, teacher_logits, soft_b, options)
-    return forward(plan, logits, targets, features, teacher_logits, soft_b)
+    return forward(plan, streams(plan, logits, targets, features, teacher_logits, soft_b))
 
 
 @_loss_op.register_fake
@@ -311,7 +320,7 @@ def _backward_op(grad: Tensor, stats: Tensor, logits: list[Tensor], targets: Ten
                  teacher_logits: Optional[Tensor], soft_b: Optional[Tensor], options: str) -> tuple[Tensor, Tensor]:
     """(d logits [E, B, C], d features [E, B, D], or an empty tensor without a hint)."""
     plan = _plan_from(logits, targets, features, teacher_logits, soft_b, options)
-    dz, df = backward(plan, grad, stats, logits, targets, features, teacher_logits, soft_b)
+    dz, df = backward(plan, grad, stats, streams(plan, logits, targets, features, teacher_logits, soft_b))
     return dz, (df if df is not None else dz.new_empty(0))
 
 
@@ -334,7 +343,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward_formula(ctx, g_total, g_losses, _):
     stats, targets, teacher_logits, soft_b, *rest = ctx.saved_tensors
     logits, features = rest[:ctx.num_exits], rest[ctx.num_exits:]
-    g = upstream(g_total, g_losses, ctx.num_exits)
+    g = upstream(g_total, g_losses).expand(ctx.num_exits, 3)
     dz, df = torch.ops.selfdistill.multi_exit_loss_backward(g, stats, logits, targets, features, teacher_logits,
                                                             soft_b, ctx.options)
     hinted = [w[2] != 0.0 for w in resolve_weights(LossOptions.decode(ctx.options), ctx.num_exits)]

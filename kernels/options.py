@@ -92,8 +92,12 @@ class LossOptions:
         object.__setattr__(self, "ignore_index", int(self.ignore_index))
         if self.block_c < 0 or (self.block_c & (self.block_c - 1)):
             raise ValueError(f"block_c: {self.block_c} must be 0 (automatic) or a power of two")
-        # encoded once: torch.compile reads it as a constant attribute, eager launches never re-encode
+        # encoded and hashed once: torch.compile reads `encoded` as a constant, and the per-call plan lookup hashes
         object.__setattr__(self, "encoded", json.dumps(asdict(self), sort_keys=True))
+        object.__setattr__(self, "_hash", hash(self.encoded))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def log_eps_on_kd(self) -> bool:

@@ -71,6 +71,7 @@ class FusedCall:
 
     def __init__(self, opts: LossOptions, names: dict[str, tuple[int, int]]):
         self.opts, self.names = opts, names
+        self.flat = [(name, 3 * e + k) for name, (e, k) in names.items()]
 
     def __call__(self, logits: Tensor | list[Tensor], targets: Tensor, features: Optional[list[Tensor]] = None,
                  teacher_logits: Optional[Tensor] = None,
@@ -78,8 +79,8 @@ class FusedCall:
         zs = [logits] if isinstance(logits, Tensor) else logits
         total, losses = fused_loss(zs, targets, self.opts, features=features, teacher_logits=teacher_logits,
                                    soft_b=soft_b)
-        losses = losses.detach()
-        return total, {name: losses[e, k] for name, (e, k) in self.names.items()}
+        values = losses.detach().view(-1).unbind(0)  # one call for every term's view
+        return total, {name: values[i] for name, i in self.flat}
 
 
 def byot_call(b, weights) -> FusedCall:

@@ -1,0 +1,127 @@
+"""Host time and device operations of one fused-loss forward + backward, with the Triton launches stubbed out.
+
+`selfdistill bench kernels --host-overhead` reports, for the BYOT objective's fused path at the headline shape:
+    host_us    our own host code per forward + backward (median), the two Triton launches replaced by no-ops
+    launches   device operations that read or write memory: the Triton launches plus every other aten op
+               (views, allocations and metadata are free), e.g. the fill of `total.backward()`
+and the same for the eager PyTorch reference, for scale. The stubs make the figures independent of the device and
+of the interpreter; on a GPU machine the launches' own host cost (Triton's launcher) comes on top.
+tests/test_kernels_launches.py asserts the launch count with the same counters; bench/benchmarks_host.py times the
+same calls under pytest-benchmark (`pytest bench/benchmarks_host.py --benchmark-only`).
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Callable, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# aten ops that move no data: allocation without initialisation, views, metadata
+FREE_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view", "select",
+            "slice", "unbind", "expand", "as_strided", "detach", "alias", "t", "transpose", "permute", "unsqueeze",
+            "squeeze", "_reshape_alias", "reshape", "lift_fresh", "split", "chunk", "set_"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it that touch memory, and the bytes allocated by the free ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.allocated = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in FREE_OPS:
+            if name.startswith(("empty", "new_empty")):
+                self.allocated += out.numel() * out.element_size()
+        else:
+            self.ops.append(name)
+        return out
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[list[str]]:
+    """Replace the fused kernels' launches by no-ops that record the kernel's name."""
+    from kernels import multi_exit_triton as K
+
+    launched: list[str] = []
+
+    class Stub:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.fn.__name__)
+
+    saved = K._fwd_kernel, K._bwd_kernel
+    K._fwd_kernel, K._bwd_kernel = Stub(saved[0]), Stub(saved[1])
+    try:
+        yield launched
+    finally:
+        K._fwd_kernel, K._bwd_kernel = saved
+
+
+def byot_step(num_exits: int = 4, batch: int = 256, classes: int = 1000, dim: int = 512,
+              dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", backend: str = "triton"
+              ) -> Callable[[], None]:
+    """One forward + backward of the BYOT objective's loss (engine defaults) on fixed exit tensors."""
+    from engine.config import load_config
+    from engine.objectives import build_objective
+    from engine.types import Batch, ExitOutputs
+
+    cfg = load_config(None, [f"objective.backend={backend}"])
+    objective = build_objective(cfg, num_exits, torch.device(device))
+    g = torch.Generator().manual_seed(0)
+    logits = [(torch.randn(batch, classes, generator=g) * 3).to(device, dtype).requires_grad_()
+              for _ in range(num_exits)]
+    feats = [torch.randn(batch, dim, generator=g).relu().to(device, dtype).requires_grad_() for _ in range(num_exits)]
+    out = ExitOutputs(logits, feats)
+    b = Batch(torch.empty(0, device=device), torch.randint(0, classes, (batch,), generator=g).to(device))
+
+    def step() -> None:
+        for t in logits + feats:  # zero_grad(set_to_none=True): gradients are assigned, not accumulated
+            t.grad = None
+        objective.loss(out, b).total.backward()
+
+    return step
+
+
+def count(step: Callable[[], None]) -> dict:
+    """Launches and other memory-touching ops of one call, with the fused kernels stubbed."""
+    step()  # warm-up: per-configuration plans, the reduction scratch buffer
+    with stubbed_launches() as launched, OpCounter() as ops:
+        step()
+    return {"triton": len(launched), "aten": ops.ops, "launches": len(launched) + len(ops.ops),
+            "allocated_bytes": ops.allocated}
+
+
+def host_us(step: Callable[[], None], reps: int = 200, stub: bool = True) -> dict:
+    """Median and p20/p80 host microseconds per call (launches stubbed unless stub=False)."""
+    ctx = stubbed_launches() if stub else contextlib.nullcontext()
+    with ctx:
+        for _ in range(max(3, reps // 10)):
+            step()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e6)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return {"median": statistics.median(times), "p20": q[1], "p80": q[7], "reps": reps}
+
+
+def report(device: torch.device, reps: int = 200) -> dict:
+    """The --host-overhead figures: fused BYOT objective vs the eager reference, same shape and inputs."""
+    fused = byot_step(device=device)
+    eager = byot_step(device=device, backend="torch")
+    counts, eager_counts = count(fused), count(eager)
+    return {"shape": "E=4 B=256 C=1000 D=512 bf16, BYOT defaults", "device": str(device),
+            "host_us": host_us(fused, reps), "launches": counts["launches"], "triton_launches": counts["triton"],
+            "other_ops": counts["aten"], "eager_host_us": host_us(eager, reps, stub=False),
+            "eager_launches": eager_counts["launches"],
+            "target": {"host_us": 60.0, "launches": 3}}
