@@ -2,9 +2,10 @@
 
     selfdistill bench kernels [--device auto|cuda|cpu] [--exits 2,4] [--batch 64,256,1024]
                               [--classes 10,100,1000,32000] [--dtypes fp32,bf16] [--modes fwd,bwd,fwd+bwd]
-                              [--providers eager,compile,compile-ro,liger,fused,fused-recompute] [--feature-dim 512]
+                              [--providers eager,compile,compile-ro,liger,fused] [--feature-dim 512]
                               [--extra 4x4096x32000] [--graphs] [--copy-gbps X] [--compile-backend inductor]
                               [--warmup-ms 25] [--rep-ms 100] [--quick] [--out DIR]
+    selfdistill bench kernels --host-overhead [--device ...] [--out DIR]
     (= python3 -m bench.kernels ...; on a GPU: python3 -m bench.kernels --device cuda [--quick])
 
 The loss is BYOT's (engine defaults: CE at every exit with weight 1 - alpha, KL(deepest / T || exit_i / T) * T^2
@@ -16,9 +17,12 @@ plus features, one labelled row in 16 ignored. Providers, timed side by side on 
     compile-ro  the same with mode="reduce-overhead" (torch.compile's own CUDA graphs)
     liger    Liger-Kernel composed per exit: LigerKLDIVLoss on log_softmax(z/T) and LigerCrossEntropyLoss, torch
              hints ("not installed" when liger-kernel is missing: pip install liger-kernel; CUDA only)
-    fused    kernels.multi_exit_loss with its default options
-    fused-recompute  the same with recompute_grad=True (the backward rebuilds the gradient from the logits)
+    fused    kernels.multi_exit_loss.fused_loss, backpropagated through its total as the objectives do
+The options of every provider come from engine.objectives.fused.loss_options, as in training.
 Modes: fwd (forward with autograd recording), bwd (backward of a retained graph), fwd+bwd.
+--host-overhead instead reports the host side of the BYOT objective's fused forward + backward (bench/host_overhead.py:
+host_us with the two launches stubbed, and `launches`, every device operation that touches memory) next to the eager
+reference's.
 
 GPU timing: triton.testing.do_bench, median and p20/p80 (ms), L2 flushed between calls. With --graphs the fwd and
 fwd+bwd calls are also captured in a CUDA graph and its replays timed the same way: the replay is device time
@@ -65,7 +69,7 @@ from bench.common import (
     resolve_device,
 )
 
-PROVIDERS = ("eager", "compile", "compile-ro", "liger", "fused", "fused-recompute")
+PROVIDERS = ("eager", "compile", "compile-ro", "liger", "fused")
 BASELINES = ("eager", "compile", "compile-ro", "liger")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,28 +102,25 @@ class Case:
     def useful_bytes(self, mode: str) -> int:
         return self.io_bytes() * (2 if mode == "fwd+bwd" else 1)
 
-    def kernel_bytes(self, mode: str, recompute: bool) -> int:
-        """Compulsory traffic of the fused kernels. fwd: read logits + features, write the fp32 raw hint gradient
-        (+ the saved logits gradient); bwd: read the saved gradient (or the logits again) and the raw hint gradient,
-        write both gradients. The deepest exit is the teacher, so teacher rows are logits rows (shared in L2)."""
+    def kernel_bytes(self, mode: str) -> int:
+        """Compulsory traffic of the fused kernels: fwd reads the logits and features once (the per-row statistics
+        it keeps are E * 5 fp32 values per row, negligible); bwd reads them again and writes their gradients. The
+        deepest exit is the teacher, so its rows are read once and shared by every exit."""
         s = DTYPES[self.dtype].itemsize
-        logits, feats, raw = self.E * self.B * self.C * s, self.E * self.B * self.D * s, self.E * self.B * self.D * 4
-        fwd = logits + feats + raw + (0 if recompute else logits)
-        bwd = logits + raw + logits + feats
-        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+        io = self.E * self.B * (self.C + self.D) * s
+        return {"fwd": io, "bwd": 2 * io, "fwd+bwd": 3 * io}[mode]
 
 
 # --------------------------------------------------------------------------------------------- the loss
 
 
-def byot_options(num_exits: int, feature_dim: int) -> dict[str, Any]:
-    from engine.config import ByotConfig
-    from engine.objectives.byot import ByotWeights
+def byot_options(num_exits: int, feature_dim: int):
+    """The fused loss options of the BYOT objective's defaults, built as training builds them."""
+    from engine.config import load_config
+    from engine.objectives.fused import loss_options
 
-    b = ByotConfig()
-    w = ByotWeights.from_config(b, num_exits)
-    return dict(teacher="deepest", ce_weight=list(w.ce), kd_weight=list(w.kd), hint_weight=list(w.hint),
-                temperature=b.temperature, kd=b.kd, t_squared=b.t_squared, hint=b.hint if feature_dim else "none")
+    cfg = load_config(None, [] if feature_dim else ["objective.byot.hint=none"])
+    return loss_options(cfg, num_exits)
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> tuple[list, list, torch.Tensor]:
@@ -136,7 +137,7 @@ def leaves(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach().clone().requires_grad_(True) for t in tensors]
 
 
-def liger_loss_fn(opts: dict[str, Any]) -> Callable | str:
+def liger_loss_fn(opts) -> Callable | str:
     """Liger's CE and KL-div kernels composed per exit, or why not."""
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
@@ -145,19 +146,19 @@ def liger_loss_fn(opts: dict[str, Any]) -> Callable | str:
     from engine.objectives.byot import hint_loss
 
     ce, kl = LigerCrossEntropyLoss(ignore_index=-100), LigerKLDIVLoss(reduction="batchmean")
-    T = opts["temperature"]
-    scale = T * T if opts["t_squared"] else 1.0
+    T = opts.temperature
+    scale = T * T if opts.t_squared else 1.0
 
     def fn(z, f, y):
         p = F.softmax(z[-1].detach().float() / T, -1)
         total = z[0].new_zeros((), dtype=torch.float32)
         # KL and hints first: Liger's CE stores its gradient into its input logits (Liger-Kernel issue 272)
         for i in range(len(z) - 1):
-            total = total + opts["kd_weight"][i] * scale * kl(F.log_softmax(z[i].float() / T, -1), p)
-            if f and opts["hint_weight"][i]:
-                total = total + opts["hint_weight"][i] * hint_loss(f[i], f[-1], opts["hint"])
+            total = total + opts.kd_weight[i] * scale * kl(F.log_softmax(z[i].float() / T, -1), p)
+            if f and opts.hint_weight[i]:
+                total = total + opts.hint_weight[i] * hint_loss(f[i], f[-1], opts.hint)
         for i in range(len(z)):
-            total = total + opts["ce_weight"][i] * ce(z[i], y)
+            total = total + opts.ce_weight[i] * ce(z[i], y)
         return total
 
     return fn
@@ -170,7 +171,7 @@ def loss_fns(providers: list[str], fused_ok: str, device: torch.device, compile_
 
     def eager(opts):
         return lambda z, f, y: multi_exit_loss_reference(z, y, features=f or None, dtype=torch.float32,
-                                                         **opts).sum()
+                                                         **opts.as_kwargs()).sum()
 
     compiled: dict[tuple, Callable] = {}
 
@@ -180,7 +181,7 @@ def loss_fns(providers: list[str], fused_ok: str, device: torch.device, compile_
             import torch._functorch.config as functorch_config
 
             functorch_config.donated_buffer = False
-            key = (mode, *sorted((k, str(v)) for k, v in opts.items()))
+            key = (mode, opts)
             if key not in compiled:
                 compiled[key] = torch.compile(eager(opts), dynamic=False, mode=mode, backend=compile_backend)
             fn = compiled[key]
@@ -191,15 +192,14 @@ def loss_fns(providers: list[str], fused_ok: str, device: torch.device, compile_
 
         return factory
 
-    def fused(extra: dict):
-        from kernels.multi_exit_loss import multi_exit_loss
+    def fused(opts):
+        from kernels.multi_exit_loss import fused_loss
 
-        return lambda opts: (lambda z, f, y: multi_exit_loss(z, y, features=f or None, **extra, **opts).sum())
+        return lambda z, f, y: fused_loss(z, y, opts, features=f or None)[0]
 
     liger = liger_loss_fn if device.type == "cuda" else "n/a: Liger's kernels run on CUDA only"
     table = {"eager": eager, "compile": compile_(None), "compile-ro": compile_("reduce-overhead"), "liger": liger,
-             "fused": fused({}) if fused_ok == "ok" else fused_ok,
-             "fused-recompute": fused({"recompute_grad": True}) if fused_ok == "ok" else fused_ok}
+             "fused": fused if fused_ok == "ok" else fused_ok}
     return {p: table[p] for p in providers}
 
 
@@ -303,8 +303,8 @@ def measure_case(case: Case, device: torch.device, args, fns: dict, copy_gbps: f
                        copy_fraction=gbps / copy_gbps, peak_mem_gib=None if mem is None else mem / 2**30,
                        peak_mem_over_grads=None if mem is None else mem / case.io_bytes(), loss=value.item(),
                        abs_diff_vs_eager=err)
-            if provider.startswith("fused"):
-                kgbps = case.kernel_bytes(mode, provider == "fused-recompute") / (med * 1e-3) / 1e9
+            if provider == "fused":
+                kgbps = case.kernel_bytes(mode) / (med * 1e-3) / 1e9
                 row.update(kernel_gbps=kgbps, kernel_copy_fraction=kgbps / copy_gbps)
             if args.graphs:
                 row.update(graph_fields(provider, mode, mode_fn(mode, loss, z, f, y), device, args, z + f, med))
@@ -368,7 +368,7 @@ def targets(rows: list[dict[str, Any]], device: torch.device) -> list[dict[str, 
              if r["provider"].startswith("fused") and r["status"] == "ok"}
     judge = (lambda v, need: None if v is None or device.type != "cuda" else v >= need)  # noqa: E731
     out = []
-    for variant in ("fused", "fused-recompute"):
+    for variant in ("fused",):
         r = fused.get(TARGET_SHAPE + (variant,))
         for other, need in TARGET_SPEEDUPS.items():
             got = r.get(f"speedup_vs_{other}") if r else None
@@ -503,6 +503,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--graphs", action="store_true", help="also time fwd and fwd+bwd as CUDA-graph replays (GPU)")
     p.add_argument("--copy-gbps", type=float, help="copy bandwidth measured earlier (default: measure it here)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile providers")
+    p.add_argument("--host-overhead", action="store_true", help="only the host time and device-op count of the BYOT "
+                   "objective's fused forward + backward, launches stubbed (bench/host_overhead.py)")
+    p.add_argument("--host-reps", type=int, default=500, help="timed calls of --host-overhead")
     p.add_argument("--out", help="report folder (default bench/results/kernels-<date>-<device>/)")
     a = p.parse_args(argv)
     a.modes, a.providers = csv_list(a.modes), csv_list(a.providers)
@@ -538,6 +541,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     'written'."""
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if args.host_overhead:
+        return host_overhead_report(args, device)
     fns = loss_fns(args.providers, fused_status(device), device, args.compile_backend)
     copy_gbps = copy_bandwidth(device, args)
     log(f"bench kernels on {device}: copy bandwidth {copy_gbps:.1f} GB/s")
@@ -550,6 +555,32 @@ def run(argv: list[str]) -> dict[str, Any]:
         log(f"  {case.label()}: {time.perf_counter() - t0:.1f} s")
     payload = write_report(rows, args, device, copy_gbps, out_dir, True)
     log(f"report: {payload['written']['markdown']}")
+    return payload
+
+
+def host_overhead_report(args, device: torch.device) -> dict[str, Any]:
+    status = fused_status(device)
+    if status != "ok":
+        raise SystemExit(f"bench kernels --host-overhead: the fused kernel is {status}")
+    from bench.host_overhead import report
+
+    fig = report(device, args.host_reps)
+    host = fig["host_us"]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    payload = dict(provenance=provenance(device), rows=[], load_average_1min=load, **fig)
+    md = "\n".join([
+        "# Fused multi-exit loss: host overhead", "", provenance_md(payload["provenance"]),
+        f"BYOT objective, {fig['shape']}, one forward + backward (`total.backward()`), the two Triton launches "
+        f"stubbed; {host['reps']} calls, 1-minute load average {load}.", "",
+        md_table(["path", "host us (median)", "p20 / p80", "device ops that touch memory", "target"],
+                 [["fused", f"{host['median']:.1f}", f"{host['p20']:.1f} / {host['p80']:.1f}",
+                   f"{fig['launches']} ({fig['triton_launches']} Triton + {', '.join(fig['other_ops']) or 'none'})",
+                   "<= 60 us, <= 3"],
+                  ["eager PyTorch objective", "-", "-", str(fig["eager_launches"]), "-"]]), ""])
+    out_dir = default_out_dir("kernels-host", device) if args.out is None else Path(args.out)
+    payload["written"] = Report("kernels-host", payload, md).write(out_dir)
+    log(f"host overhead: {host['median']:.1f} us per fwd+bwd, {fig['launches']} device ops; "
+        f"report: {payload['written']['markdown']}")
     return payload
 
 
