@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from engine.checkpoint import atomic_save
-from engine.config import to_dict
+from engine.config import ConfigError, to_dict
 from engine.models import create_model
 from engine.objectives import build_objective
-from engine.config import ConfigError
 from engine.objectives.base import OBJECTIVES, TORCH_ONLY, TRITON_ROUTED
 from engine.objectives.baselines import LOG_EPS
 from engine.types import Batch, ExitOutputs
