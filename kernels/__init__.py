@@ -1,9 +1,11 @@
 """Fused Triton loss kernels (CUDA; CPU only under TRITON_INTERPRET=1) and their PyTorch reference.
 
-    kernels.multi_exit_loss   the fused multi-exit CE / KD / hint op: multi_exit_loss(), MultiExitLoss
+    kernels.options           LossOptions: the frozen options of the op, its fake, its backward and the reference
+    kernels.multi_exit_loss   the fused multi-exit CE / KD / hint op: fused_loss(), multi_exit_loss(), MultiExitLoss
+    kernels.multi_exit_triton the @triton.jit kernels (one forward launch, one backward launch)
     kernels.reference         multi_exit_loss_reference(): the float64/fp32 PyTorch reference (tests, bench)
-    kernels.objective_bridge  byot_terms_triton() and the CE / KD / soft-target term builders of the objectives
-    kernels.aot_check         compile every kernel variant for a GPU target without a GPU
+    kernels.aot_check         compile every launched kernel for sm_90 without a GPU; registers, spills, SASS and MUFU
+                              per logit element, and the issue / MUFU / DRAM time model (kernels.aot_sass parses SASS)
 
-Importing this package does not import triton; the submodules do.
+The package imports nothing from the rest of the project. Importing it does not import triton; the submodules do.
 """
