@@ -196,7 +196,7 @@ def unavailable_reason(spec: RunSpec, args: argparse.Namespace, device: torch.de
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             return "objective.backend=triton needs a CUDA device, or TRITON_INTERPRET=1 (no speed measure) on CPU"
         try:
-            import kernels.objective_bridge  # noqa: F401
+            import engine.objectives.fused  # noqa: F401
         except ImportError as e:
             return f"Triton objective kernels not importable ({e})"
     if spec.loader != "synthetic":
