@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import shutil
 import signal
@@ -22,27 +21,14 @@ import pytest
 import torch
 
 from engine.cli import main
-from tests.helpers import DIGITS, TINY_MODEL
+from tests.helpers import DIGITS, TINY_MODEL, TINY_RUN, records
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = [*TINY_MODEL, *DIGITS, "schedule.epochs=2", "schedule.milestones=[100]", "optim.lr=0.05",
-        "data.limit_train=128", "data.limit_eval=100", "logging.progress=false", "logging.log_every=1"]
-TIMING = ("time", "img_per_s", "run_dir", "plots")  # differ between any two runs
+ARGS = [*TINY_MODEL, *DIGITS, *TINY_RUN, "data.limit_train=128", "data.limit_eval=100"]  # 2 epochs of 2 steps
 
 
 def _train(run: Path, *extra: str) -> int:
     return main(["train", *ARGS, f"checkpoint.dir={run}", "--device", "cpu", *extra])
-
-
-def records(run: Path, name: str = "metrics.jsonl") -> list[dict]:
-    """The run's metrics without timing fields; JSONL records or CSV rows."""
-    if name.endswith(".csv"):
-        import csv
-
-        with open(run / name) as f:
-            return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
-    rows = [json.loads(line) for line in (run / name).read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 def _files(run: Path) -> dict[str, bytes]:
