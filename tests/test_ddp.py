@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,14 @@ def _cli_worker(rank: int, tmp: str, port: int, argv: list, signalled_rank: int)
     (Path(tmp) / f"rank{rank}.rc").write_text(str(rc))
 
 
-def _cli(tmp: Path, argv: list, signalled_rank: int = -1) -> tuple[list[int], list[str]]:
-    mp.spawn(_cli_worker, args=(str(tmp), _free_port(), argv, signalled_rank), nprocs=2, join=True)
+def _cli(tmp: Path, argv: list, signalled_rank: int = -1, limit_s: float = 150) -> tuple[list[int], list[str]]:
+    ctx = mp.spawn(_cli_worker, args=(str(tmp), _free_port(), argv, signalled_rank), nprocs=2, join=False)
+    deadline = time.time() + limit_s
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:  # a rank that stopped alone leaves the other blocked in a collective
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the ranks did not finish within {limit_s} s")
     return ([int((tmp / f"rank{r}.rc").read_text()) for r in (0, 1)],
             [(tmp / f"rank{r}.out").read_text() for r in (0, 1)])
 
