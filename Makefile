@@ -22,7 +22,7 @@ fashion-mnist:
 	fi
 
 demo: install fashion-mnist
-	$(PYTHON) -m engine.cli train --config configs/demo.yaml
+	$(PYTHON) -m engine.cli train --config configs/demo.yaml checkpoint.overwrite=true
 
 test: install-dev fashion-mnist
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q --timeout=900 --durations=15 tests

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import signal
@@ -245,3 +246,24 @@ def test_stop_exit_code_is_3(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.count("--resume auto") == 1
     assert torch.load(run / "last.pt", weights_only=False)["state"]["step"] == 3
+
+
+def test_stopped_generation_chain_exits_3_and_resumes(tmp_path, capsys, monkeypatch):
+    import engine.train as engine_train
+
+    real, calls = engine_train.lr_at, []
+
+    def lr_at(step, *args):
+        calls.append(step)
+        if len(calls) == 6:  # generation 0 took 4 steps; SIGTERM during generation 1's second step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *args)
+
+    monkeypatch.setattr(engine_train, "lr_at", lr_at)
+    run = tmp_path / "run"
+    chain = ["--generations", "2", "objective.name=sd_generation", "exits.stages=[]"]
+    assert _train(run, *chain) == 3
+    assert "generation 1" in capsys.readouterr().out
+    assert not (run / "summary.json").exists()  # the chain is not finished
+    assert _train(run, *chain) == 0
+    assert json.loads((run / "summary.json").read_text())["generations"][0]["skipped"]
