@@ -148,7 +148,7 @@ def _classify(e: BaseException) -> tuple[int, str] | None:
         return EXIT_BAD_INPUT, "checkpoint error"
     if isinstance(e, RunDirError):
         return EXIT_BAD_INPUT, "run directory error"
-    if isinstance(e, OSError) and e.errno in USER_ERRNOS or isinstance(e, (FileNotFoundError, NotADirectoryError)):
+    if (isinstance(e, OSError) and e.errno in USER_ERRNOS) or isinstance(e, (FileNotFoundError, NotADirectoryError)):
         return EXIT_BAD_INPUT, "error"
     if isinstance(e, TrainingDiverged):
         return EXIT_DIVERGED, "training diverged"

@@ -71,17 +71,18 @@ def train(cfg: Config, on_step: Optional[Callable[[int], bool]] = None, device: 
     """Train one run. `on_step(step) -> True` requests a stop like SIGTERM does (used by tests)."""
     ck = open_run(cfg)  # refuses, or loads and checks the checkpoint to resume, before anything is written
     c = build_components(cfg, device)
-    # Resuming cuts the metrics back to what the checkpoint had seen (all of them when there is no checkpoint yet).
-    records = None if ck is None else (ck.get("records") if ck else {"jsonl": 0, "csv": 0})
-    run = RunDir(cfg.checkpoint.dir, cfg, enabled=c.info.is_main, records=records,
-                 overwrite=cfg.checkpoint.overwrite and ck is None)
-    state, window = TrainState(), Window(scaler_skips=c.scaler.is_enabled())
-    if ck:
-        restore(c, ck, cfg)
-        state = TrainState(**ck["state"])
-        if ck.get("window"):
-            window.load_state_dict(ck["window"], c.info.device)
+    run = None
     try:
+        state, window = TrainState(), Window(scaler_skips=c.scaler.is_enabled())
+        if ck:
+            restore(c, ck, cfg)  # a state that does not fit stops the run here, still before any write
+            state = TrainState(**ck["state"])
+            if ck.get("window"):
+                window.load_state_dict(ck["window"], c.info.device)
+        # Resuming cuts the metrics back to what the checkpoint had seen (all of them when there is none yet).
+        records = None if ck is None else (ck.get("records") if ck else {"jsonl": 0, "csv": 0})
+        run = RunDir(cfg.checkpoint.dir, cfg, enabled=c.info.is_main, records=records,
+                     overwrite=cfg.checkpoint.overwrite and ck is None)
         with StopFlag() as stop:
             finished = _loop(cfg, c, run, state, window, stop, on_step)
         summary = _finish(cfg, c, run, state) if finished else {"interrupted": True, "epoch": state.epoch,
@@ -90,7 +91,8 @@ def train(cfg: Config, on_step: Optional[Callable[[int], bool]] = None, device: 
         barrier(c.info)  # no rank exits (and makes torchrun stop the others) while rank 0 still writes
         return summary
     finally:
-        run.close()
+        if run is not None:
+            run.close()
         cleanup()
 
 
