@@ -22,7 +22,7 @@ fashion-mnist:
 	fi
 
 demo: install fashion-mnist
-	$(PYTHON) -m engine.cli train --config configs/demo.yaml
+	$(PYTHON) -m engine.cli train --config configs/demo.yaml checkpoint.overwrite=true
 
 # tests/conftest.py selects the Triton interpreter only where torch sees no GPU: on a GPU the kernels are compiled.
 test: install-dev fashion-mnist

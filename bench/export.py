@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.common import build_bench_model, log, provenance
+from engine.checkpoint import CheckpointError
 from engine.models.early_exit import EarlyExitModel, TruncatedModel, exit_index_for_threshold
 
 FORMATS = ("export", "torchscript")
@@ -123,7 +124,11 @@ def verify(loaded: Any, model: nn.Module, x: Tensor, exit_k: Optional[int], thre
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    model, cfg, source = build_bench_model(args.checkpoint, None, args.overrides, args.weights)
+    try:
+        model, cfg, source = build_bench_model(args.checkpoint, None, args.overrides, args.weights)
+    except (ValueError, CheckpointError) as e:  # a bad override or weights name: one line, exit 2 (engine.cli)
+        msg = str(e)
+        raise CheckpointError(msg if args.checkpoint in msg else f"{args.checkpoint}: {msg}") from None
     if args.exit is not None and not -model.num_exits <= args.exit < model.num_exits:
         raise SystemExit(f"--exit {args.exit}: the model has {model.num_exits} exits (0..{model.num_exits - 1}, "
                          "-1 = the last)")

@@ -1,26 +1,66 @@
-"""Atomic checkpoints: write a temporary file in the same folder, fsync it, rename over the target.
+"""Checkpoints: atomic writes, loading with one clear error, and comparing a checkpoint's config with the run's.
 
-A crash mid-write leaves the previous checkpoint intact and no partial file behind.
+A write goes to `<name>.tmp` beside the target, is fsynced and renamed over it: a crash mid-write leaves the
+previous checkpoint intact, and a temp file that a kill left behind has a fixed name, so the next run in the
+directory removes it (`engine.rundir`). A failed write (full disk, permissions) raises `CheckpointError` naming the
+file and the OS error.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from engine.config import Config, to_dict
+
+TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written, read, or used with this config; the message names the file."""
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(path.name + TMP_SUFFIX)
+
+
+class _KeepOSError:
+    """File wrapper that remembers an OSError from `write`: torch.save turns it into an internal assertion
+    ("enforce fail at inline_container.cc ... unexpected pos") that names neither the disk nor the file."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):  # the error that got us here is the one to report
+        path.unlink()
+
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temp_path(path)
+    writer = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "wb") as f:
+            writer = _KeepOSError(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -29,18 +69,25 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as e:
+        _remove(tmp)
+        cause = writer.error if writer is not None and writer.error is not None else e
+        if isinstance(cause, OSError):
+            kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
+            raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}{kept}") from cause
         raise
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def rng_state() -> dict:
@@ -53,19 +100,62 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        ck = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise RuntimeError(f"checkpoint {path} is unreadable or truncated: {e}") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({reason})") from None
+    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+        raise CheckpointError(f"{path} is not a selfdistill checkpoint (no 'model' weights and 'config')")
+    return ck
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_diff(saved: dict, current: dict, ignore: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> list[str]:
+    """'key: saved vs current' for every config leaf that differs. `ignore` / `only` hold keys or section
+    prefixes ('logging.'); a key missing on one side (an older checkpoint) counts as its default."""
+    def under(key: str, prefixes: tuple[str, ...]) -> bool:
+        return any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
+
+    defaults = flatten(to_dict(Config()))
+    a, b = flatten(saved), flatten(current)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if under(key, ignore) or (only and not under(key, only)):
+            continue
+        va, vb = a.get(key, defaults.get(key)), b.get(key, defaults.get(key))
+        if va != vb:
+            out.append(f"{key} {va!r} vs {vb!r}")
+    return out
+
+
+def load_weights(model: torch.nn.Module, state: dict, path: str | Path, saved_cfg: dict, cfg: Config) -> None:
+    """`model.load_state_dict(state)`, or a `CheckpointError` that names the architecture keys that differ."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        diff = config_diff(saved_cfg, to_dict(cfg), only=("model.", "exits."))
+        what = ("; ".join(diff) + " (checkpoint vs now)") if diff else str(e).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {what}") from None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

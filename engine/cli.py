@@ -1,13 +1,32 @@
-"""`selfdistill` command: thin subcommands that parse, load the config and call one function."""
+"""`selfdistill` command: thin subcommands that parse, load the config and call one function.
+
+Exit codes: 0 done; 1 an internal error (a bug: traceback); 2 an expected error (config, data, checkpoint, run
+directory, disk), one line and no traceback unless `--debug` or SELFDISTILL_DEBUG=1; 3 stopped by SIGTERM or
+Ctrl-C, with last.pt saved (continue with `--resume auto`); 4 training diverged (non-finite values), with the last
+good checkpoint named. 130: a second Ctrl-C.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from engine.config import ConfigError, dump_yaml, load_config
 
+EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
+EXIT_DIVERGED = 4
+EXIT_INTERRUPTED = 130
+# OS errors that describe the user's files or disk, not a bug: one line, exit 2.
+USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+               errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG, errno.EEXIST}
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -28,19 +47,25 @@ def _train(args: argparse.Namespace) -> int:
         from engine.train import train
 
         summary = train(cfg, device=args.device)
-    _print_summary(summary)
-    return 0
+    if _is_main_rank():
+        _print_summary(summary)
+    return EXIT_STOPPED if summary.get("interrupted") else 0
 
 
 def _print_summary(summary: dict) -> None:
     from engine.evaluate import format_table
 
     if summary.get("interrupted"):
-        print(f"stopped at epoch {summary['epoch']} step {summary['step']}; resume with --resume auto")
+        where = f"generation {summary['generation']}, " if "generation" in summary else ""
+        print(f"stopped at {where}epoch {summary['epoch']} step {summary['step']}; last.pt is saved: continue with "
+              f"--resume auto (exit code {EXIT_STOPPED})")
         return
     for key, title in (("test_best", "test, best-validation checkpoint"), ("test_last", "test, last epoch")):
         if key in summary:
             print(f"\n{title}:\n{format_table(summary[key])}")
+    skipped = summary.get("skipped_files")
+    if skipped:
+        print(f"\ndata.skip_corrupt: skipped {len(skipped)} unreadable image file(s), listed in summary.json")
     if "run_dir" in summary:
         print(f"\nrun directory: {summary['run_dir']}")
 
@@ -82,7 +107,10 @@ def _dispatch(command: str, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="selfdistill", description=__doc__)
+    p = argparse.ArgumentParser(prog="selfdistill", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of expected errors too "
+                                                        "(or set SELFDISTILL_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a (multi-exit) model; overrides as key.sub=value")
     t.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
@@ -105,8 +133,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _classify(e: BaseException) -> tuple[int, str] | None:
+    """(exit code, label) for an expected error; None for a bug, which keeps its traceback."""
+    from engine.checkpoint import CheckpointError
+    from engine.monitor import TrainingDiverged
+    from engine.rundir import RunDirError
+    from pipelines.base import DataError
+
+    if isinstance(e, ConfigError):
+        return EXIT_BAD_INPUT, "config error"
+    if isinstance(e, DataError):
+        return EXIT_BAD_INPUT, "data error"
+    if isinstance(e, CheckpointError):
+        return EXIT_BAD_INPUT, "checkpoint error"
+    if isinstance(e, RunDirError):
+        return EXIT_BAD_INPUT, "run directory error"
+    if (isinstance(e, OSError) and e.errno in USER_ERRNOS) or isinstance(e, (FileNotFoundError, NotADirectoryError)):
+        return EXIT_BAD_INPUT, "error"
+    if isinstance(e, TrainingDiverged):
+        return EXIT_DIVERGED, "training diverged"
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("SELFDISTILL_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     try:
         if argv and argv[0] in ("data", "bench", "profile", "export"):
@@ -118,24 +172,17 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
             args.overrides = list(args.overrides) + extra
         return _train(args) if args.command == "train" else _eval(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (FileNotFoundError, NotADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as e:  # noqa: BLE001
-        from pipelines.base import DataError
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - sorted into expected errors and bugs
+        kind = _classify(e)
+        if kind is None:
+            raise
+        if debug:
+            import traceback
 
-        if isinstance(e, DataError):
-            print(f"data error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        from engine.train import TrainingDiverged
-
-        if isinstance(e, TrainingDiverged):
-            print(f"training stopped: {e}", file=sys.stderr)
-            return 1
-        raise
+            traceback.print_exc()
+        message = " ".join(str(e).split("\n")) or type(e).__name__
+        print(f"{kind[1]}: {message}", file=sys.stderr)
+        return kind[0]
 
 
 if __name__ == "__main__":

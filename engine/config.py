@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -184,6 +185,8 @@ class CheckpointConfig:
     every_epochs: int = _f(1, ge=1)
     keep_last: bool = True
     resume: Optional[str] = _f(None, doc="checkpoint to resume; 'auto' = run dir's last.pt if present")
+    overwrite: bool = _f(False, doc="start afresh in a run directory that already holds a run, deleting its "
+                                    "checkpoints and metrics")
 
 
 @dataclass
@@ -289,6 +292,8 @@ def _check_bounds(key: str, value: Any, meta: dict) -> None:
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
+        if not math.isfinite(v):  # NaN passes every comparison below
+            raise ConfigError(f"{key}: {v} is not a finite number")
         if meta.get("ge") is not None and v < meta["ge"]:
             raise ConfigError(f"{key}: {v} is out of range; must be >= {meta['ge']}")
         if meta.get("gt") is not None and v <= meta["gt"]:
@@ -360,7 +365,10 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-def _load_yaml(path: Path) -> dict:
+def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    if path.resolve() in chain:
+        names = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise ConfigError(f"{path}: `base:` files form a cycle: {names}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -371,7 +379,9 @@ def _load_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: top level must be a mapping")
     base = data.pop("base", None)
     if base is not None:
-        data = _deep_update(_load_yaml(path.parent / base), data)
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+        data = _deep_update(_load_yaml(path.parent / base, (*chain, path.resolve())), data)
     return data
 
 

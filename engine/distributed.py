@@ -62,6 +62,15 @@ def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat(parts).to(t.device)
 
 
+def all_gather_object(obj, info: DistInfo) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] in a single process."""
+    if not info.enabled:
+        return [obj]
+    parts: list = [None] * info.world
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import CheckpointError, load_checkpoint, load_weights
 from engine.config import Config, config_from_dict
 from engine.distributed import init_distributed
 from engine.evaluate import evaluate
@@ -19,15 +19,15 @@ def config_from_checkpoint(ck: dict, overrides: list[str] = ()) -> Config:
     return config_from_dict(ck["config"], overrides)
 
 
-def model_from_checkpoint(ck: dict, overrides: list[str] = (),
-                          weights: str = "model") -> tuple[MultiExitModel, Config]:
+def model_from_checkpoint(ck: dict, overrides: list[str] = (), weights: str = "model",
+                          path: str = "the checkpoint") -> tuple[MultiExitModel, Config]:
     """The run's model with `ck[weights]` loaded ('model', or 'ema' for the EMA weights), on CPU, and its config."""
     cfg = config_from_checkpoint(ck, overrides)
     state = ck.get(weights)
     if state is None:
-        raise ValueError(f"checkpoint has no '{weights}' weights")
+        raise CheckpointError(f"{path} has no '{weights}' weights")
     model = create_model(cfg.model, cfg.exits)
-    model.load_state_dict(state)
+    load_weights(model, state, path, ck["config"], cfg)
     return model, cfg
 
 
@@ -35,7 +35,7 @@ def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] = (
                         out: str | None = None, device: str | None = None) -> dict:
     info = init_distributed("auto", device)
     ck = load_checkpoint(path, info.device)
-    model, cfg = model_from_checkpoint(ck, list(overrides))
+    model, cfg = model_from_checkpoint(ck, list(overrides), path=str(path))
     data = build_data(cfg, info.device, info.rank, info.world)
     check_data_matches(cfg, data)
     loader = data.test if split == "test" else data.val

@@ -1,8 +1,15 @@
-"""The run directory: resolved config, provenance (git commit, versions), metrics as JSON lines and CSV."""
+"""The run directory: resolved config, provenance (git commit, versions), metrics as JSON lines and CSV.
+
+A run directory belongs to one run. `check_run_dir` refuses to start a second run in it (unless asked to
+overwrite) before anything is written; a resumed run cuts the metrics back to the records its checkpoint had
+seen, so a run interrupted at any point and resumed logs exactly the records of an uninterrupted one.
+"""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -13,10 +20,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import atomic_write_text
+from engine.checkpoint import TMP_SUFFIX, atomic_write_text
 from engine.config import dump_yaml
 
 PACKAGES = ("torch", "triton", "numpy", "nvidia-dali-cuda130", "timm", "scikit-learn", "pillow", "liger-kernel")
+RUN_MARKERS = ("last.pt", "best.pt", "metrics.jsonl", "summary.json")  # a directory holding one of these has a run
+RUN_FILES = (*RUN_MARKERS, "metrics.csv", "reliability.png", "exit_accuracy.png")  # removed by checkpoint.overwrite
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used (holds another run, cannot be written); the message names it."""
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -47,18 +60,72 @@ def provenance(extra: dict | None = None) -> dict[str, Any]:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {})}
 
 
-class RunDir:
-    """Only the main rank writes; other ranks get a RunDir whose writes are no-ops."""
+def check_run_dir(path: str | Path, resuming: bool, overwrite: bool) -> None:
+    """Before anything is written: never start over a run silently, and fail early on a directory we cannot write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"checkpoint.dir {path} is a file, not a directory")
+    found = [n for n in RUN_MARKERS if (path / n).exists()]
+    if found and not resuming and not overwrite:
+        raise RunDirError(f"run directory {path} already holds a run ({', '.join(found)}); continue it with "
+                          "--resume auto, or choose a new checkpoint.dir (checkpoint.overwrite=true replaces it)")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot write the run directory {path}: {probe} is not writable (permission denied); "
+                          "choose another checkpoint.dir")
 
-    def __init__(self, path: str | Path, cfg, enabled: bool = True, extra_meta: dict | None = None):
+
+def _complete_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    return path.read_text().split("\n")[:-1]  # a line cut by a kill has no newline yet: dropped
+
+
+def _keep_lines(path: Path, n: int) -> int:
+    """Cut `path` back to its first `n` complete lines (0: remove it); returns the lines it now holds."""
+    lines = _complete_lines(path)
+    if n <= 0:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return 0
+    keep = lines[:n]
+    if keep != lines or (path.is_file() and not path.read_text().endswith("\n")):
+        atomic_write_text("".join(line + "\n" for line in keep), path)
+    return len(keep)
+
+
+class RunDir:
+    """Only the main rank writes; other ranks get a RunDir whose writes are no-ops.
+
+    `records` ({"jsonl": n, "csv": m}, from the checkpoint a run resumes) cuts the metrics back to what that
+    checkpoint had seen; `overwrite` removes a previous run's files first. Any OS error while writing becomes a
+    `RunDirError` naming the file."""
+
+    def __init__(self, path: str | Path, cfg, enabled: bool = True, extra_meta: dict | None = None,
+                 records: dict | None = None, overwrite: bool = False):
         self.path, self.enabled = Path(path), enabled
         self._csv_fields: list[str] | None = None
         self._tb = None
+        self.counts = {"jsonl": 0, "csv": 0}
         if not enabled:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(dump_yaml(cfg), self.path / "config.yaml")
-        atomic_write_text(json.dumps(provenance(extra_meta), indent=2), self.path / "meta.json")
+        with self._guard(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
+            for tmp in (*self.path.glob(f"*{TMP_SUFFIX}"), *self.path.glob(f".*{TMP_SUFFIX}")):
+                tmp.unlink()  # left by a kill during a write; never a file anyone needs
+            if overwrite:
+                for name in RUN_FILES:
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.path / name).unlink()
+            jsonl, csv_path = self.path / "metrics.jsonl", self.path / "metrics.csv"
+            if records is not None:
+                _keep_lines(jsonl, records.get("jsonl", 0))
+                _keep_lines(csv_path, records.get("csv", 0) + 1 if records.get("csv", 0) else 0)
+            self.counts = {"jsonl": len(_complete_lines(jsonl)), "csv": max(len(_complete_lines(csv_path)) - 1, 0)}
+            atomic_write_text(dump_yaml(cfg), self.path / "config.yaml")
+            atomic_write_text(json.dumps(provenance(extra_meta), indent=2), self.path / "meta.json")
         if cfg.logging.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -67,14 +134,24 @@ class RunDir:
                     from None
             self._tb = SummaryWriter(str(self.path / "tb"))
 
+    @contextlib.contextmanager
+    def _guard(self, where: Path):
+        try:
+            yield
+        except OSError as e:
+            name = e.filename or where
+            raise RunDirError(f"cannot write {name} in the run directory {self.path}: {e.strerror or e}") from e
+
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if record.get("kind") == "train":
-            self._csv(record)
+        with self._guard(self.path / "metrics.jsonl"):
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.counts["jsonl"] += 1
+            if record.get("kind") == "train":
+                self._csv(record)
         if self._tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time", "epoch"):
@@ -92,10 +169,12 @@ class RunDir:
                     csv.writer(f).writerow(self._csv_fields)
         with open(path, "a", newline="") as f:
             csv.DictWriter(f, self._csv_fields, extrasaction="ignore").writerow(record)
+        self.counts["csv"] += 1
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.enabled:
-            atomic_write_text(json.dumps(obj, indent=2), self.path / name)
+            with self._guard(self.path / name):
+                atomic_write_text(json.dumps(obj, indent=2), self.path / name)
 
     def close(self) -> None:
         if self._tb is not None:

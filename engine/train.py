@@ -1,6 +1,11 @@
-"""The training loop. Nothing inside the step reads a device value on the host: the loss terms are summed on
-device and read every `logging.log_every` steps, where a non-finite value stops the run before any checkpoint
-could capture it.
+"""The training loop. Nothing inside the step reads a device value on the host: the loss terms and the gradient
+norm are summed on device and read at the logging boundary (`engine.monitor`), every `logging.log_every` steps, at
+the end of each epoch and before every checkpoint, so a non-finite value stops the run before a checkpoint holds it.
+
+Stopping: SIGTERM / Ctrl-C ask for a stop. A single process stops after the current step; under DDP the request
+travels with the next boundary's all-reduce and every rank stops at that step. `last.pt` then holds everything a
+resume needs, including the logging window cut by the stop, so the resumed run logs exactly what an uninterrupted
+one would.
 """
 from __future__ import annotations
 
@@ -13,17 +18,17 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from engine.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state, unwrap
-from engine.config import Config, to_dict
-from engine.distributed import barrier, cleanup
+from engine.checkpoint import atomic_save, load_checkpoint, rng_state, unwrap
+from engine.config import Config, ConfigError, to_dict
+from engine.distributed import all_gather_object, barrier, cleanup
 from engine.evaluate import autocast, deepest_key, evaluate
+from engine.monitor import TrainingDiverged, Window
 from engine.optim import lr_at, set_lr
+from engine.resume import open_run, restore
 from engine.rundir import RunDir
 from engine.setup_run import Components, build_components
 
-
-class TrainingDiverged(RuntimeError):
-    pass
+__all__ = ["TrainState", "TrainingDiverged", "train"]
 
 
 @dataclass
@@ -34,10 +39,11 @@ class TrainState:
     best_metric: float = -1.0
     best_epoch: int = 0  # 1-based epoch of the best validation score; 0 = none selected
     history: list = field(default_factory=list)  # per-epoch eval summaries
+    saved: dict = field(default_factory=dict)  # checkpoint name -> [epoch, step] when last written
 
 
 class StopFlag:
-    """SIGTERM / Ctrl-C request a clean stop at the end of the current step (checked on the host, no sync)."""
+    """SIGTERM / Ctrl-C request a clean stop (a host flag, no sync); a second Ctrl-C interrupts at once."""
 
     def __init__(self):
         self.requested = False
@@ -52,6 +58,8 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
 
     def __exit__(self, *exc):
@@ -61,95 +69,116 @@ class StopFlag:
 
 def train(cfg: Config, on_step: Optional[Callable[[int], bool]] = None, device: str | None = None) -> dict:
     """Train one run. `on_step(step) -> True` requests a stop like SIGTERM does (used by tests)."""
+    ck = open_run(cfg)  # refuses, or loads and checks the checkpoint to resume, before anything is written
     c = build_components(cfg, device)
-    run = RunDir(cfg.checkpoint.dir, cfg, enabled=c.info.is_main)
-    state = TrainState()
-    if cfg.checkpoint.resume:
-        state = _resume(cfg, c)
+    run = None
     try:
+        state, window = TrainState(), Window(scaler_skips=c.scaler.is_enabled())
+        if ck:
+            restore(c, ck, cfg)  # a state that does not fit stops the run here, still before any write
+            state = TrainState(**ck["state"])
+            if ck.get("window"):
+                window.load_state_dict(ck["window"], c.info.device)
+        # Resuming cuts the metrics back to what the checkpoint had seen (all of them when there is none yet).
+        records = None if ck is None else (ck.get("records") if ck else {"jsonl": 0, "csv": 0})
+        run = RunDir(cfg.checkpoint.dir, cfg, enabled=c.info.is_main, records=records,
+                     overwrite=cfg.checkpoint.overwrite and ck is None)
         with StopFlag() as stop:
-            finished = _loop(cfg, c, run, state, stop, on_step)
+            finished = _loop(cfg, c, run, state, window, stop, on_step)
         summary = _finish(cfg, c, run, state) if finished else {"interrupted": True, "epoch": state.epoch,
                                                                    "batch": state.batch, "step": state.step}
         run.write_json("summary.json", summary)
+        barrier(c.info)  # no rank exits (and makes torchrun stop the others) while rank 0 still writes
         return summary
     finally:
-        run.close()
+        if run is not None:
+            run.close()
         cleanup()
 
 
-def _loop(cfg: Config, c: Components, run: RunDir, st: TrainState, stop: StopFlag, on_step) -> bool:
-    loader, model, opt = c.data.train, c.train_model, c.optimizer
+def _step(cfg: Config, c: Components, batch, step: int, steps_per_epoch: int):
+    set_lr(c.optimizer, lr_at(step, steps_per_epoch, cfg.optim.lr, cfg.schedule))
+    with autocast(c.info.device, cfg.precision.amp):
+        loss, _ = c.objective(c.train_model, batch)
+    c.optimizer.zero_grad(set_to_none=True)
+    c.scaler.scale(loss.total).backward()
+    c.scaler.unscale_(c.optimizer)  # no-op unless fp16: the norm and the clipping see the true gradients
+    params = [p for p in c.model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if cfg.optim.clip_grad_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.clip_grad_norm, grad_norm)
+    c.scaler.step(c.optimizer)
+    c.scaler.update()
+    c.objective.after_step(c.model, step)
+    if c.ema is not None:
+        c.ema.update(c.model, step)
+    return loss, grad_norm
+
+
+def _loop(cfg: Config, c: Components, run: RunDir, st: TrainState, window: Window, stop: StopFlag, on_step) -> bool:
+    loader = c.data.train
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} is larger than the training shard "
-                         f"({loader.num_samples} samples): no full batch")
-    names: list[str] = []
-    acc, n_acc, t0 = None, 0, time.perf_counter()
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training shard "
+                          f"({loader.num_samples} samples): no full batch")
     bar = tqdm(total=steps_per_epoch * cfg.schedule.epochs, initial=st.step, disable=not (
         c.info.is_main and cfg.logging.progress), dynamic_ncols=True, unit="step")
-    model.train()
+    params = list(c.model.parameters())
+    asked = False
+    c.train_model.train()
     for epoch in range(st.epoch, cfg.schedule.epochs):
         st.epoch = epoch
         loader.set_epoch(epoch, st.batch)
         for batch in loader:
-            set_lr(opt, lr_at(st.step, steps_per_epoch, cfg.optim.lr, cfg.schedule))
-            with autocast(c.info.device, cfg.precision.amp):
-                loss, _ = c.objective(model, batch)
-            opt.zero_grad(set_to_none=True)
-            c.scaler.scale(loss.total).backward()
-            if cfg.optim.clip_grad_norm > 0:
-                c.scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(c.model.parameters(), cfg.optim.clip_grad_norm)
-            c.scaler.step(opt)
-            c.scaler.update()
-            c.objective.after_step(c.model, st.step)
-            if c.ema is not None:
-                c.ema.update(c.model, st.step)
-            vals = torch.stack([loss.total.detach()] + [v.detach() for v in loss.terms.values()])
-            names = names or ["loss"] + list(loss.terms)
-            acc = vals.float() if acc is None else acc + vals.float()
-            n_acc += 1
+            loss, grad_norm = _step(cfg, c, batch, st.step, steps_per_epoch)
+            window.add(loss, grad_norm)
             st.step, st.batch = st.step + 1, st.batch + 1
             bar.update(1)
+            asked = asked or stop.requested or (on_step is not None and on_step(st.step))
+            agreed = False
             if st.step % cfg.logging.log_every == 0 or st.batch == steps_per_epoch:
-                _flush(run, bar, st, names, acc / n_acc, n_acc * len(batch) * c.info.world, t0, opt)
-                acc, n_acc, t0 = None, 0, time.perf_counter()
-            if stop.requested or (on_step is not None and on_step(st.step)):
-                if acc is not None:
-                    _check_finite(names, (acc / n_acc).tolist(), st)
-                _save(cfg, c, st, "last.pt")
+                agreed = _flush(cfg, c, run, bar, st, window, params, asked)
+            if agreed or (asked and not c.info.enabled):
+                if window.n:  # a single process stopping inside a window: check it, keep it in last.pt
+                    _check(cfg, st, window.read(params, c.info, asked))
+                _save(cfg, c, run, st, window, "last.pt")
                 bar.close()
                 return False
         st.batch = 0
         st.epoch = epoch + 1
-        _end_of_epoch(cfg, c, run, st)
+        _end_of_epoch(cfg, c, run, st, window)
     bar.close()
     return True
 
 
-def _check_finite(names: list[str], values: list[float], st: TrainState) -> None:
-    bad = [n for n, v in zip(names, values) if not torch.isfinite(torch.tensor(v))]
-    if bad:
-        raise TrainingDiverged(f"non-finite loss ({', '.join(bad)}) at epoch {st.epoch}, step {st.step}; stopping. "
-                               "The last good checkpoint is untouched; lower optim.lr or use precision.amp=bf16.")
+def _check(cfg: Config, st: TrainState, reading) -> None:
+    """Every checkpoint is written right after a healthy reading, so each one written so far is good."""
+    if not reading.problems:
+        return
+    run = Path(cfg.checkpoint.dir)
+    good = "; ".join(f"{run / name} (epoch {e}, step {s})" for name, (e, s) in sorted(st.saved.items()))
+    raise TrainingDiverged(f"non-finite {', '.join(reading.problems)} at epoch {st.epoch}, step {st.step}; "
+                           + (f"the last good checkpoint: {good}" if good else "no checkpoint was written yet")
+                           + ". Lower optim.lr, set optim.clip_grad_norm, or use precision.amp=bf16.")
 
 
-def _flush(run: RunDir, bar, st: TrainState, names, mean: torch.Tensor, images: int, t0: float, opt) -> None:
-    values = mean.tolist()  # the one host read per log interval
-    _check_finite(names, values, st)
-    rate = images / max(time.perf_counter() - t0, 1e-9)
-    rec = {"kind": "train", "epoch": st.epoch, "step": st.step, "lr": opt.param_groups[0]["lr"],
-           "img_per_s": round(rate, 1), **{n: v for n, v in zip(names, values)}}
-    run.log(rec)
-    bar.set_postfix(loss=f"{values[0]:.4f}", img_s=f"{rate:.0f}")
+def _flush(cfg: Config, c: Components, run: RunDir, bar, st: TrainState, window: Window, params, asked: bool) -> bool:
+    """Read and log the window; returns whether any rank asked to stop."""
+    reading = window.read(params, c.info, asked)
+    _check(cfg, st, reading)
+    rate = window.n * cfg.data.batch_size * c.info.world / max(time.perf_counter() - window.t0, 1e-9)
+    run.log({"kind": "train", "epoch": st.epoch, "step": st.step, "lr": c.optimizer.param_groups[0]["lr"],
+             "img_per_s": round(rate, 1), **reading.values})
+    bar.set_postfix(loss=f"{reading.values['loss']:.4f}", img_s=f"{rate:.0f}")
+    window.reset()
+    return reading.stop
 
 
 def _eval_model(cfg: Config, c: Components):
     return c.ema.module if (c.ema is not None and cfg.ema.eval) else c.model
 
 
-def _end_of_epoch(cfg: Config, c: Components, run: RunDir, st: TrainState) -> None:
+def _end_of_epoch(cfg: Config, c: Components, run: RunDir, st: TrainState, window: Window) -> None:
     selector = c.data.val if c.data.val is not None else (c.data.test if cfg.data.select_on_test else None)
     rec: dict = {"kind": "eval", "epoch": st.epoch, "step": st.step}
     model = _eval_model(cfg, c)
@@ -160,12 +189,20 @@ def _end_of_epoch(cfg: Config, c: Components, run: RunDir, st: TrainState) -> No
         rec["select"] = {k: v for k, v in res.items() if not k.startswith("_")}
         if metric > st.best_metric:
             st.best_metric, st.best_epoch = metric, st.epoch
-            _save(cfg, c, st, "best.pt")
+            _save(cfg, c, run, st, window, "best.pt")
     rec["selected_on"] = "val" if c.data.val is not None else ("test" if selector is not None else "none")
     st.history.append({"epoch": st.epoch, "best_metric": st.best_metric})
     run.log(rec)
     if st.epoch % cfg.checkpoint.every_epochs == 0 or st.epoch == cfg.schedule.epochs:
-        _save(cfg, c, st, "last.pt")
+        _save(cfg, c, run, st, window, "last.pt")
+
+
+def _skipped_files(c: Components) -> list[str]:
+    """Unreadable images skipped under data.skip_corrupt, by every rank and split."""
+    mine = set()
+    for loader in (c.data.train, c.data.val, c.data.test):
+        mine |= set(getattr(loader, "skipped_files", ()))
+    return sorted(set().union(*all_gather_object(sorted(mine), c.info)))
 
 
 def _finish(cfg: Config, c: Components, run: RunDir, st: TrainState) -> dict:
@@ -187,6 +224,9 @@ def _finish(cfg: Config, c: Components, run: RunDir, st: TrainState) -> dict:
             summary["test_best"] = evaluate(target, test, c.info.device, cfg.precision.amp, cfg.logging.ece_bins,
                                             c.info)
             target.load_state_dict(live)
+    skipped = _skipped_files(c)
+    if skipped:
+        summary["skipped_files"] = skipped
     if c.info.is_main:  # reliability diagram + per-exit accuracy chart (PNG) into the run directory
         from engine.plots import write_run_plots
 
@@ -195,28 +235,13 @@ def _finish(cfg: Config, c: Components, run: RunDir, st: TrainState) -> dict:
     return summary
 
 
-def _save(cfg: Config, c: Components, st: TrainState, name: str) -> None:
+def _save(cfg: Config, c: Components, run: RunDir, st: TrainState, window: Window, name: str) -> None:
+    st.saved[name] = [st.epoch, st.step]
     if not c.info.is_main:
         return
     ck = {"model": unwrap(c.model).state_dict(), "optimizer": c.optimizer.state_dict(),
           "scaler": c.scaler.state_dict(), "objective": c.objective.state_dict(),
           "ema": c.ema.module.state_dict() if c.ema is not None else None, "rng": rng_state(),
-          "state": vars(st).copy(), "config": to_dict(cfg), "class_names": c.data.class_names}
+          "state": vars(st).copy(), "config": to_dict(cfg), "class_names": c.data.class_names,
+          "records": dict(run.counts), "window": window.state_dict()}
     atomic_save(ck, Path(cfg.checkpoint.dir) / name)
-
-
-def _resume(cfg: Config, c: Components) -> TrainState:
-    path = Path(cfg.checkpoint.resume)
-    if cfg.checkpoint.resume == "auto":
-        path = Path(cfg.checkpoint.dir) / "last.pt"
-        if not path.is_file():
-            return TrainState()
-    ck = load_checkpoint(path, c.info.device)
-    c.model.load_state_dict(ck["model"])
-    c.optimizer.load_state_dict(ck["optimizer"])
-    c.scaler.load_state_dict(ck["scaler"])
-    c.objective.load_state_dict(ck["objective"])
-    if c.ema is not None and ck.get("ema") is not None:
-        c.ema.module.load_state_dict(ck["ema"])
-    set_rng_state(ck["rng"])
-    return TrainState(**ck["state"])

@@ -12,6 +12,7 @@ batch, rank, group) so resumed runs see the same images; the anchors' augmentati
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
@@ -114,6 +115,14 @@ class TensorLoader(_ShardedLoader):
             yield Batch(x, self.labels[groups[0][1]], extra)
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """An image that failed to decode. Returned, not raised, so the main process raises one clear `DataError`
+    (or skips it): a DataLoader worker would wrap the error in its own traceback."""
+    path: str
+    error: str
+
+
 class FolderDataset(Dataset):
     """PIL decode + crop/resize to a fixed size; randomness seeded by (seed, epoch, index) for reproducibility."""
 
@@ -126,7 +135,7 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int] | Unreadable:
         """`key` = index, or (index, augmentation stream) so a partner or second view that is the same file as an
         anchor still gets its own random crop."""
         i, group = key if isinstance(key, tuple) else (key, ANCHOR)
@@ -136,10 +145,7 @@ class FolderDataset(Dataset):
                 img = im.convert(self.mode)
                 img.load()
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            if self.skip_corrupt:
-                return None
-            raise DataError(f"cannot decode image {path}: {e} "
-                            "(set data.skip_corrupt=true to skip such files)") from None
+            return Unreadable(path, str(e))
         gen = seeded_generator(torch.device("cpu"), self.seed, self.epoch, i, *((group,) if group else ()))
         s = self.image_size
         if self.augment == "random_resized_crop":
@@ -153,22 +159,24 @@ class FolderDataset(Dataset):
         return x.contiguous(), label
 
 
-def _collate(items: list) -> tuple[Tensor, Tensor, int]:
-    good = [it for it in items if it is not None]
+def _collate(items: list) -> tuple[Tensor, Tensor, list[Unreadable]]:
+    good = [it for it in items if not isinstance(it, Unreadable)]
+    bad = [it for it in items if isinstance(it, Unreadable)]
     if not good:
-        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), len(items)
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), len(items) - len(good)
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
 
 
-def _collate_groups(items: list, groups: int) -> tuple[list[Tensor], Tensor, int]:
+def _collate_groups(items: list, groups: int) -> tuple[list[Tensor], Tensor, list[Unreadable]]:
     """items = `groups` equal runs (anchors, partners, views); a position is dropped from every group when any
     of its images failed to decode, so partners stay aligned with their anchors."""
     n = len(items) // groups
-    keep = [k for k in range(n) if all(items[g * n + k] is not None for g in range(groups))]
+    bad = [it for it in items if isinstance(it, Unreadable)]
+    keep = [k for k in range(n) if not any(isinstance(items[g * n + k], Unreadable) for g in range(groups))]
     if not keep:
-        return [torch.empty(0, dtype=torch.uint8)] * groups, torch.empty(0, dtype=torch.long), n
+        return [torch.empty(0, dtype=torch.uint8)] * groups, torch.empty(0, dtype=torch.long), bad
     xs = [torch.stack([items[g * n + k][0] for k in keep]) for g in range(groups)]
-    return xs, torch.tensor([items[k][1] for k in keep]), n - len(keep)
+    return xs, torch.tensor([items[k][1] for k in keep]), bad
 
 
 class FolderLoader(_ShardedLoader):
@@ -181,7 +189,8 @@ class FolderLoader(_ShardedLoader):
         self.augment, self.workers, self.device = augment, workers, device
         self.mean, self.std, self.memory_format = mean.to(device), std.to(device), memory_format
         self.pairs, self.extra_view = pairs, extra_view
-        self.skipped = 0  # corrupt files skipped so far (data.skip_corrupt)
+        self.skip_corrupt = skip_corrupt
+        self.skipped_files: set[str] = set()  # unreadable files skipped so far (data.skip_corrupt)
 
     def _device_batch(self, x: Tensor, b: int, group: int) -> Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -200,8 +209,11 @@ class FolderLoader(_ShardedLoader):
             collate = partial(_collate_groups, groups=len(streams))
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=collate,
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
-        for b, (x, y, skipped) in enumerate(loader, start=self.start_batch):
-            self.skipped += skipped
+        for b, (x, y, bad) in enumerate(loader, start=self.start_batch):
+            if bad and not self.skip_corrupt:
+                raise DataError(f"cannot decode image {bad[0].path}: {bad[0].error} "
+                                "(set data.skip_corrupt=true to skip such files)")
+            self.skipped_files.update(u.path for u in bad)
             if len(y) == 0:
                 continue
             if not grouped:

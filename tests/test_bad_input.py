@@ -1,4 +1,5 @@
 """Bad input exits non-zero with the path or key named, and leaves no checkpoint behind."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -48,21 +49,27 @@ def test_empty_class_folder(tmp_path):
     assert _no_checkpoint(run_dir)
 
 
-def test_corrupt_image(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])  # 2: decoded in DataLoader worker processes (the default is 4)
+def test_corrupt_image(tmp_path, workers):
     root = _folder(tmp_path / "data")
     bad = root / "train" / "a" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    r, run_dir = _run(tmp_path, f"data.root={root}")
-    assert r.returncode != 0 and str(bad) in r.stderr
+    r, run_dir = _run(tmp_path, f"data.root={root}", f"data.workers={workers}")
+    assert r.returncode == 2 and str(bad) in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr  # one line
     assert _no_checkpoint(run_dir)
 
 
 def test_corrupt_image_skipped_when_asked(tmp_path):
     root = _folder(tmp_path / "data")
     (root / "train" / "a" / "broken.jpg").write_bytes(b"not an image")
-    r, run_dir = _run(tmp_path, f"data.root={root}", "data.skip_corrupt=true")
+    (root / "val" / "b" / "broken.png").write_bytes(b"not an image either")
+    r, run_dir = _run(tmp_path, f"data.root={root}", "data.skip_corrupt=true", "data.workers=2")
     assert r.returncode == 0, r.stderr
     assert (run_dir / "last.pt").is_file()
+    assert "skipped 2 unreadable image file(s)" in r.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["skipped_files"] == [
+        str(root / "train" / "a" / "broken.jpg"), str(root / "val" / "b" / "broken.png")]
 
 
 def test_unknown_config_key(tmp_path):

@@ -1,10 +1,14 @@
-"""2-process DDP (gloo, CPU) against a single process stepping on the same global batch.
+"""2-process DDP (gloo, CPU) against a single process stepping on the same global batch, and stopping under DDP.
 
 BatchNorm normalises per process under DDP (SyncBatchNorm needs a GPU), so the single-process reference
 forwards each rank's half separately and averages the gradients: exactly the arithmetic DDP performs.
 """
+import contextlib
 import os
+import signal
 import socket
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +20,10 @@ from engine.objectives import build_objective
 from engine.optim import build_optimizer, lr_at, set_lr
 from engine.setup_run import seed_everything
 from pipelines.factory import build_data
-from tests.helpers import tiny_config
+from tests.helpers import tiny_args, tiny_config
 
 OVERRIDES = ("schedule.epochs=1", "data.limit_train=256", "data.batch_size=32", "data.val_split=0",
-             "optim.lr=0.05", "logging.log_every=2")
+             "optim.lr=0.05", "logging.log_every=2")  # 4 steps per rank
 
 
 def _free_port() -> int:
@@ -28,18 +32,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, tmp: str, port: int) -> None:
+def _env(rank: int, port: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from pathlib import Path
 
+
+def _worker(rank: int, tmp: str, port: int) -> None:
+    _env(rank, port)
     from engine.train import train
     train(tiny_config(Path(tmp), *OVERRIDES), device="cpu")
 
 
-def _reference(tmp) -> dict[str, torch.Tensor]:
-    cfg = tiny_config(tmp / "ref", *OVERRIDES)
+def _cli_worker(rank: int, tmp: str, port: int, argv: list, signalled_rank: int) -> None:
+    """`selfdistill train` on one rank; SIGTERM reaches `signalled_rank` alone, during the process's first step."""
+    _env(rank, port)
+    import engine.train as engine_train
+    from engine.cli import main
+
+    if rank == signalled_rank:
+        real, calls = engine_train.lr_at, []
+
+        def lr_at(step, *args):
+            if not calls:  # this process's first step
+                os.kill(os.getpid(), signal.SIGTERM)
+            calls.append(step)
+            return real(step, *args)
+
+        engine_train.lr_at = lr_at
+    with open(Path(tmp) / f"rank{rank}.out", "w") as f, contextlib.redirect_stdout(f):
+        rc = main(argv)
+    (Path(tmp) / f"rank{rank}.rc").write_text(str(rc))
+
+
+def _cli(tmp: Path, argv: list, signalled_rank: int = -1, limit_s: float = 150) -> tuple[list[int], list[str]]:
+    ctx = mp.spawn(_cli_worker, args=(str(tmp), _free_port(), argv, signalled_rank), nprocs=2, join=False)
+    deadline = time.time() + limit_s
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:  # a rank that stopped alone leaves the other blocked in a collective
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the ranks did not finish within {limit_s} s")
+    return ([int((tmp / f"rank{r}.rc").read_text()) for r in (0, 1)],
+            [(tmp / f"rank{r}.out").read_text() for r in (0, 1)])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    cfg = tiny_config(tmp_path_factory.mktemp("ref"), *OVERRIDES)
     seed_everything(cfg.seed)
     dev = torch.device("cpu")
     halves = [build_data(cfg, dev, rank, 2).train for rank in (0, 1)]
@@ -54,21 +94,40 @@ def _reference(tmp) -> dict[str, torch.Tensor]:
             loss, _ = objective(model, b)
             (loss.total / 2).backward()
         opt.step()
-    return {k: v for k, v in model.named_parameters()}
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def _assert_matches(ddp: dict, ref: dict) -> None:
+    assert ref.keys() <= ddp.keys()
+    for name, p in ref.items():
+        torch.testing.assert_close(ddp[name], p, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.timeout(600)
-def test_ddp_matches_single_process(tmp_path):
+def test_ddp_matches_single_process(tmp_path, reference):
     mp.spawn(_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
-    ddp = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
-    ref = _reference(tmp_path)
-    assert ref.keys() <= ddp.keys()
-    for name, p in ref.items():
-        torch.testing.assert_close(ddp[name], p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    _assert_matches(load_checkpoint(tmp_path / "run" / "last.pt")["model"], reference)
     cfg = tiny_config(tmp_path / "init", *OVERRIDES)
     seed_everything(cfg.seed)
     init = dict(create_model(cfg.model, cfg.exits).named_parameters())
-    assert max((init[n] - p).abs().max().item() for n, p in ref.items()) > 1e-3  # training moved the weights
+    assert max((init[n] - p).abs().max().item() for n, p in reference.items()) > 1e-3  # training moved the weights
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, reference):
+    argv = ["train", *tiny_args(tmp_path, *OVERRIDES), "--device", "cpu"]
+    # SIGTERM reaches rank 1 alone during step 1; the request travels with the all-reduce at step 2.
+    codes, outs = _cli(tmp_path, argv, signalled_rank=1)
+    assert codes == [3, 3], outs  # both stopped, both resumable
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == 2
+    assert outs[0].count("--resume auto") == 1 and outs[1] == ""  # rank 0 reports, once
+    # Resumed, SIGTERM now reaches rank 0 alone during step 3: both stop at step 4, and rank 0 saves.
+    codes, outs = _cli(tmp_path, [*argv, "--resume", "auto"], signalled_rank=0)
+    assert codes == [3, 3], outs
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ck["state"]["step"] == 4
+    assert outs[0].count("--resume auto") == 1 and outs[1] == ""
+    _assert_matches(ck["model"], reference)  # two interruptions, the same weights as one uninterrupted pass
 
 
 def test_ddp_wraps_the_model_before_compile(tmp_path, monkeypatch):

@@ -6,12 +6,9 @@ import torch
 
 from engine.evaluate_cli import evaluate_checkpoint
 from engine.train import TrainingDiverged, train
-from tests.helpers import tiny_config
+from tests.helpers import records, tiny_config
 
-
-def _train_losses(run_dir):
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -50,35 +47,70 @@ def test_eval_reproduces_logged_accuracy(trained):
         assert res[k]["nll"] == pytest.approx(summary["test_last"][k]["nll"], rel=1e-5)
 
 
-def test_resume_gives_identical_losses(tmp_path):
-    full = tiny_config(tmp_path / "a", "data.limit_train=640")
-    train(full, device="cpu")
-    stop_at = 13  # mid-epoch 1 (10 steps per epoch)
-    part = tiny_config(tmp_path / "b", "data.limit_train=640")
-    s = train(part, on_step=lambda step: step == stop_at, device="cpu")
+# Mixup draws its Beta(1, 1) weight and its permutation from the global RNG, and crop+flip augments every batch:
+# a resume that lost the RNG state or the cut logging window would log different records. 4 steps per epoch.
+RESUME = ("objective.name=mixup", "objective.mixup_alpha=1.0", "exits.stages=[]", "data.augment=crop_flip",
+          "data.limit_train=256", "data.val_split=100", "data.limit_eval=100", "logging.log_every=3")
+
+
+def test_resume_gives_identical_records_and_weights(tmp_path):
+    train(tiny_config(tmp_path / "a", *RESUME), device="cpu")
+    stop_at = 5  # mid-epoch 1, and mid-way through the logging window of steps 5-6
+    s = train(tiny_config(tmp_path / "b", *RESUME), on_step=lambda step: step == stop_at, device="cpu")
     assert s["interrupted"] and s["step"] == stop_at
-    resumed = tiny_config(tmp_path / "b", "data.limit_train=640", "checkpoint.resume=auto")
-    train(resumed, device="cpu")
-    a, b = _train_losses(tmp_path / "a" / "run"), _train_losses(tmp_path / "b" / "run")
-    assert sorted(a) == sorted(b) == list(range(1, 21))
-    for step in a:
-        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+    train(tiny_config(tmp_path / "b", *RESUME, "checkpoint.resume=auto"), device="cpu")
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert [r["step"] for r in records(a) if r["kind"] == "train"] == [3, 4, 6, 8]
+    assert records(b) == records(a)
+    assert records(b, "metrics.csv") == records(a, "metrics.csv")
+    wa, wb = (torch.load(r / "last.pt", weights_only=False)["model"] for r in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = tiny_config(tmp_path, "schedule.epochs=1", "data.limit_train=256")
-    train(cfg, device="cpu")
-    ck = tmp_path / "run" / "last.pt"
-    before = ck.read_bytes()
-    bad = tiny_config(tmp_path, "schedule.epochs=3", "data.limit_train=256", "optim.lr=1e30",
-                      "checkpoint.resume=auto")
-    with pytest.raises(TrainingDiverged, match="non-finite"):
-        train(bad, device="cpu")
-    assert ck.read_bytes() == before
-    assert torch.load(ck, weights_only=False)["state"]["epoch"] == 1
+def test_divergence_is_caught_before_any_checkpoint_holds_it(tmp_path, monkeypatch):
+    import engine.train as engine_train
+
+    real = engine_train.lr_at
+    # One step per epoch. Step 2 is taken at an infinite LR: its loss (computed before the update) is finite, the
+    # weights it leaves are not, and the end of epoch 2 would checkpoint them.
+    monkeypatch.setattr(engine_train, "lr_at", lambda step, *a: float("inf") if step == 1 else real(step, *a))
+    cfg = tiny_config(tmp_path, "schedule.epochs=3", "data.limit_train=64")
+    with pytest.raises(TrainingDiverged, match="non-finite parameters at epoch 1, step 2") as e:
+        train(cfg, device="cpu")
+    run = tmp_path / "run"
+    assert f"{run / 'last.pt'} (epoch 1, step 1)" in str(e.value)
+    for name in ("last.pt", "best.pt"):
+        ck = torch.load(run / name, weights_only=False)
+        assert ck["state"]["step"] == 1, name
+        tensors = list(ck["model"].values()) + [t for s in ck["optimizer"]["state"].values() for t in s.values()
+                                                if isinstance(t, torch.Tensor)]
+        assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), name
+    rows = records(run)
+    assert rows[-1]["kind"] == "eval" and rows[-1]["step"] == 1  # nothing logged from the bad step
+
+
+def test_window_flags_each_kind_of_non_finite_value():
+    from engine.distributed import DistInfo
+    from engine.monitor import Window
+    from engine.types import LossOutput
+
+    def reading(loss, grad_norm, param, scaler_skips=False):
+        w = Window(scaler_skips)
+        w.add(LossOutput(torch.tensor(loss), {"ce": torch.tensor(loss)}), torch.tensor(grad_norm))
+        w.add(LossOutput(torch.tensor(1.0), {"ce": torch.tensor(1.0)}), torch.tensor(2.0))
+        return w.read([torch.tensor([param, 0.0])], DistInfo(), False)
+
+    ok = reading(3.0, 4.0, 1.0)
+    assert ok.problems == [] and ok.values == {"loss": 2.0, "ce": 2.0, "grad_norm": 3.0} and not ok.stop
+    assert reading(float("nan"), 4.0, 1.0).problems == ["loss (loss)", "loss (ce)"]
+    assert reading(3.0, float("inf"), 1.0).problems == ["gradient norm"]
+    assert reading(3.0, float("inf"), 1.0, scaler_skips=True).problems == []  # fp16: the scaler skipped that step
+    assert reading(3.0, float("inf"), 1.0, scaler_skips=True).values["grad_norm"] == 2.0
+    assert reading(3.0, 4.0, float("-inf")).problems == ["parameters"]
 
 
 def test_sigterm_writes_checkpoint_and_resumes(tmp_path):
+    import os
     import signal
     import subprocess
     import sys
@@ -90,21 +122,23 @@ def test_sigterm_writes_checkpoint_and_resumes(tmp_path):
     root = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
     args = [sys.executable, "-m", "engine.cli", "train", *TINY_MODEL, *DIGITS, "schedule.milestones=[1000]",
-            "logging.log_every=1", "logging.progress=false", f"checkpoint.dir={run}", "--device", "cpu"]
+            "data.limit_train=256", "data.limit_eval=100", "logging.log_every=1", "logging.progress=false",
+            f"checkpoint.dir={run}", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*args, "schedule.epochs=100"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     deadline = time.time() + 240
     while time.time() < deadline and not ((run / "metrics.jsonl").exists() and
                                           (run / "metrics.jsonl").read_text().count('"train"') >= 3):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "resume" in out
+    assert proc.returncode == 3, err  # stopped, resumable: `train && eval` must not go on
+    assert "--resume auto" in out
     state = torch.load(run / "last.pt", weights_only=False)["state"]
     assert state["step"] >= 3
     done = subprocess.run([*args, f"schedule.epochs={state['epoch'] + 1}", "--resume", "auto"], cwd=root,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["kind"] == "train"]

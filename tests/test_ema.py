@@ -1,0 +1,60 @@
+"""Engine-level EMA (`ema.enabled`): the averaged weights against the recurrence computed by hand in float64 from
+the live weights after every step; `ema.eval` evaluates them, including the EMA weights reloaded from best.pt."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.evaluate import evaluate
+from engine.evaluate_cli import model_from_checkpoint
+from engine.train import train
+from pipelines.factory import build_data
+from tests.helpers import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BASE = ("objective.name=ce", "exits.stages=[]", "data.limit_train=192", "data.val_split=100", "data.limit_eval=100",
+        "logging.log_every=3")  # 3 steps per epoch
+
+
+def test_ema_follows_the_recurrence(tmp_path, monkeypatch):
+    import engine.train as engine_train
+
+    decay = 0.6
+    real, live = engine_train._step, []
+
+    def probe(cfg, c, batch, step, per_epoch):
+        if not live:
+            live.append({k: v.clone() for k, v in c.model.state_dict().items()})  # w0: the EMA's starting point
+        out = real(cfg, c, batch, step, per_epoch)
+        live.append({k: v.clone() for k, v in c.model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(engine_train, "_step", probe)
+    train(tiny_config(tmp_path, *BASE, "schedule.epochs=1", "ema.enabled=true", f"ema.decay={decay}"), device="cpu")
+    ema = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["ema"]
+    assert len(live) == 4
+    for key, got in ema.items():
+        if not got.is_floating_point():  # num_batches_tracked is copied, not averaged
+            assert torch.equal(got, live[-1][key]), key
+            continue
+        want = live[0][key].double()
+        for w in live[1:]:
+            want = decay * want + (1 - decay) * w[key].double()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=key)
+    assert any(not torch.equal(ema[k], live[-1][k]) for k in ema if ema[k].is_floating_point())
+
+
+def test_ema_eval_uses_the_ema_weights_of_last_and_best(tmp_path):
+    cfg = tiny_config(tmp_path, *BASE, "schedule.epochs=2", "ema.enabled=true", "ema.decay=0.5", "ema.eval=true")
+    summary = train(cfg, device="cpu")
+    test = build_data(cfg, torch.device("cpu")).test
+    for key, name in (("test_last", "last.pt"), ("test_best", "best.pt")):
+        ck = torch.load(tmp_path / "run" / name, weights_only=False)
+        ema, _ = model_from_checkpoint(ck, weights="ema")
+        live, _ = model_from_checkpoint(ck, weights="model")
+        want = evaluate(ema, test, torch.device("cpu"), n_bins=cfg.logging.ece_bins)["exit0"]
+        other = evaluate(live, test, torch.device("cpu"), n_bins=cfg.logging.ece_bins)["exit0"]
+        assert want["nll"] != pytest.approx(other["nll"], rel=1e-3)  # the two sets of weights are told apart
+        assert summary[key]["exit0"]["nll"] == pytest.approx(want["nll"], rel=1e-6), key
+        assert summary[key]["exit0"]["top1"] == want["top1"], key

@@ -1,0 +1,269 @@
+"""Fault injection on a tiny run: whatever goes wrong, no run is lost or mixed up, and the user reads one line.
+
+Each test provokes one fault as a user or the machine would (a re-run, a kill during a checkpoint write, a full
+disk, a corrupt checkpoint, another architecture, a `base:` cycle, a read-only directory) through the `selfdistill`
+command, and checks the exit code, the message and every file in the run directory.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.cli import main
+from tests.helpers import DIGITS, TINY_MODEL, TINY_RUN, records
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = [*TINY_MODEL, *DIGITS, *TINY_RUN, "data.limit_train=128", "data.limit_eval=100"]  # 2 epochs of 2 steps
+
+
+def _train(run: Path, *extra: str) -> int:
+    return main(["train", *ARGS, f"checkpoint.dir={run}", "--device", "cpu", *extra])
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
+
+
+def _tmp_files(run: Path) -> list[Path]:
+    return list(run.glob("*.tmp")) + list(run.glob(".*.tmp"))
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: 2 epochs of 2 steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("reference") / "run"
+    assert _train(run) == 0
+    torch.set_num_threads(threads)
+    return run
+
+
+@pytest.fixture
+def copy_of(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    return run
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_rerun_without_resume_is_refused_and_changes_nothing(copy_of, capsys):
+    before = _files(copy_of)
+    capsys.readouterr()
+    assert _train(copy_of) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert str(copy_of) in line and "--resume auto" in line and "checkpoint.dir" in line
+    assert _files(copy_of) == before
+
+
+def test_overwrite_replaces_the_run(copy_of, reference):
+    (copy_of / "last.pt.tmp").write_bytes(b"left by a kill")
+    assert _train(copy_of, "checkpoint.overwrite=true") == 0
+    assert records(copy_of) == records(reference)  # one run's records, not two runs mixed
+    assert not _tmp_files(copy_of)
+
+
+KILL_DURING_WRITE = """
+import os, sys, time
+real = os.fsync
+seen = []
+def fsync(fd):  # pause inside the second write of last.pt, after its bytes are out, before the rename
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    if "last.pt" in target and target.endswith(".tmp"):
+        seen.append(target)
+        if len(seen) == 2:
+            open(sys.argv[1], "w").close()
+            time.sleep(600)
+    return real(fd)
+os.fsync = fsync
+from engine.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_loses_nothing(reference, tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "writing"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_WRITE, str(marker), "train", *ARGS,
+                             f"checkpoint.dir={run}", "--device", "cpu"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[1]
+    proc.kill()
+    proc.communicate()
+    assert _tmp_files(run), "the kill should have caught a write in flight"
+    previous = torch.load(run / "last.pt", weights_only=False)
+    assert previous["state"]["step"] == 2  # epoch 1's checkpoint, intact
+    assert max(r["step"] for r in records(run) if "step" in r) == 4  # epoch 2 was logged before the kill
+    assert _train(run, "--resume", "auto") == 0
+    assert not _tmp_files(run)
+    assert records(run) == records(reference)  # no record repeated or lost
+    assert records(run, "metrics.csv") == records(reference, "metrics.csv")
+
+
+class _FullDisk:
+    """A file that takes 4 KiB and then reports ENOSPC, as a filling disk does."""
+
+    def __init__(self, f):
+        self._f, self._n = f, 0
+
+    def write(self, data):
+        self._n += len(data)
+        if self._n > 4096:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real_fdopen = os.fdopen
+    kept: dict[str, bytes] = {}
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        if "w" in mode and (run / "last.pt").is_file():  # the disk fills up after epoch 1's checkpoints
+            kept.update({n: (run / n).read_bytes() for n in ("last.pt", "best.pt") if (run / n).is_file()})
+            return _FullDisk(f)
+        return f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    capsys.readouterr()
+    assert _train(run) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "No space left on device" in line and str(run) in line and ".pt" in line
+    assert kept and {n: (run / n).read_bytes() for n in kept} == kept
+    assert not _tmp_files(run)
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert torch.load(run / "last.pt", weights_only=False)["state"]["step"] == 2
+
+
+def test_corrupt_checkpoint_one_line_everywhere_and_the_run_untouched(copy_of, capsys, monkeypatch):
+    ck = copy_of / "last.pt"
+    ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
+    before = _files(copy_of)
+    capsys.readouterr()
+    assert _train(copy_of, "--resume", "auto") == 2
+    assert str(ck) in _one_line(capsys.readouterr().err)
+    assert _files(copy_of) == before  # config.yaml and meta.json still describe the checkpoints
+    for cmd in (["eval", "--checkpoint", str(ck), "--device", "cpu"],
+                ["export", "--checkpoint", str(ck), "--exit", "0", "--out", str(copy_of / "m.pt2")]):
+        assert main(cmd) == 2, cmd
+        assert str(ck) in _one_line(capsys.readouterr().err), cmd
+    monkeypatch.setenv("SELFDISTILL_DEBUG", "1")
+    assert main(["eval", "--checkpoint", str(ck), "--device", "cpu"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.delenv("SELFDISTILL_DEBUG")
+    assert main(["--debug", "eval", "--checkpoint", str(ck), "--device", "cpu"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_architecture_mismatch_lists_the_keys(copy_of, capsys):
+    before = _files(copy_of)
+    capsys.readouterr()
+    assert _train(copy_of, "--resume", "auto", "model.width=0.5", "optim.lr=0.1") == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "model.width 0.25 vs 0.5" in line and "optim.lr 0.05 vs 0.1" in line
+    assert _files(copy_of) == before
+    assert main(["eval", "--checkpoint", str(copy_of / "best.pt"), "--device", "cpu", "model.width=0.5"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "model.width 0.25 vs 0.5" in line and str(copy_of / "best.pt") in line
+
+
+def test_base_cycle_is_a_config_error(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\noptim:\n  lr: 0.1\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    assert main(["train", "--config", str(tmp_path / "a.yaml"), "--print-config"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "cycle" in line and "a.yaml" in line and "b.yaml" in line
+
+
+def _no_root_override():
+    """As root, drop the capabilities that ignore file permissions, so a read-only directory is read-only."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_read_only_directory(tmp_path):
+    parent = Path(tempfile.mkdtemp(dir=tmp_path))
+    parent.chmod(0o555)
+    try:
+        r = subprocess.run([sys.executable, "-m", "engine.cli", "train", *ARGS, f"checkpoint.dir={parent / 'run'}",
+                            "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           preexec_fn=_no_root_override if os.geteuid() == 0 else None)
+    finally:
+        parent.chmod(0o755)
+    assert r.returncode == 2, r.stderr
+    line = _one_line(r.stderr)
+    assert str(parent / "run") in line and "not writable" in line
+
+
+def test_stop_exit_code_is_3(tmp_path, capsys, monkeypatch):
+    import engine.train as engine_train
+
+    real = engine_train.lr_at
+
+    def lr_at(step, *args):
+        if step == 2:  # SIGTERM arrives during the third step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *args)
+
+    monkeypatch.setattr(engine_train, "lr_at", lr_at)
+    run = tmp_path / "run"
+    assert _train(run) == 3
+    out = capsys.readouterr().out
+    assert out.count("--resume auto") == 1
+    assert torch.load(run / "last.pt", weights_only=False)["state"]["step"] == 3
+
+
+def test_stopped_generation_chain_exits_3_and_resumes(tmp_path, capsys, monkeypatch):
+    import engine.train as engine_train
+
+    real, calls = engine_train.lr_at, []
+
+    def lr_at(step, *args):
+        calls.append(step)
+        if len(calls) == 6:  # generation 0 took 4 steps; SIGTERM during generation 1's second step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *args)
+
+    monkeypatch.setattr(engine_train, "lr_at", lr_at)
+    run = tmp_path / "run"
+    chain = ["--generations", "2", "objective.name=sd_generation", "exits.stages=[]"]
+    assert _train(run, *chain) == 3
+    assert "generation 1" in capsys.readouterr().out
+    assert not (run / "summary.json").exists()  # the chain is not finished
+    assert _train(run, *chain) == 0
+    assert json.loads((run / "summary.json").read_text())["generations"][0]["skipped"]
