@@ -85,11 +85,11 @@ def test_folder_loader_pairs_and_views(tmp_path):
                       "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]")
     loader = build_data(cfg, CPU).train
     batches = _batches(loader, 0)
-    assert len(batches) == len(loader) == 4
-    for b in batches:
+    assert len(batches) == len(loader) == 5  # 18 anchors, B = 4: ceil(18/4), the last batch of 2 (official)
+    for b, n in zip(batches, [4, 4, 4, 4, 2], strict=True):
         for key in ("partner", "view"):
             x = b.extra[key]
-            assert x.shape == b.images.shape == (4, 3, 16, 16)
+            assert x.shape == b.images.shape == (n, 3, 16, 16)
             assert torch.equal(x.mean(dim=(2, 3)).argmax(1), b.labels)  # tinted: class = brightest channel
         assert not torch.equal(b.images, b.extra["view"])  # own random-resized crop per view
 
