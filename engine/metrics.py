@@ -1,10 +1,15 @@
 """Classification, calibration and retrieval metrics on collected logits and features (after evaluation).
 
 ECE follows Guo et al. 2017 with equal-width confidence bins: sum_b |B|/N * |acc(B) - conf(B)|, the bins
-(lo, hi] as in the Beta-smoothing code's `ECELoss`. Recall@1 (CS-KD, Yun et al. 2020): the share of samples whose
-nearest other sample by cosine similarity of the exit's pooled (penultimate) features has the same label.
+(lo, hi] as in the Beta-smoothing code's `ECELoss` (a confidence of exactly 1.0 falls in the last bin).
+NLL comes from log-probabilities (log_softmax of the logits; for the probability ensemble the log of the mean
+probability, by logsumexp), never from a clamped probability, so a confidently wrong row counts its true loss.
+Recall@1 (CS-KD, Yun et al. 2020): the share of samples whose nearest other sample by cosine similarity of the
+exit's pooled (penultimate) features has the same label.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +25,9 @@ def topk_accuracy(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) 
     return out
 
 
-def nll(probs: Tensor, labels: Tensor) -> float:
-    return -torch.log(probs.double().gather(1, labels[:, None]).clamp_min(1e-12)).mean().item()
+def nll(logits: Tensor, labels: Tensor) -> float:
+    """Mean -log p(y) with p = softmax(logits); log-probabilities are valid logits too (log_softmax leaves them)."""
+    return -F.log_softmax(logits.double(), 1).gather(1, labels[:, None]).mean().item()
 
 
 def reliability(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, list[float]]:
@@ -70,12 +76,13 @@ def recall_at_1(features: Tensor, labels: Tensor, chunk: int = 2048) -> float:
     return 100.0 * hits.item() / n
 
 
-def summarize_probs(probs: Tensor, labels: Tensor, n_bins: int,
-                    rows: dict[str, list[float]] | None = None) -> dict[str, float]:
-    """top-1/top-5 (%), NLL and ECE (%) of one predictor; `rows` (if given) receives its reliability bins."""
-    res = topk_accuracy(probs, labels)
-    res["nll"] = nll(probs, labels)
-    r = reliability(probs, labels, n_bins)
+def summarize(log_probs: Tensor, labels: Tensor, n_bins: int,
+              rows: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """top-1/top-5 (%), NLL and ECE (%) of one predictor given its log-probabilities; `rows` (if given) receives
+    its reliability bins."""
+    res = topk_accuracy(log_probs, labels)
+    res["nll"] = nll(log_probs, labels)
+    r = reliability(log_probs.exp(), labels, n_bins)
     res["ece"] = ece_from_reliability(r)
     if rows is not None:
         rows.update(r)
@@ -94,14 +101,16 @@ def exit_metrics(logits: list[Tensor], labels: Tensor, n_bins: int = 15,
     labels = labels.cpu()
     rel: dict[str, dict] = {}
     out: dict[str, dict] = {}
-    for i, z in enumerate(logits):
-        out[f"exit{i}"] = summarize_probs(F.softmax(z, 1), labels, n_bins, rel.setdefault(f"exit{i}", {}))
+    log_p = [F.log_softmax(z, 1) for z in logits]
+    for i, lp in enumerate(log_p):
+        out[f"exit{i}"] = summarize(lp, labels, n_bins, rel.setdefault(f"exit{i}", {}))
         if recall is not None:
             out[f"exit{i}"]["recall1"] = recall[i]
     if len(logits) > 1:
-        out["ens_logits"] = summarize_probs(F.softmax(torch.stack(logits).mean(0), 1), labels, n_bins,
-                                            rel.setdefault("ens_logits", {}))
-        out["ens_probs"] = summarize_probs(torch.stack([F.softmax(z, 1) for z in logits]).mean(0), labels, n_bins,
-                                           rel.setdefault("ens_probs", {}))
+        out["ens_logits"] = summarize(F.log_softmax(torch.stack(logits).mean(0), 1), labels, n_bins,
+                                      rel.setdefault("ens_logits", {}))
+        # log(mean_i p_i) = logsumexp_i(log p_i) - log(n): exact even where every p_i underflows
+        ens_probs = torch.logsumexp(torch.stack(log_p), 0) - math.log(len(log_p))
+        out["ens_probs"] = summarize(ens_probs, labels, n_bins, rel.setdefault("ens_probs", {}))
     out["_reliability"] = rel
     return out

@@ -2,12 +2,16 @@
 
 - `reliability.png`: one reliability diagram per predictor (every exit and both ensembles): accuracy per
   equal-width confidence bin against the diagonal, the gap hatched, the bin mass as a grey outline, ECE in the title.
-- `exit_accuracy.png`: top-1 per predictor, best-validation checkpoint and last epoch side by side.
+- `exit_accuracy.png`: top-1 per predictor, best-validation checkpoint and last epoch side by side; for a
+  multi-exit model a second panel plots top-1 against GFLOPs per image (each exit at the cost of stopping there,
+  the ensembles at the cost of the whole model): the trade-off a user picks an exit from. The GFLOPs come from the
+  run's `config.yaml` (`engine.models.exit_flops`) and are also written to `exit_gflops.json`.
 
-Both read only the summary that `engine.train` returns (the `_reliability` bins come from `engine.metrics`).
+Both read the summary that `engine.train` returns (the `_reliability` bins come from `engine.metrics`).
 """
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -67,13 +71,20 @@ def reliability_diagram(res: dict, path: str | Path, title: str = "") -> Path:
     return path
 
 
-def exit_accuracy_chart(summary: dict, path: str | Path, metric: str = "top1") -> Path:
-    """Grouped bars: `metric` per predictor for test_best (best-validation checkpoint) and test_last."""
+def exit_accuracy_chart(summary: dict, path: str | Path, metric: str = "top1",
+                        gflops: dict[str, float] | None = None) -> Path:
+    """Grouped bars: `metric` per predictor for test_best (best-validation checkpoint) and test_last; with
+    `gflops` (per exit and "all_exits") a second panel: `metric` against GFLOPs per image."""
     plt = _pyplot()
     series = [(k, lbl) for k, lbl in (("test_best", "best-val checkpoint"), ("test_last", "last epoch"))
               if k in summary]
     names = _predictors(summary[series[0][0]])
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 1.5), 3.6))
+    exits = [n for n in names if n.startswith("exit")]
+    tradeoff = gflops is not None and len(exits) > 1 and all(n in gflops for n in exits)
+    width_bars = max(4.0, 1.1 * len(names) + 1.5)
+    fig, axes = plt.subplots(1, 2 if tradeoff else 1, figsize=(width_bars + (4.6 if tradeoff else 0), 3.6),
+                             squeeze=False, gridspec_kw={"width_ratios": [width_bars, 4.6] if tradeoff else [1]})
+    ax = axes[0, 0]
     width = 0.8 / len(series)
     for j, (key, label) in enumerate(series):
         vals = [summary[key][n][metric] for n in names]
@@ -86,11 +97,56 @@ def exit_accuracy_chart(summary: dict, path: str | Path, metric: str = "top1") -
     ax.set_ylabel(f"test {metric} (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8, loc="lower right")
+    if tradeoff:
+        _tradeoff(axes[0, 1], summary, series, exits, [n for n in names if n.startswith("ens")], gflops, metric)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _tradeoff(ax, summary: dict, series: list, exits: list[str], ensembles: list[str], gflops: dict,
+              metric: str) -> None:
+    for j, (key, label) in enumerate(series):
+        xs, ys = [gflops[n] for n in exits], [summary[key][n][metric] for n in exits]
+        line, = ax.plot(xs, ys, "o-", label=label)
+        for n, x, y in zip(exits, xs, ys) if j == 0 else ():
+            ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for n, marker in zip(ensembles, ("s", "D")):
+            ax.plot([gflops["all_exits"]], [summary[key][n][metric]], marker, color=line.get_color(),
+                    mfc="none", label=f"{n} ({label})")
+    ax.xaxis.set_major_locator(plt_ticker().MaxNLocator(4))
+    ax.set_xlabel("GFLOPs per image (forward, batch 1)")
+    ax.set_ylabel(f"test {metric} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower right")
+
+
+def plt_ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
+def run_gflops(run_dir: str | Path) -> dict[str, float] | None:
+    """Per-exit GFLOPs of the run's model, built (no weights needed) from its config.yaml; None when the run has
+    no config or its backbone cannot be truncated (e.g. a timm model)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    from engine.config import load_config
+    from engine.models import create_model
+    from engine.models.exit_flops import exit_gflops
+
+    cfg = load_config(path)
+    if not cfg.exits.stages:
+        return None
+    try:
+        return exit_gflops(create_model(cfg.model, cfg.exits), cfg.model.in_chans, cfg.data.image_size)
+    except NotImplementedError as e:
+        warnings.warn(f"no accuracy/GFLOPs panel: {e}", stacklevel=2)
+        return None
 
 
 def write_run_plots(run_dir: str | Path, summary: dict) -> list[str]:
@@ -105,6 +161,10 @@ def write_run_plots(run_dir: str | Path, summary: dict) -> list[str]:
         return []
     run_dir = Path(run_dir)
     which = "best-validation checkpoint" if key == "test_best" else "last epoch"
+    gflops = run_gflops(run_dir)
     out = [reliability_diagram(summary[key], run_dir / "reliability.png", f"test set, {which}"),
-           exit_accuracy_chart(summary, run_dir / "exit_accuracy.png")]
+           exit_accuracy_chart(summary, run_dir / "exit_accuracy.png", gflops=gflops)]
+    if gflops is not None:
+        (run_dir / "exit_gflops.json").write_text(json.dumps(gflops, indent=2))
+        out.append(run_dir / "exit_gflops.json")
     return [str(p) for p in out]

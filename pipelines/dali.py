@@ -74,7 +74,7 @@ def build_dali_data(cfg, device: torch.device, rank: int = 0, world: int = 1) ->
 
     if d.sampler == "class_pair":
         sampler = ClassPairBatchSampler([y for _, y in train], d.batch_size, rank, world, cfg.seed,
-                                        allow_self=cfg.objective.cskd.allow_self_partner, drop_last=True)
+                                        allow_self=cfg.objective.cskd.allow_self_partner)
         train_loader = DaliPairLoader(train, sampler, recipe, extra_view=d.extra_view, **common)
     else:
         train_loader = DaliFolderLoader(train, replace(recipe, views=2 if d.extra_view else 1),

@@ -21,7 +21,7 @@ def _pair_sampler(cfg, labels, rank: int, world: int):
     from pipelines.samplers import ClassPairBatchSampler
 
     return ClassPairBatchSampler(labels, cfg.data.batch_size, rank, world, cfg.seed,
-                                 allow_self=cfg.objective.cskd.allow_self_partner, drop_last=True)
+                                 allow_self=cfg.objective.cskd.allow_self_partner)
 
 
 def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> DataBundle:

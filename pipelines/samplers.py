@@ -1,7 +1,9 @@
 """CS-KD class-pair batches, shared by the torch and DALI loaders.
 
 Each batch is B anchor indices followed by B partner indices; partner k has the class of anchor k (Yun et al.,
-CVPR 2020, `alinlab/cs-kd` `PairBatchSampler`). Differences from the official sampler, on purpose:
+CVPR 2020, `alinlab/cs-kd` `PairBatchSampler`). As there, an epoch is one shuffle of the anchors cut into
+ceil(N/B) batches, the last one short, so every index is an anchor exactly once (`drop_last=True` is available but
+the loaders do not use it). Differences from the official sampler, on purpose:
 - epoch-seeded and deterministic (the official one uses the global `random` state), so a resumed run and every
   rank agree on the epoch's batches;
 - distributed: anchors are sharded like the torch training path (`shard_indices`: one epoch permutation, padded

@@ -63,6 +63,8 @@ class _ShardedLoader:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
+        if self.pairs is not None:  # the class-pair sampler owns the epoch's batches (ceil(N/B), as the official)
+            return len(self.pairs)
         return len(batch_slices(self.num_samples, self.batch_size, self.drop_last))
 
     def _batches(self) -> list[Tensor]:

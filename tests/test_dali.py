@@ -219,15 +219,16 @@ def test_pair_batches_share_class_and_augment_independently(tmp_path):
                "data.batch_size=5")
     data = build_dali_data(cfg, CPU)
     sampler = data.train.sampler
-    assert len(data.train) == 3
+    assert len(data.train) == 4  # 18 anchors, B = 5: ceil(18/5) batches, the last of 3 (the official sampler)
     for epoch in range(2):
         data.train.set_epoch(epoch)
         batches = list(data.train)
-        assert len(batches) == 3
+        assert len(batches) == 4
+        assert sorted(i for idx in sampler.batches(epoch) for i in idx[: len(idx) // 2]) == list(range(18))
         for b, idx in zip(batches, sampler.batches(epoch), strict=True):
             partner, view = b.extra["partner"], b.extra["view"]
-            assert partner.shape == view.shape == b.images.shape == (5, 3, 32, 32)
-            assert b.labels.tolist() == [sampler.labels[i].item() for i in idx[:5]]
+            assert partner.shape == view.shape == b.images.shape == (len(idx) // 2, 3, 32, 32)
+            assert b.labels.tolist() == [sampler.labels[i].item() for i in idx[: len(idx) // 2]]
             assert _class_by_colour(b.images).tolist() == b.labels.tolist()
             assert _class_by_colour(partner).tolist() == b.labels.tolist()
             assert _class_by_colour(view).tolist() == b.labels.tolist()

@@ -12,7 +12,7 @@ from engine.objectives import build_objective
 from engine.objectives.byot import kd_loss
 from engine.objectives.cskd import bn_buffers
 from engine.train import train
-from engine.types import Batch
+from engine.types import Batch, ExitOutputs
 from pipelines.factory import build_data
 from pipelines.samplers import ClassPairBatchSampler
 from pipelines.torch_loader import TensorLoader
@@ -85,11 +85,11 @@ def test_folder_loader_pairs_and_views(tmp_path):
                       "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]")
     loader = build_data(cfg, CPU).train
     batches = _batches(loader, 0)
-    assert len(batches) == len(loader) == 4
-    for b in batches:
+    assert len(batches) == len(loader) == 5  # 18 anchors, B = 4: ceil(18/4), the last batch of 2 (official)
+    for b, n in zip(batches, [4, 4, 4, 4, 2], strict=True):
         for key in ("partner", "view"):
             x = b.extra[key]
-            assert x.shape == b.images.shape == (4, 3, 16, 16)
+            assert x.shape == b.images.shape == (n, 3, 16, 16)
             assert torch.equal(x.mean(dim=(2, 3)).argmax(1), b.labels)  # tinted: class = brightest channel
         assert not torch.equal(b.images, b.extra["view"])  # own random-resized crop per view
 
@@ -200,3 +200,68 @@ def test_cskd_e_trains_end_to_end(tmp_path):
     s = train(cfg, device="cpu")
     assert {"test_best", "test_last"} <= set(s)
     assert "recall1" in s["test_best"]["exit3"] and "recall1" not in s["test_best"]["ens_logits"]
+
+
+class _Recorder(torch.nn.Module):
+    """A one-exit model that records each forward's input and whether autograd was recording."""
+
+    def __init__(self, pixels: int, classes: int = 10):
+        super().__init__()
+        self.fc = torch.nn.Linear(pixels, classes)
+        self.calls: list[tuple[torch.Tensor, bool, torch.Tensor]] = []
+
+    def forward(self, x):
+        z = self.fc(x.flatten(1))
+        self.calls.append((x.detach().clone(), torch.is_grad_enabled(), z.detach()))
+        return ExitOutputs([z], [x.flatten(1)])
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("cskd", {}), ("cskd", {"partner_updates_bn": False}), ("cskd", {"sample_wise": True}),
+    ("byot_cskd", {}), ("mixup_cskd", {}), ("mixup_cskd", {"partner_updates_bn": False}),
+])
+def test_partner_and_view_forwards_record_no_autograd_graph(model_and_batch, name, overrides):
+    # The partner (and second-view) forward must run under no_grad: with a graph it would still give the same loss
+    # and gradients (the targets are detached) but keep every activation alive, doubling activation memory.
+    cfg, model, batch = model_and_batch
+    cfg.objective.name, cfg.objective.mixup_alpha, cfg.objective.backend = name, 1.0, "torch"
+    for k, v in overrides.items():
+        setattr(cfg.objective.cskd, k, v)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append((args[0].data_ptr(), torch.is_grad_enabled())))
+    loss, _ = build_objective(cfg, model.num_exits, CPU)(model, batch)
+    hook.remove()
+    expected = 3 if overrides.get("sample_wise") else 2
+    assert len(seen) == expected and sum(grad for _, grad in seen) == 1  # one anchor forward with a graph
+    loss.total.backward()
+
+
+def test_mixup_cskd_one_mixing_weight_and_one_permutation(tmp_path):
+    # Anchors are one-hot images at pixels 0..B-1, partners 2 x one-hot at pixels 16..16+B-1: every mixed input
+    # reveals its l and permutation, and the partners' must be the anchors'.
+    cfg = tiny_config(tmp_path, "objective.name=mixup_cskd", "data.sampler=class_pair", "objective.mixup_alpha=1.0")
+    B = 6
+    eye = torch.eye(64).view(64, 1, 8, 8)
+    batch = Batch(eye[:B], torch.tensor([0, 1, 2, 0, 1, 2]), {"partner": 2 * eye[16:16 + B]})
+    model = _Recorder(64)
+    torch.manual_seed(3)
+    loss, out = build_objective(cfg, 1, CPU)(model, batch)
+    (xa, grad_a, za), (xp, grad_p, zp) = sorted(model.calls, key=lambda c: not c[1])  # the anchors' call had grad
+    assert grad_a and not grad_p
+
+    def lam_perm(x, first):
+        v = x.flatten(1)[:, first:first + B]
+        perm = [int(j if (row > 0).sum() == 1 else ((row > 0) & (torch.arange(B) != j)).nonzero()) for j, row in
+                enumerate(v)]
+        lam = {round(float(v[j, j]), 6) for j in range(B) if perm[j] != j}
+        return lam, perm
+
+    lam_a, perm_a = lam_perm(xa, 0)
+    lam_p, perm_p = lam_perm(xp / 2, 16)
+    assert perm_a != list(range(B)) and len(lam_a) == 1  # one l for the whole batch
+    assert (lam_p, perm_p) == (lam_a, perm_a)
+    lam, perm = lam_a.pop(), torch.tensor(perm_a)
+    y = batch.labels
+    ce = lam * torch.nn.functional.cross_entropy(za, y) + (1 - lam) * torch.nn.functional.cross_entropy(za, y[perm])
+    torch.testing.assert_close(loss.terms["ce"], ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.terms["cskd"], kd_loss(za, zp, 4.0, "kl", True), rtol=1e-5, atol=1e-6)

@@ -88,3 +88,26 @@ def test_accepts_tensor_labels_and_rejects_bad_arguments():
         ClassPairBatchSampler(LABELS, 0)
     with pytest.raises(ValueError, match="no labels"):
         ClassPairBatchSampler([], 4)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_class_pair_loader_keeps_the_official_epoch(tmp_path, world):
+    # alinlab/cs-kd PairBatchSampler: ceil(N/B) batches, the last one short, every image an anchor once per epoch.
+    # 300 digits, B = 64: one rank takes 5 batches (4 x 64 + 44); two ranks 3 each (2 x 64 + 22 per rank).
+    from pipelines.factory import build_data
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config(tmp_path, "objective.name=cskd", "data.sampler=class_pair", "data.limit_train=300",
+                      "data.batch_size=64")
+    loaders = [build_data(cfg, torch.device("cpu"), rank, world).train for rank in range(world)]
+    anchors = []
+    for loader in loaders:
+        assert len(loader) == -(-300 // world // 64)
+        loader.set_epoch(1)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        assert [len(b.labels) for b in batches[:-1]] == [64] * (len(batches) - 1)
+        assert len(batches[-1].labels) == 300 // world - 64 * (len(batches) - 1)
+        assert all(b.extra["partner"].shape == b.images.shape for b in batches)
+        anchors += [a for idx in loader.pairs.batches(1) for a in _split(idx)[0]]
+    assert sorted(anchors) == list(range(300))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from engine.models.multi_exit import MultiExitModel
-from engine.models.resnet import BasicBlock, Bottleneck, PreActBlock, ResNet
+from engine.models.resnet import BasicBlock, Bottleneck, CSKDPreActBlock, PreActBlock, ResNet
 from engine.registry import Registry
 
 MODELS = Registry("model")
@@ -12,7 +12,10 @@ register_model = MODELS.register
 
 _DEPTHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4, 6, 3)),
            "resnet50": (Bottleneck, (3, 4, 6, 3)), "resnet101": (Bottleneck, (3, 4, 23, 3)),
-           "preact_resnet18": (PreActBlock, (2, 2, 2, 2))}
+           "preact_resnet18": (PreActBlock, (2, 2, 2, 2)), "cskd_preact_resnet18": (CSKDPreActBlock, (2, 2, 2, 2)),
+           "cskd_preact_resnet34": (CSKDPreActBlock, (3, 4, 6, 3))}
+# CS-KD's CIFAR_ResNet (alinlab/cs-kd): BN+ReLU after the stem, none after the last stage, PyTorch's default init.
+_CSKD = dict(stem_norm=True, final_norm=False, default_init=True)
 
 
 def _resnet(name: str, depths=None, **kw) -> ResNet:
@@ -42,8 +45,20 @@ def resnet101(**kw) -> ResNet:
 
 @register_model
 def preact_resnet18(**kw) -> ResNet:
-    """CS-KD's CIFAR_ResNet18 (pre-activation blocks); use with stem='cifar'."""
+    """The textbook pre-activation ResNet-18 (He et al. 2016): no BN after the stem, BN+ReLU after the last stage."""
     return _resnet("preact_resnet18", **kw)
+
+
+@register_model
+def cskd_preact_resnet18(**kw) -> ResNet:
+    """CS-KD's `CIFAR_ResNet18` exactly (11,217,444 parameters for 100 classes); use with stem='cifar'."""
+    return _resnet("cskd_preact_resnet18", **_CSKD, **kw)
+
+
+@register_model
+def cskd_preact_resnet34(**kw) -> ResNet:
+    """CS-KD's `CIFAR_ResNet34` (pre-activation blocks [3, 4, 6, 3]); use with stem='cifar'."""
+    return _resnet("cskd_preact_resnet34", **_CSKD, **kw)
 
 
 def create_backbone(model_cfg) -> nn.Module:

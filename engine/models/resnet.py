@@ -1,5 +1,14 @@
 """ResNet and PreAct ResNet backbones, written here so no torchvision is needed.
 
+Two pre-activation networks that differ on purpose:
+- `PreActBlock` in a ResNet with no BN after the stem and BN+ReLU after the last stage is the textbook PreAct
+  ResNet (He et al. 2016, "Identity Mappings"): an identity shortcut adds x itself.
+- `CSKDPreActBlock` in a ResNet with BN+ReLU after the stem and nothing after the last stage is CS-KD's
+  `CIFAR_ResNet` (alinlab/cs-kd, models/resnet.py): its shortcut, an empty nn.Sequential when the shape is kept, is
+  applied to relu(bn1(x)), so an identity block adds the pre-activated input. The block builds its 1x1 shortcut
+  after its convolutions and the network keeps PyTorch's default initialisation, as the official code does, so the
+  same seed gives the same initial weights.
+
 Parameter names match torchvision's ResNet (conv1, bn1, layer1..4, fc; blocks conv1/bn1/conv2/bn2[/conv3/bn3],
 downsample.0/1), so its state dicts load. Backbones follow the timm contract used by the exits:
 `forward_intermediates`, `forward_head(x, pre_logits)` and `feature_info` (channels and stride per stage).
@@ -69,7 +78,7 @@ class Bottleneck(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation basic block (He et al. 2016), the block of CS-KD's CIFAR_ResNet18."""
+    """Pre-activation basic block (He et al. 2016): the identity shortcut adds x, a projection sees relu(bn1(x))."""
 
     expansion = 1
 
@@ -92,14 +101,35 @@ class PreActBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)
 
 
+class CSKDPreActBlock(PreActBlock):
+    """CS-KD's PreActBlock: both shortcuts (identity or 1x1 conv) take relu(bn1(x)); the block builds its own."""
+
+    builds_shortcut = True
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__(cin, planes, stride)
+        if stride != 1 or cin != planes:  # created after the convolutions: the official RNG order
+            self.downsample = nn.Sequential(conv1x1(cin, planes, stride))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = out if self.downsample is None else self.downsample(out)
+        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + shortcut
+
+
 class ResNet(nn.Module):
     def __init__(self, block: type[nn.Module], layers: Sequence[int], num_classes: int = 1000, in_chans: int = 3,
                  stem: str = "imagenet", width: float = 1.0, zero_init_residual: bool = False,
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, stem_norm: bool | None = None, final_norm: bool | None = None,
+                 default_init: bool = False):
+        """`stem_norm` / `final_norm`: BN+ReLU after the stem / after the last stage (default: the textbook
+        placement for the block); `default_init`: keep PyTorch's initialisation instead of Kaiming fan-out."""
         super().__init__()
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
-        self.preact = block is PreActBlock
+        self.preact = issubclass(block, PreActBlock)
+        stem_norm = not self.preact if stem_norm is None else stem_norm
+        self.has_final_norm = self.preact if final_norm is None else final_norm
         base = max(1, int(round(64 * width)))
         self.inplanes = base
         if stem == "imagenet":
@@ -110,15 +140,14 @@ class ResNet(nn.Module):
             self.conv1 = conv3x3(in_chans, base)
             self.maxpool = nn.Identity()
             stem_reduction = 1
-        # PreAct nets normalise after the last stage instead of after the stem.
-        self.bn1 = nn.BatchNorm2d(base) if not self.preact else nn.Identity()
-        self.relu = nn.ReLU(inplace=True) if not self.preact else nn.Identity()
+        self.bn1 = nn.BatchNorm2d(base) if stem_norm else nn.Identity()
+        self.relu = nn.ReLU(inplace=True) if stem_norm else nn.Identity()
         self.layer1 = self._make_layer(block, base, layers[0], 1)
         self.layer2 = self._make_layer(block, base * 2, layers[1], 2)
         self.layer3 = self._make_layer(block, base * 4, layers[2], 2)
         self.layer4 = self._make_layer(block, base * 8, layers[3], 2)
         self.num_features = base * 8 * block.expansion
-        self.final_norm = nn.BatchNorm2d(self.num_features) if self.preact else nn.Identity()
+        self.final_norm = nn.BatchNorm2d(self.num_features) if self.has_final_norm else nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.drop_rate = drop_rate
         self.fc = nn.Linear(self.num_features, num_classes)
@@ -128,7 +157,7 @@ class ResNet(nn.Module):
             for i in range(4)
         ]
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and not default_init:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -140,7 +169,7 @@ class ResNet(nn.Module):
 
     def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
+        if (stride != 1 or self.inplanes != planes * block.expansion) and not getattr(block, "builds_shortcut", False):
             conv = conv1x1(self.inplanes, planes * block.expansion, stride)
             downsample = nn.Sequential(conv) if self.preact else nn.Sequential(
                 conv, nn.BatchNorm2d(planes * block.expansion))
@@ -178,7 +207,7 @@ class ResNet(nn.Module):
         return self.final_norm_act(x), inters
 
     def final_norm_act(self, x: Tensor) -> Tensor:
-        return F.relu(self.final_norm(x)) if self.preact else x
+        return F.relu(self.final_norm(x)) if self.has_final_norm else x
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.forward_stem(x)

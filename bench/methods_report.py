@@ -1,0 +1,222 @@
+"""The report of `bench/methods_study.py`: mean ± std over seeds, paired differences, the claims, a plot.
+
+Every figure is the test set (10,000 images) evaluated with each run's best-validation checkpoint. A difference
+between two methods is taken seed by seed (the same seed gives both the same validation split, training subset
+and, for the same network, the same initial weights) and called clear when its mean exceeds twice its standard
+error and every seed agrees in sign; otherwise it is inside the seed noise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+from pathlib import Path
+
+METRICS = [("top1", "top-1 (%)", "{:.2f}"), ("nll", "NLL", "{:.4f}"), ("ece15", "ECE-15 (%)", "{:.2f}"),
+           ("ece20", "ECE-20 (%)", "{:.2f}"), ("recall1", "Recall@1 (%)", "{:.2f}")]
+MULTI_EXIT = ("dsn", "byot_iccv", "byot_journal")
+
+
+def _load(runs: Path, methods: list[str], seeds: list[int]) -> tuple[dict, list]:
+    found, missing = {}, []
+    for m in methods:
+        for s in seeds:
+            p = runs / m / f"seed{s}" / "study.json"
+            if p.is_file():
+                found.setdefault(m, {})[s] = json.loads(p.read_text())
+            else:
+                missing.append((m, s))
+    return found, missing
+
+
+def _deepest(res: dict) -> str:
+    return max((k for k in res if k.startswith("exit")), key=lambda k: int(k[4:]))
+
+
+def _stat(values: list[float]) -> dict:
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return {"mean": statistics.fmean(values), "std": sd, "n": len(values), "values": values}
+
+
+def _pm(st: dict | None, fmt: str) -> str:
+    if st is None:
+        return "—"
+    sd = "" if math.isnan(st["std"]) else " ± " + fmt.format(st["std"])
+    return fmt.format(st["mean"]) + sd
+
+
+def summarize(found: dict) -> dict:
+    """method -> predictor ('deepest' added) -> metric -> mean/std/n/values over seeds."""
+    out: dict = {}
+    for m, by_seed in found.items():
+        rows: dict = {}
+        for r in by_seed.values():
+            res = r["test_best"]
+            for name, vals in [*res.items(), ("deepest", res[_deepest(res)])]:
+                for k, v in vals.items():
+                    rows.setdefault(name, {}).setdefault(k, []).append(v)
+        out[m] = {name: {k: _stat(v) for k, v in ms.items()} for name, ms in rows.items()}
+        out[m]["_cost"] = {k: _stat([r[k] for r in by_seed.values()]) for k in ("cpu_s", "wall_s")}
+    return out
+
+
+def paired(found: dict, a: str, pa: str, b: str, pb: str, metric: str) -> dict | None:
+    """a's predictor pa minus b's predictor pb, seed by seed; None when no seed has both."""
+    seeds = sorted(set(found.get(a, {})) & set(found.get(b, {})))
+    if not seeds:
+        return None
+
+    def val(m, p, s):
+        res = found[m][s]["test_best"]
+        return res[_deepest(res) if p == "deepest" else p][metric]
+
+    d = [val(a, pa, s) - val(b, pb, s) for s in seeds]
+    st = _stat(d)
+    se = st["std"] / math.sqrt(len(d)) if len(d) > 1 else float("inf")
+    st["clear"] = bool(len(d) > 1 and abs(st["mean"]) > 2 * se and (all(x > 0 for x in d) or all(x < 0 for x in d)))
+    return st
+
+
+def _delta(st: dict | None, fmt: str = "{:+.2f}") -> str:
+    if st is None:
+        return "not run"
+    sd = "" if math.isnan(st["std"]) else f" ± {st['std']:.2f}"
+    return f"{fmt.format(st['mean'])}{sd} ({'clear' if st['clear'] else 'inside seed noise'}, n={st['n']})"
+
+
+def _better(st: dict | None, lower_is_better: bool = False) -> str:
+    if st is None:
+        return "missing"
+    good = st["mean"] < 0 if lower_is_better else st["mean"] > 0
+    return ("better" if good else "worse") if st["clear"] else "noise"
+
+
+def claims(found: dict) -> list[dict]:
+    """The four claims of the papers, each with the paired differences behind it and a plain verdict."""
+    out = []
+    for v, label in (("byot_iccv", "BYOT (ICCV settings)"), ("byot_journal", "BYOT (journal settings)")):
+        if v not in found:
+            continue
+        exits = [k for k in next(iter(found[v].values()))["test_best"] if k.startswith("exit")]
+        n = len(exits)
+        vs_plain = {p: paired(found, v, p, "ce", "deepest", "top1") for p in [*exits, "ens_logits", "ens_probs"]}
+        vs_dsn = {p: paired(found, v, p, "dsn", p, "top1") for p in exits}
+        beats = [p for p, st in vs_plain.items() if _better(st) == "better"]
+        loses = [p for p, st in vs_plain.items() if _better(st) == "worse"]
+        gains = [vs_dsn[p]["mean"] for p in exits if vs_dsn[p] is not None]
+        shallow_most = len(gains) == n and all(g1 > g2 for g1, g2 in zip(gains, gains[1:])) \
+            and vs_dsn[exits[0]]["clear"] and gains[0] > 0
+        text = (f"{label}: every exit and the ensemble beat the plain model — "
+                + ("supported" if len(beats) == n + 2 else "not supported") + ". Top-1 against the plain network "
+                f"(CE, single exit): clearly better: {', '.join(beats) or 'none'}; clearly worse: "
+                f"{', '.join(loses) or 'none'}; the rest inside seed noise. "
+                "Shallow exits gain the most (gain over the same exit trained by deep supervision alone, DSN) — "
+                + ("supported" if shallow_most else "not supported") + ": gains "
+                + ", ".join(f"{p} {vs_dsn[p]['mean']:+.2f}" for p in exits if vs_dsn[p] is not None) + ".")
+        out.append({"claim": f"{label}: every exit and the ensemble beat the plain model; shallow exits gain most",
+                    "text": text, "vs_plain_top1": vs_plain, "vs_dsn_top1": vs_dsn})
+    for v, label in (("cskd", "CS-KD"), ("cskd_e", "CS-KD-E")):
+        if v not in found or "ce" not in found:
+            continue
+        err = paired(found, v, "deepest", "ce", "deepest", "top1")
+        err = None if err is None else {**err, "mean": -err["mean"], "values": [-x for x in err["values"]]}
+        ece = paired(found, v, "deepest", "ce", "deepest", "ece15")
+        ce_ece = statistics.fmean(r["test_best"][_deepest(r["test_best"])]["ece15"] for r in found["ce"].values())
+        rel = ece["mean"] / ce_ece if ece and ce_ece else float("nan")
+        much = ece is not None and ece["clear"] and ece["mean"] < 0 and rel <= -1 / 3
+        text = (f"{label}: lower error than CE — " + {"better": "supported", "worse": "contradicted",
+                                                        "noise": "not supported (inside seed noise)",
+                                                        "missing": "not run"}[_better(err, True)]
+                + f": error difference {_delta(err)} points. Much lower ECE than CE — "
+                + ("supported" if much else "not supported") + f": ECE-15 difference {_delta(ece)} points "
+                f"({100 * rel:+.0f}% of CE's {ce_ece:.2f}%).")
+        out.append({"claim": f"{label}: lower error and much lower ECE than CE", "text": text,
+                    "error_diff": err, "ece15_diff": ece})
+    if "beta" in found:
+        parts, verdicts = [], []
+        for ls in ("ls_wrong", "ls_all"):
+            st = paired(found, "beta", "deepest", ls, "deepest", "top1")
+            nll = paired(found, "beta", "deepest", ls, "deepest", "nll")
+            ece = paired(found, "beta", "deepest", ls, "deepest", "ece15")
+            verdicts.append(_better(st))
+            parts.append(f"against {ls}: top-1 {_delta(st)}, NLL {_delta(nll, '{:+.4f}')}, ECE-15 {_delta(ece)}")
+        v = "supported" if all(x == "better" for x in verdicts) else (
+            "contradicted" if all(x == "worse" for x in verdicts) else "not supported")
+        out.append({"claim": "Beta smoothing beats label smoothing",
+                    "text": f"Beta smoothing beats label smoothing (top-1) — {v}: " + "; ".join(parts) + "."})
+    if "sd_gen1" in found:
+        steps = [("sd_gen1", "ce", "generation 1 over generation 0 (CE)"),
+                 ("sd_gen2", "sd_gen1", "generation 2 over generation 1")]
+        parts, verdicts = [], []
+        for a, b, what in steps:
+            if a not in found:
+                continue
+            st = paired(found, a, "deepest", b, "deepest", "top1")
+            nll = paired(found, a, "deepest", b, "deepest", "nll")
+            verdicts.append(_better(st))
+            parts.append(f"{what}: top-1 {_delta(st)}, NLL {_delta(nll, '{:+.4f}')}")
+        v = "supported" if all(x == "better" for x in verdicts) else "not supported"
+        out.append({"claim": "Multi-generation self-distillation: later generations improve",
+                    "text": f"Later generations improve (top-1) — {v}: " + "; ".join(parts) + "."})
+    return out
+
+
+def _commit(runs: Path) -> str:
+    p = runs / "code_commit.txt"
+    if p.is_file():
+        return p.read_text().strip()
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _span(runs: Path, found: dict) -> float:
+    """Seconds from the first run's start (its config.yaml) to the last run's end (its study.json)."""
+    starts, ends = [], []
+    for m, by_seed in found.items():
+        for s in by_seed:
+            d = runs / m / f"seed{s}"
+            starts.append((d / "config.yaml").stat().st_mtime)
+            ends.append((d / "study.json").stat().st_mtime)
+    return max(ends) - min(starts) if starts else 0.0
+
+
+def write_report(runs: Path, out: Path, methods_table: dict, methods: list[str], seeds: list[int],
+                 schedule: dict) -> list[Path]:
+    found, missing = _load(runs, methods, seeds)
+    summ = summarize(found)
+    cl = claims(found)
+    cpu = sum(r["cpu_s"] for by in found.values() for r in by.values())
+    wall = sum(r["wall_s"] for by in found.values() for r in by.values())
+    meta = {"commit": _commit(runs), "schedule": schedule, "seeds": seeds, "methods": methods,
+            "missing": [f"{m} seed {s}" for m, s in missing], "runs_finished": sum(len(v) for v in found.values()),
+            "cpu_s_total": round(cpu, 1), "run_wall_s_total": round(wall, 1),
+            "study_wall_s": round(_span(runs, found), 1),
+            "threads_per_run": sorted({r["threads"] for by in found.values() for r in by.values()})}
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / "methods_fashion_mnist.json"
+    js.write_text(json.dumps({**meta, "summary": summ, "claims": cl,
+                              "runs": {m: {str(s): r for s, r in by.items()} for m, by in found.items()}},
+                             indent=1, default=float))
+    md = out / "methods_fashion_mnist.md"
+    md.write_text(_markdown(meta, summ, cl, methods_table, methods))
+    paths = [js, md]
+    try:
+        paths.append(_plot(summ, methods, out / "methods_fashion_mnist.png"))
+    except ImportError:
+        pass
+    return paths
+
+
+def _markdown(meta: dict, summ: dict, cl: list[dict], table: dict, methods: list[str]) -> str:
+    from bench.methods_report_md import markdown
+
+    return markdown(meta, summ, cl, table, methods)
+
+
+def _plot(summ: dict, methods: list[str], path: Path) -> Path:
+    from bench.methods_report_md import plot
+
+    return plot(summ, methods, path)
