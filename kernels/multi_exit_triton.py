@@ -13,9 +13,10 @@ function of running sums. Per-program partial losses go to a scratch buffer; the
 Backward: the gradient is recomputed from the logits and the per-row statistics saved by the forward (no [E, B, C]
 buffer is kept between the passes), scaled by the upstream gradient before it is rounded to the logits' dtype.
 
-Exponentials: exp2 of pre-scaled arguments. Where a stream needs its softmax at the KD temperature T and at 1, one
-MUFU.EX2 gives exp((z - m)/T) and exp(z - m) is its T-th power (multiplications on the FMA pipe) when T is an
-integer, or a polynomial exp2 on the FMA pipe otherwise. So each logit costs one special-function op per pass.
+Exponentials: exp2 of pre-scaled arguments, one special-function op (MUFU.EX2) per logit per pass. Where a stream
+needs its softmax at the KD temperature T and at 1, the forward's running sums take exp(z - m) as the T-th power of
+exp((z - m)/T) (multiplications) when T is an integer, and the backward, whose gradients need it to fp32 accuracy,
+evaluates it as a polynomial exp2 on the FMA pipe (as FlashAttention-4 does), as the forward does for a fractional T.
 Numerics: every load is cast to fp32 at once (the interpreter's bf16 arithmetic is wrong). 1 - softmax_y is kept
 as the mass of the other classes (the true class is left out of the running sums and added back per row), so the
 true-class gradient of a confident row does not cancel.
