@@ -4,17 +4,15 @@
                                                    [--sms 132] [--clock-ghz 1.98] [--dram-tbs 4.3]
 
 Capture: the public launcher (kernels.multi_exit_loss.multi_exit_loss) runs forward and backward on CPU tensors
-of the real shapes (allocated, not filled) with Triton's launch intercepted (and its `*check_device*` guard, which
-admits CPU tensors only under the interpreter): every launch is recorded with its arguments, tuples included, grid
-and options (an autotuned kernel with its first config). Each is compiled by Triton's own JITFunction.run(warmup=
-True) behind a stand-in driver for GPUTarget("cuda", arch, 32), so integer specialization (divisible by 16, == 1),
-pointer alignment (torch CPU data is 64-byte aligned, like CUDA's) and constexprs follow the installed Triton's
-rules. --python runs the same under other interpreters (the GPU machine's Triton) and merges the tables.
+of the real shapes (allocated, not filled) with Triton's launch (and its `*check_device*` guard) intercepted: each
+launch is recorded with its arguments (tuples too), grid and options (an autotuned kernel: its first config), then
+compiled by Triton's own JITFunction.run(warmup=True) for a stand-in GPUTarget("cuda", arch, 32) driver, so integer
+specialization, pointer alignment (torch CPU data is 64-byte aligned, like CUDA's) and constexprs follow the
+installed Triton's rules. --python runs the same under other interpreters (the GPU machine's Triton).
 
-Per kernel: registers, shared memory and stack frame (cuobjdump). Spills: the spill store + load bytes that
-`ptxas -v` reports for the kernel's PTX assembled again with Triton's flags and checked to use the same registers
-(the tables' "spill B"), and the STL / LDL instructions of the SASS (static count; dynamic per element); a stack
-frame alone is not a spill. Dynamic instruction counts per thread: the SASS model below.
+Per kernel: registers, shared memory, stack frame (cuobjdump); spills: the spill store + load bytes of `ptxas -v`
+on the kernel's PTX with Triton's flags (checked to give the same registers: the tables' "spill B") and the SASS's
+STL / LDL (static; dynamic per element): a stack frame alone is no spill. Instruction counts: the SASS model below.
     per element  per-thread count x threads launched / (E * B * C), the launch's logit elements; MUFU.* alike
 Pass model, per pass (forward, backward), defaults for an H200:
     issue = warp instructions / (SMs x 4 schedulers x clock)
@@ -150,8 +148,7 @@ def capture(shape: tuple, D: int, dtype: str, options: dict) -> list[Launch]:
 # ------------------------------------------------------------------------------------------------------- compile
 
 def _driver(arch: int):
-    """Stands in for the CUDA driver: a warm-up compile asks it only for the target, a device key (the
-    JITFunction's binder cache is per device: one per target here) and a stream."""
+    """The CUDA driver as a warm-up compile uses it: target, device key (binder caches are per device), stream."""
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", arch, 32)
@@ -297,9 +294,8 @@ def summarize(kernels: list[dict], shape: tuple, hw: dict) -> dict:
         ks = [k for k in kernels if k["phase"] == phase]
         threads = [k["grid"] * k["warps"] * 32 for k in ks]
         instr = sum(k["per_thread"] * t for k, t in zip(ks, threads))
-        mufu = Counter()
-        for k, t in zip(ks, threads):
-            mufu.update({op: n * t for op, n in k["ops"].items() if op.startswith("MUFU")})
+        mufu = sum((Counter({op: n * t for op, n in k["ops"].items() if op[:4] == "MUFU"})
+                    for k, t in zip(ks, threads)), Counter())
         lmem = sum((k["ops"].get("LDL", 0) + k["ops"].get("STL", 0)) * t for k, t in zip(ks, threads))
         nbytes = _union([s for k in ks for s in k["spans"]])
         issue, sfu = instr / 32 / (hw["sms"] * 4 * clock), sum(mufu.values()) / (hw["sms"] * 16 * clock)
@@ -331,8 +327,7 @@ def run(arch: int, quick: bool, hw: dict) -> dict:
             print(f"FAIL capture {name}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
         for launch in launches:
             try:
-                k = analyse(launch, arch, src)
-                kernels.append(k)
+                kernels.append(k := analyse(launch, arch, src))
                 print(f"ok   {k['phase'][:3]} {k['kernel']} grid={k['grid']} warps={k['warps']} regs={k['reg']} {name}")
             except Exception as exc:  # report every launch, then fail
                 failures += 1
@@ -348,20 +343,22 @@ def run(arch: int, quick: bool, hw: dict) -> dict:
 # ------------------------------------------------------------------------------------------------------- output
 
 def _table(head: list[str], rows: list[list]) -> str:
-    fmt = [("|" + "|".join(f" {c} " for c in r) + "|") for r in [head, ["---"] * len(head), *rows]]
-    return "\n".join(fmt)
+    return "\n".join("|" + "|".join(f" {c} " for c in r) + "|" for r in [head, ["---"] * len(head), *rows])
 
 
 def _g(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
+def _na(x) -> str:
+    return "n/a" if x is None else str(x)
+
+
 def _targets(v: dict) -> list[str]:
     if tuple(v["shape"][2:]) != (32000,) or v["dtype"] != "bf16":
         return []
     p, ok = v["passes"], {True: "met", False: "MISSED", None: "unknown (no ptxas report)"}
-    spill = None if None in (p["forward"]["spill"], p["backward"]["spill"]) else \
-        max(p["forward"]["spill"], p["backward"]["spill"])
+    spill = None if None in [q["spill"] for q in p.values()] else max(q["spill"] for q in p.values())
     mufu = p["forward"]["mufu"] + p["backward"]["mufu"]
     lines = [f"spills (ptxas): {spill} B (target 0): {ok[None if spill is None else spill <= TARGETS['spill_bytes']]}",
              f"MUFU per logit element, forward + backward: {mufu:.2f} (target <= {TARGETS['mufu_per_elem']}): "
@@ -369,10 +366,6 @@ def _targets(v: dict) -> list[str]:
     lines += [f"{ph}: issue {_g(p[ph]['issue_us'])} us vs DRAM {_g(p[ph]['dram_us'])} us (target issue <= DRAM): "
               f"{ok[p[ph]['issue_le_dram']]}" for ph in ("forward", "backward")]
     return [f"- {v['name']}: " + "; ".join(lines)]
-
-
-def _na(x) -> str:
-    return "n/a" if x is None else str(x)
 
 
 def render(results: list[dict]) -> str:
@@ -432,9 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the raw results as JSON to this file")
     p.add_argument("--python", action="append", default=[],
                    help="also run under this interpreter (e.g. a venv with another Triton); repeatable")
-    p.add_argument("--sms", type=int, default=132)
-    p.add_argument("--clock-ghz", type=float, default=1.98)
-    p.add_argument("--dram-tbs", type=float, default=4.3, help="measured copy bandwidth, read + written, TB/s")
+    for name, default in (("--sms", 132), ("--clock-ghz", 1.98), ("--dram-tbs", 4.3)):  # copy bandwidth, r + w, TB/s
+        p.add_argument(name, type=type(default), default=default)
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("aot_check: run with TRITON_INTERPRET=0: under the interpreter nothing is compiled")

@@ -203,9 +203,6 @@ class Source:
         funcs = [f for f in self.nodes(file, ast.FunctionDef) if f.lineno <= line <= f.end_lineno]
         return min(funcs, key=lambda f: f.end_lineno - f.lineno, default=None)
 
-    def kernel(self, env: Env):
-        return next((f for f in self.nodes(env.kernel[0], ast.FunctionDef) if f.name == env.kernel[1]), None)
-
     @staticmethod
     def at(fn, entry: dict, line: int) -> dict:
         """fn's namespace at `line`, from its entry namespace."""
@@ -277,7 +274,7 @@ class Source:
 
     def contexts(self, chain: tuple, env: Env) -> list[tuple]:
         """Full chains (kernel frame last) in which the code at `chain` can run."""
-        kernel = self.kernel(env)
+        kernel = next((f for f in self.nodes(env.kernel[0], ast.FunctionDef) if f.name == env.kernel[1]), None)
         outer = self.func_at(*chain[-1]) if chain else None
         if kernel is None or outer is None or outer is kernel or chain[-1][0] != env.kernel[0]:
             return [chain]
@@ -294,11 +291,9 @@ class Source:
                 side = "then" if _holds(st.body, line) else "else" if _holds(st.orelse, line) else None
                 if side is None:
                     continue
-                try:
+                with contextlib.suppress(Unknown):
                     evaluate(st.test, self.at(fn, ec, st.lineno))
                     continue  # a constexpr test: the compiler already kept one side
-                except Unknown:
-                    pass
                 if _last_program(fn, st.test):
                     factor /= env.programs
                     continue
@@ -329,9 +324,8 @@ class Loop:
 
 @dataclass
 class Env:
-    """The launch as the source sees it: the kernel's (file, function name), every launch value (constexprs,
-    runtime scalars, GRID), the constexprs alone (what the compiler could fold), the module's constants, and the
-    number of programs."""
+    """The launch as the source sees it: the kernel's (file, function name), every launch value (constexprs, runtime
+    scalars, GRID), the constexprs alone (what the compiler could fold), the module's constants, the programs."""
     kernel: tuple
     values: dict
     consts: dict
@@ -340,11 +334,8 @@ class Env:
 
 
 def _trip(node, ns: dict):
-    it = node.iter  # range / tl.range (its keywords only tune the schedule)
-    try:
-        return len(range(*(evaluate(a, ns) for a in it.args)))
-    except (Unknown, TypeError):
-        return None
+    with contextlib.suppress(Unknown, TypeError):  # range / tl.range (its keywords only tune the schedule)
+        return len(range(*(evaluate(a, ns) for a in node.iter.args)))
 
 
 def _through(chain: tuple, node: tuple) -> bool:
@@ -413,8 +404,7 @@ def count(sass_text: str, env: Env, src: Source | None = None) -> dict:
         idx = [j for j, i in enumerate(code) if lp.first <= i.addr <= lp.last]
         lp.body = len(idx)
         notes += _map(lp, [own[j] for j in idx], src, env)
-    nodes, memo = [lp.node for lp in loops if lp.node], {}
-    mult = []
+    nodes, memo, mult = [lp.node for lp in loops if lp.node], {}, []
     for ins, chain in zip(code, own):
         around = [lp for lp in loops if lp.first <= ins.addr <= lp.last]
         key = (chain, tuple(lp.node for lp in around if lp.node))
