@@ -52,7 +52,7 @@ BETA_EPS = dict(BETA, kd="soft_ce", log_eps=1e-8)  # the Beta-smoothing code's l
 SMOOTH = dict(teacher="none", label_smoothing=0.1)
 HEADLINE, LARGE = (4, 256, 1000), (4, 4096, 32000)
 # (label, (E, B, C), feature dim D, dtype, launcher keyword options)
-QUICK = [("byot+sse", HEADLINE, 512, "bf16", BYOT_SSE), ("byot+sse", LARGE, 512, "bf16", BYOT_SSE)]
+QUICK = [("byot+sse", LARGE, 512, "bf16", BYOT_SSE), ("byot+sse", HEADLINE, 512, "bf16", BYOT_SSE)]
 _MODES = [("byot+sse T=2.5 (poly exp2)", 512, dict(BYOT_SSE, temperature=2.5)), ("kd logits-teacher", 0, KD),
           ("closed-form (beta)", 0, BETA), ("closed-form soft_ce log_eps", 0, BETA_EPS),
           ("none + smoothing", 0, SMOOTH), ("none + smoothing log_eps", 0, dict(SMOOTH, log_eps=1e-8))]
@@ -87,7 +87,8 @@ Launch = namedtuple("Launch", "fn args kwargs grid phase")  # fn: the JITFunctio
 @contextlib.contextmanager
 def intercept(launches: list, phase: list):
     """Record instead of launch: JITFunction.run (an autotuned kernel with its first config: which one wins is only
-    known on a GPU), plus the launcher's device guard, which refuses CPU tensors outside the interpreter."""
+    known on a GPU), plus the launcher's device guard, which refuses CPU tensors outside the interpreter; the
+    launcher's caches start empty."""
     import torch
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
@@ -109,6 +110,9 @@ def intercept(launches: list, phase: list):
     def first_config(self, *args, **kwargs):
         self.fn.run(*args, **kwargs, **self.configs[0].all_kwargs())
 
+    for f in vars(launcher).values():  # a fresh launcher, as in a new process: no scratch grown by an earlier shape
+        if hasattr(f, "cache_clear") and hasattr(f, "cache_info"):
+            f.cache_clear()
     saved = [(JITFunction, "run", JITFunction.run), (Autotuner, "run", Autotuner.run)]
     saved += [(launcher, n, getattr(launcher, n)) for n in dir(launcher) if "check_device" in n]
     JITFunction.run, Autotuner.run = record, first_config
