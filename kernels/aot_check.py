@@ -135,11 +135,8 @@ def capture(shape: tuple, D: int, dtype: str, options: dict) -> list[Launch]:
     leaf = dict(dtype=dt, requires_grad=True)
     z = [torch.empty(B, C, **leaf) for _ in range(E)]
     feats = [torch.empty(B, D, **leaf) for _ in range(E)] if D else []
-    extra = dict(features=feats or None)
-    if options.get("teacher") == "logits":
-        extra["teacher_logits"] = torch.empty(B, C, dtype=dt)
-    if options.get("teacher") == "closed_form":
-        extra["soft_b"] = torch.full((B,), 0.9)
+    # the launcher takes teacher logits / soft_b only in their teacher modes (allocated, never touched, otherwise)
+    extra = dict(features=feats or None, teacher_logits=torch.empty(B, C, dtype=dt), soft_b=torch.full((B,), 0.9))
     launches, phase = [], ["forward"]
     with intercept(launches, phase):
         out = multi_exit_loss(z, torch.zeros(B, dtype=torch.long), **extra, **options)
