@@ -1,32 +1,24 @@
 """Compile the fused loss's kernels for a GPU on a machine without one, exactly as a launch would, and predict speed.
 
-    TRITON_INTERPRET=0 python -m kernels.aot_check [--arch 90] [--quick] [--md FILE] [--python PY ...]
+    TRITON_INTERPRET=0 python -m kernels.aot_check [--arch 90] [--quick] [--md FILE] [--json FILE] [--python PY ...]
                                                    [--sms 132] [--clock-ghz 1.98] [--dram-tbs 4.3]
 
-Capture: the public launcher (kernels.multi_exit_loss.multi_exit_loss) runs forward and the backward of the losses'
-sum on CPU tensors of the real shapes (allocated, not filled), with Triton's launch intercepted, so every kernel it
-launches is recorded with its arguments, grid and options (an autotuned kernel with its first config); nothing here
-knows the kernels' names or argument lists. Each launch is then compiled through Triton's own
-JITFunction.run(warmup=True) behind a stand-in driver for GPUTarget("cuda", arch, 32): divisibility-by-16 and ==1
-integer specialization, pointer alignment (torch CPU data is 64-byte aligned, like CUDA's) and constexprs follow the
-installed Triton's rules, as on a GPU. --python runs the same under other interpreters (e.g. a venv with the GPU
-machine's Triton) and merges the tables. The launcher's device guard (a `*check_device*` function of its module) is
-bypassed while capturing, since it admits CPU tensors only under the interpreter.
+Capture: the public launcher (kernels.multi_exit_loss.multi_exit_loss) runs forward and backward on CPU tensors
+of the real shapes (allocated, not filled) with Triton's launch (and its `*check_device*` guard) intercepted: each
+launch is recorded with its arguments (tuples too), grid and options (an autotuned kernel: its first config), then
+compiled by Triton's own JITFunction.run(warmup=True) for a stand-in GPUTarget("cuda", arch, 32) driver, so integer
+specialization, pointer alignment (torch CPU data is 64-byte aligned, like CUDA's) and constexprs follow the
+installed Triton's rules. --python runs the same under other interpreters (the GPU machine's Triton).
 
-Per kernel: registers, stack and local bytes (spills; cuobjdump), shared memory, and a dynamic count from the SASS
-(nvdisasm with line info), per thread:
-    loops       every backward branch; its source loop is the innermost `for` that holds most of its instructions
-                (line info, through inlined helpers); trip = len(range(...)) of that `for` at the launch, evaluated
-                from the captured constexprs and integers (through the helpers' call sites and simple assignments)
-    count       straight-line instructions once + each loop's body x its trip (x the enclosing loops' trips). A
-                runtime (not constexpr) if/else with loops on both sides counts only its costlier side (upper
-                bound); a loop whose trip cannot be evaluated counts once and is flagged '?'
-    per element thread count x threads launched / (E * B * C) logit elements; MUFU.* the same way
+Per kernel: registers, shared memory, stack frame (cuobjdump); spills: the spill store + load bytes of `ptxas -v`
+on the kernel's PTX with Triton's flags (checked to give the same registers: the tables' "spill B") and the SASS's
+STL / LDL (static; dynamic per element): a stack frame alone is no spill. Instruction counts: the SASS model below.
+    per element  per-thread count x threads launched / (E * B * C), the launch's logit elements; MUFU.* alike
 Pass model, per pass (forward, backward), defaults for an H200:
     issue = warp instructions / (SMs x 4 schedulers x clock)
     MUFU  = MUFU ops / (SMs x 16 per clock x clock)
     DRAM  = bytes / measured copy bandwidth (read + written); bytes = every distinct tensor a pass's kernels
-            dereference (TTIR), counted once: re-reads are assumed to hit L2
+            dereference (TTIR; tuple elements each), counted once: re-reads are assumed to hit L2
     Only Triton launches count: torch ops around them (zero-fills, copies) are in none of these figures.
 Targets (at C=32000, bf16): 0 spills, <= 2.5 MUFU per logit element over forward + backward, issue <= DRAM per pass.
 Exit status 1 if any launch fails to compile.
@@ -36,41 +28,42 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
+import inspect
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, namedtuple
+from types import SimpleNamespace
 
 from kernels import aot_sass
 
 BYOT = dict(teacher="deepest", ce_weight=0.9, kd_weight=0.1, hint_weight=1e-6, temperature=3.0, kd="kl",
             t_squared=True)
+BYOT_SSE = dict(BYOT, hint="sse")
 KD = dict(teacher="logits", ce_weight=0.5, kd_weight=0.5, temperature=4.0, t_squared=True)
+BETA = dict(teacher="closed_form", ce_weight=0.5, kd_weight=0.5)
+BETA_EPS = dict(BETA, kd="soft_ce", log_eps=1e-8)  # the Beta-smoothing code's log(q + 1e-8): the second sweep
+SMOOTH = dict(teacher="none", label_smoothing=0.1)
 HEADLINE, LARGE = (4, 256, 1000), (4, 4096, 32000)
 # (label, (E, B, C), feature dim D, dtype, launcher keyword options)
-QUICK = [("byot+sse", HEADLINE, 512, "bf16", dict(BYOT, hint="sse")),
-         ("byot+sse", LARGE, 512, "bf16", dict(BYOT, hint="sse"))]
-FULL = QUICK + [
-    ("byot+sse recompute", LARGE, 512, "bf16", dict(BYOT, hint="sse", recompute_grad=True)),
-    ("byot+sse", LARGE, 512, "fp32", dict(BYOT, hint="sse")),
-    ("byot+sse", LARGE, 512, "fp16", dict(BYOT, hint="sse")),
-    ("kd logits-teacher", LARGE, 0, "bf16", KD),
-    ("byot+sse recompute", HEADLINE, 512, "bf16", dict(BYOT, hint="sse", recompute_grad=True)),
-    ("byot+sse", HEADLINE, 512, "fp32", dict(BYOT, hint="sse")),
-    ("byot+sse", HEADLINE, 512, "fp16", dict(BYOT, hint="sse")),
+QUICK = [("byot+sse", LARGE, 512, "bf16", BYOT_SSE), ("byot+sse", HEADLINE, 512, "bf16", BYOT_SSE)]
+_MODES = [("byot+sse T=2.5 (poly exp2)", 512, dict(BYOT_SSE, temperature=2.5)), ("kd logits-teacher", 0, KD),
+          ("closed-form (beta)", 0, BETA), ("closed-form soft_ce log_eps", 0, BETA_EPS),
+          ("none + smoothing", 0, SMOOTH), ("none + smoothing log_eps", 0, dict(SMOOTH, log_eps=1e-8))]
+FULL = QUICK + [(lbl, shape, 512, dt, BYOT_SSE) for shape in (LARGE, HEADLINE) for lbl, dt in
+                (("byot+sse", "fp32"), ("byot+sse", "fp16"))] + [
+    (lbl, shape, D, "bf16", opts) for shape in (LARGE, HEADLINE) for lbl, D, opts in _MODES] + [
     ("byot+l2", HEADLINE, 512, "bf16", dict(BYOT, hint="l2")),
     ("byot+mse", HEADLINE, 512, "bf16", dict(BYOT, hint="mse")),
-    ("byot T=1 soft_ce", HEADLINE, 0, "bf16", dict(BYOT, temperature=1.0, kd="soft_ce")),
-    ("kd logits-teacher", HEADLINE, 0, "bf16", KD),
-    ("closed-form (beta)", HEADLINE, 0, "bf16", dict(teacher="closed_form", ce_weight=0.5, kd_weight=0.5)),
-    ("none + smoothing", HEADLINE, 0, "bf16", dict(teacher="none", label_smoothing=0.1)),
-]
+    ("byot T=1 soft_ce", HEADLINE, 0, "bf16", dict(BYOT, temperature=1.0, kd="soft_ce"))]
 TARGETS = dict(spill_bytes=0, mufu_per_elem=2.5)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------------------- capture
@@ -88,28 +81,25 @@ class Arg:
         return self.ptr
 
 
-@dataclass
-class Launch:
-    fn: object  # the JITFunction
-    args: tuple
-    kwargs: dict
-    grid: tuple
-    phase: str
+Launch = namedtuple("Launch", "fn args kwargs grid phase")  # fn: the JITFunction
 
 
 @contextlib.contextmanager
 def intercept(launches: list, phase: list):
     """Record instead of launch: JITFunction.run (an autotuned kernel with its first config: which one wins is only
-    known on a GPU), plus the launcher's device guard, which refuses CPU tensors outside the interpreter."""
+    known on a GPU), plus the launcher's device guard, which refuses CPU tensors outside the interpreter; the
+    launcher's caches start empty."""
     import torch
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     import kernels.multi_exit_loss as launcher
 
+    def wrap(a):
+        return Arg(a) if isinstance(a, torch.Tensor) else tuple(map(wrap, a)) if isinstance(a, tuple) else a
+
     def record(self, *args, grid, warmup=False, **kwargs):
-        args = tuple(Arg(a) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: Arg(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        args, kwargs = tuple(map(wrap, args)), {k: wrap(v) for k, v in kwargs.items()}
         if callable(grid):
             bound = self.signature.bind_partial(*args, **{k: v for k, v in kwargs.items()
                                                            if k in self.signature.parameters})
@@ -120,6 +110,9 @@ def intercept(launches: list, phase: list):
     def first_config(self, *args, **kwargs):
         self.fn.run(*args, **kwargs, **self.configs[0].all_kwargs())
 
+    for f in vars(launcher).values():  # a fresh launcher, as in a new process: no scratch grown by an earlier shape
+        if hasattr(f, "cache_clear") and hasattr(f, "cache_info"):
+            f.cache_clear()
     saved = [(JITFunction, "run", JITFunction.run), (Autotuner, "run", Autotuner.run)]
     saved += [(launcher, n, getattr(launcher, n)) for n in dir(launcher) if "check_device" in n]
     JITFunction.run, Autotuner.run = record, first_config
@@ -142,11 +135,8 @@ def capture(shape: tuple, D: int, dtype: str, options: dict) -> list[Launch]:
     leaf = dict(dtype=dt, requires_grad=True)
     z = [torch.empty(B, C, **leaf) for _ in range(E)]
     feats = [torch.empty(B, D, **leaf) for _ in range(E)] if D else []
-    extra = dict(features=feats or None)
-    if options.get("teacher") == "logits":
-        extra["teacher_logits"] = torch.empty(B, C, dtype=dt)
-    if options.get("teacher") == "closed_form":
-        extra["soft_b"] = torch.full((B,), 0.9)
+    # the launcher takes teacher logits / soft_b only in their teacher modes (allocated, never touched, otherwise)
+    extra = dict(features=feats or None, teacher_logits=torch.empty(B, C, dtype=dt), soft_b=torch.full((B,), 0.9))
     launches, phase = [], ["forward"]
     with intercept(launches, phase):
         out = multi_exit_loss(z, torch.zeros(B, dtype=torch.long), **extra, **options)
@@ -158,22 +148,13 @@ def capture(shape: tuple, D: int, dtype: str, options: dict) -> list[Launch]:
 
 # ------------------------------------------------------------------------------------------------------- compile
 
-class _Driver:
-    """Stands in for the CUDA driver: a warm-up compile asks it only for the target, a device key and a stream."""
+def _driver(arch: int):
+    """The CUDA driver as a warm-up compile uses it: target, device key (binder caches are per device), stream."""
+    from triton.backends.compiler import GPUTarget
 
-    def __init__(self, arch: int):
-        from triton.backends.compiler import GPUTarget
-
-        self.arch, self.target = arch, GPUTarget("cuda", arch, 32)
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return ("aot", self.arch)  # the JITFunction's binder cache is per device: one per target here
-
-    def get_current_stream(self, device=None):
-        return 0
+    target = GPUTarget("cuda", arch, 32)
+    return SimpleNamespace(get_current_target=lambda: target, get_current_device=lambda: ("aot", arch),
+                           get_current_stream=lambda device=None: 0)
 
 
 def compile_launch(launch: Launch, arch: int):
@@ -181,8 +162,12 @@ def compile_launch(launch: Launch, arch: int):
     Triton's own launch path, minus the launch."""
     from triton.runtime import driver
 
+    # Triton's cache is keyed by the source text, not its path: a kernel cached from another checkout of the same
+    # code would bring that checkout's file names in its line info. So one cache per checkout.
+    tag = hashlib.sha1(ROOT.encode()).hexdigest()[:12]
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"aot_check-triton-{tag}"))
     saved, fn = driver._active, launch.fn
-    driver.set_active(_Driver(arch))
+    driver.set_active(_driver(arch))
     try:
         kernel = fn.run(*launch.args, grid=launch.grid, warmup=True, **launch.kwargs)
         binder = fn.device_caches[("aot", arch)][-1]
@@ -192,9 +177,15 @@ def compile_launch(launch: Launch, arch: int):
     return kernel, bound, {p.name: s for p, s in zip(fn.params, spec)}
 
 
-def _tool(name: str) -> str:
+def _tool(name: str, arch: int = 0) -> str:
+    """Triton's own ptxas for the arch (3.9 uses its `ptxas-blackwell` for sm_90), else the bundled tool."""
     import triton
 
+    if name == "ptxas":
+        with contextlib.suppress(ImportError, AttributeError, TypeError):
+            from triton.backends.nvidia.compiler import get_ptxas
+
+            return get_ptxas(arch).path
     for path in (os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name),
                  shutil.which(name) or "", f"/usr/local/cuda/bin/{name}"):
         if path and os.path.exists(path):
@@ -215,42 +206,77 @@ def resources(cubin: bytes) -> dict:
     return {k.lower(): int(found.get(k, 0)) for k in ("REG", "STACK", "SHARED", "LOCAL")}
 
 
-def _version(tool: str) -> str:
-    out = subprocess.run([_tool(tool), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-    return next((ln.split("release")[-1].strip() for ln in out if "release" in ln), "?")
+def ptxas_report(kernel, arch: int) -> dict:
+    """ptxas -v on the kernel's PTX with Triton's flags: stack frame and spill store / load bytes, and whether that
+    assembly used as many registers as the kernel's cubin (so the report is the kernel's). Empty if it fails."""
+    from triton.backends.nvidia import compiler as nv
+
+    flags = ["-lineinfo", "-v", f"--gpu-name={nv.sm_arch_from_capability(arch)}"]
+    flags += ["--regAllocOptLevel=2"] if "regAllocOptLevel" in inspect.getsource(nv.CUDABackend.make_cubin) else []
+    flags += [] if getattr(kernel.metadata, "enable_fp_fusion", True) else ["--fmad=false"]
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "k.ptx"), "w") as f:
+            f.write(kernel.asm["ptx"])
+        proc = subprocess.run([_tool("ptxas", arch), *flags, f.name, "-o", os.path.join(d, "k.cubin")],
+                              capture_output=True, text=True)
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\s.*Used (\d+) registers",
+                  proc.stdout + proc.stderr, re.S)
+    return dict(zip(("frame", "spill_st", "spill_ld", "regs"), map(int, m.groups()))) if m and not proc.returncode \
+        else {}
 
 
 # ------------------------------------------------------------------------------------------------------- analysis
 
-def _used_pointers(ttir: str, bound: dict) -> list[str]:
-    """Tensor arguments the kernel dereferences: named in the TTIR body (all of them if the TTIR names none)."""
+def _flat(x) -> list:
+    return [y for e in x for y in _flat(e)] if isinstance(x, (tuple, list)) else [x]
+
+
+def _used_pointers(ttir: str, bound: dict, spec: dict) -> list[Arg]:
+    """Tensors the kernel dereferences: the TTIR body names their argument (all of them if the header names none).
+    A tuple parameter's leaves that are not constexpr are its arguments, in order, each with the parameter's name
+    as its location (`ZS.0`, ... in 3.9; `ZS` four times in 3.6)."""
     header, _, body = ttir.partition("tt.func public")[2].partition("\n")
-    tensors = [k for k, v in bound.items() if isinstance(v, Arg)]
-    if not any(f"%{k}:" in header for k in tensors):
-        return tensors
-    return [k for k in tensors if re.search(rf"%{re.escape(k)}\b", body)]
+    ssa: dict[str, list[str]] = {}
+    for name, loc in re.findall(r"%([\w.]+):.*?loc\(\"([^\"]+)\"", header):
+        ssa.setdefault(loc.split(".")[0], []).append(name)
+    used = []
+    for k, v in bound.items():
+        leaves = [a for a, t in zip(_flat(v), _flat(spec[k][0])) if t != "constexpr"]
+        names = ssa.get(k, [None] * len(leaves)) if ssa else [None] * len(leaves)
+        used += [a for a, n in zip(leaves, names) if isinstance(a, Arg) and (
+            n is None or re.search(rf"%{re.escape(n)}(?![\w.])", body))]
+    return used
 
 
 def analyse(launch: Launch, arch: int, src: aot_sass.Source) -> dict:
+    import triton.language as tl
+
     kernel, bound, spec = compile_launch(launch, arch)
     cubin = kernel.asm["cubin"]
-    glob = {k: v for k, v in launch.fn.fn.__globals__.items() if isinstance(v, (int, float)) and not k.startswith("_")}
+    # the kernel module's numbers, tl.constexpr ones unwrapped (mode constants compared with constexpr arguments)
+    glob = {k: v.value if isinstance(v, tl.constexpr) else v for k, v in launch.fn.fn.__globals__.items()}
+    glob = {k: v for k, v in glob.items() if isinstance(v, (int, float)) and k[:1] != "_"}
     values = {k: v for k, v in bound.items() if isinstance(v, (int, float))}
     consts = {k: s[1] for k, s in spec.items() if s[0] == "constexpr"}
-    env = aot_sass.Env((launch.fn.fn.__code__.co_filename, launch.fn.fn.__name__), {**glob, **values},
-                       {**glob, **consts}, glob)
-    dyn = aot_sass.count(_run_tool("nvdisasm", cubin, "-c", "-gi"), env, src)
-    warps, programs = kernel.metadata.num_warps, 1
-    for g in launch.grid:
-        programs *= g
-    used = _used_pointers(kernel.asm["ttir"], bound)
-    return dict(kernel=launch.fn.fn.__name__, phase=launch.phase, grid=programs, warps=warps, **resources(cubin),
-                spec={k: s[0] if s[0] == "constexpr" else f"{s[0]}{'/16' if s[1] == 'D' else ''}"
+    programs = math.prod(launch.grid)
+    env = aot_sass.Env((launch.fn.fn.__code__.co_filename, launch.fn.fn.__name__),
+                       {**glob, **values, aot_sass.GRID: tuple(launch.grid) + (1, 1)}, {**glob, **consts}, glob,
+                       programs)
+    sass = _run_tool("nvdisasm", cubin, "-c", "-gi")
+    dyn = aot_sass.count(sass, env, src)
+    res, px = resources(cubin), ptxas_report(kernel, arch)
+    notes = dyn["notes"] + ([] if px.get("regs") == res["reg"] else
+                            [f"ptxas -v unavailable or not the kernel's assembly ({px or 'failed'})"])
+    static = Counter(i.op.split(".")[0] for i in aot_sass.parse_sass(sass))
+    return dict(kernel=launch.fn.fn.__name__, phase=launch.phase, grid=programs, warps=kernel.metadata.num_warps,
+                **res, ptxas=px if px.get("regs") == res["reg"] else {}, stl_ldl=static["STL"] + static["LDL"],
+                spec={k: s[0] if s[0] == "constexpr" else ",".join(f"{t}{'/16' if a == 'D' else ''}"
+                                                                  for t, a in zip(_flat(s[0]), _flat(s[1])))
                       for k, s in spec.items()},
                 ints={k: v for k, v in values.items() if not isinstance(v, bool)},
-                static=dyn["static"], per_thread=dyn["per_thread"], ops=dict(dyn["ops"]), notes=dyn["notes"],
+                static=dyn["static"], per_thread=dyn["per_thread"], ops=dict(dyn["ops"]), notes=notes,
                 loops=[dict(where=lp.where, trip=lp.trip, body=lp.body, counted=lp.counted) for lp in dyn["loops"]],
-                spans=[bound[k].span for k in used])
+                spans=[a.span for a in _used_pointers(kernel.asm["ttir"], bound, spec)])
 
 
 def _union(spans: list) -> int:
@@ -269,17 +295,18 @@ def summarize(kernels: list[dict], shape: tuple, hw: dict) -> dict:
         ks = [k for k in kernels if k["phase"] == phase]
         threads = [k["grid"] * k["warps"] * 32 for k in ks]
         instr = sum(k["per_thread"] * t for k, t in zip(ks, threads))
-        mufu = Counter()
-        for k, t in zip(ks, threads):
-            mufu.update({op: n * t for op, n in k["ops"].items() if op.startswith("MUFU")})
+        mufu = sum((Counter({op: n * t for op, n in k["ops"].items() if op[:4] == "MUFU"})
+                    for k, t in zip(ks, threads)), Counter())
         lmem = sum((k["ops"].get("LDL", 0) + k["ops"].get("STL", 0)) * t for k, t in zip(ks, threads))
         nbytes = _union([s for k in ks for s in k["spans"]])
         issue, sfu = instr / 32 / (hw["sms"] * 4 * clock), sum(mufu.values()) / (hw["sms"] * 16 * clock)
         dram = nbytes / (hw["dram_tbs"] * 1e12)
         main = max(zip(ks, threads), key=lambda kt: kt[0]["per_thread"] * kt[1], default=({}, 0))[0]
+        spills = [k["ptxas"]["spill_st"] + k["ptxas"]["spill_ld"] if k["ptxas"] else None for k in ks]
         out[phase] = dict(launches=len(ks), main=main.get("kernel", "-"), regs=main.get("reg", 0),
-                          shared=main.get("shared", 0), spill=max((k["stack"] + k["local"] for k in ks), default=0),
-                          instr=instr / (E * B * C),
+                          shared=main.get("shared", 0), stack=max((k["stack"] for k in ks), default=0),
+                          spill=None if None in spills else max(spills, default=0),
+                          stl_ldl=sum(k["stl_ldl"] for k in ks), instr=instr / (E * B * C),
                           mufu=sum(mufu.values()) / (E * B * C), lmem=lmem / (E * B * C),
                           mufu_kinds={op.split(".", 1)[1]: n / (E * B * C) for op, n in sorted(mufu.items())},
                           bytes=nbytes, issue_us=issue * 1e6, mufu_us=sfu * 1e6, dram_us=dram * 1e6,
@@ -301,39 +328,40 @@ def run(arch: int, quick: bool, hw: dict) -> dict:
             print(f"FAIL capture {name}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
         for launch in launches:
             try:
-                kernels.append(analyse(launch, arch, src))
-                k = kernels[-1]
-                print(f"ok   {launch.phase[:3]} {k['kernel']} grid={k['grid']} warps={k['warps']} regs={k['reg']} "
-                      f"stack={k['stack']} {name}", flush=True)
+                kernels.append(k := analyse(launch, arch, src))
+                print(f"ok   {k['phase'][:3]} {k['kernel']} grid={k['grid']} warps={k['warps']} regs={k['reg']} {name}")
             except Exception as exc:  # report every launch, then fail
                 failures += 1
                 print(f"FAIL {launch.phase[:3]} {launch.fn.fn.__name__} {name}: {type(exc).__name__}: "
                       f"{str(exc)[:2000]}", flush=True)
         variants.append(dict(name=name, shape=shape, dtype=dtype, options=options, kernels=kernels,
                              passes=summarize(kernels, shape, hw)))
-    return dict(triton=triton.__version__, ptxas=_version("ptxas"), arch=arch, hw=hw, variants=variants,
-                failures=failures)
+    version = subprocess.run([_tool("ptxas", arch), "--version"], capture_output=True, text=True).stdout
+    return dict(triton=triton.__version__, ptxas=(re.findall(r"release (.*)", version) or ["?"])[-1], arch=arch, hw=hw,
+                variants=variants, failures=failures)
 
 
 # ------------------------------------------------------------------------------------------------------- output
 
 def _table(head: list[str], rows: list[list]) -> str:
-    fmt = [("|" + "|".join(f" {c} " for c in r) + "|") for r in [head, ["---"] * len(head), *rows]]
-    return "\n".join(fmt)
+    return "\n".join("|" + "|".join(f" {c} " for c in r) + "|" for r in [head, ["---"] * len(head), *rows])
 
 
 def _g(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
+def _na(x) -> str:
+    return "n/a" if x is None else str(x)
+
+
 def _targets(v: dict) -> list[str]:
     if tuple(v["shape"][2:]) != (32000,) or v["dtype"] != "bf16":
         return []
-    p = v["passes"]
-    spill = max(k["stack"] + k["local"] for k in v["kernels"]) if v["kernels"] else 0
+    p, ok = v["passes"], {True: "met", False: "MISSED", None: "unknown (no ptxas report)"}
+    spill = None if None in [q["spill"] for q in p.values()] else max(q["spill"] for q in p.values())
     mufu = p["forward"]["mufu"] + p["backward"]["mufu"]
-    ok = {True: "met", False: "MISSED"}
-    lines = [f"spills: {spill} B (target 0): {ok[spill <= TARGETS['spill_bytes']]}",
+    lines = [f"spills (ptxas): {spill} B (target 0): {ok[None if spill is None else spill <= TARGETS['spill_bytes']]}",
              f"MUFU per logit element, forward + backward: {mufu:.2f} (target <= {TARGETS['mufu_per_elem']}): "
              f"{ok[mufu <= TARGETS['mufu_per_elem']]}"]
     lines += [f"{ph}: issue {_g(p[ph]['issue_us'])} us vs DRAM {_g(p[ph]['dram_us'])} us (target issue <= DRAM): "
@@ -341,53 +369,46 @@ def _targets(v: dict) -> list[str]:
     return [f"- {v['name']}: " + "; ".join(lines)]
 
 
-def _per_elem(k: dict, v: dict) -> float:
-    """Threads launched per logit element: turns a per-thread count into a per-element one."""
-    E, B, C = v["shape"]
-    return k["grid"] * k["warps"] * 32 / (E * B * C)
-
-
 def render(results: list[dict]) -> str:
-    out = []
+    out, per_elem = [], lambda k, v: k["grid"] * k["warps"] * 32 / math.prod(v["shape"])  # threads per element
     for r in results:
         out += [f"## Triton {r['triton']} (ptxas {r['ptxas']}, sm_{r['arch']})", ""]
-        rows = [[v["name"], ph[:3], p["launches"], p["main"], p["regs"], p["shared"], p["spill"], _g(p["instr"]),
-                 _g(p["mufu"]),
+        rows = [[v["name"], ph[:3], p["launches"], p["main"], p["regs"], p["shared"], p["stack"], _na(p["spill"]),
+                 p["stl_ldl"], _g(p["instr"]), _g(p["mufu"]),
                  " ".join(f"{k} {_g(n)}" for k, n in p["mufu_kinds"].items()), _g(p["lmem"]), _g(p["issue_us"]),
-                 _g(p["mufu_us"]), _g(p["dram_us"]), "yes" if p["issue_le_dram"] else "**no**"]
+                 _g(p["mufu_us"]), _g(p["bytes"] / 1e6), _g(p["dram_us"]), "yes" if p["issue_le_dram"] else "**no**"]
                 for v in r["variants"] for ph, p in v["passes"].items()]
-        out += [_table(["variant", "pass", "launches", "main kernel", "regs", "smem B", "spill B (any)", "instr/elem",
-                        "MUFU/elem", "MUFU kinds /elem", "LDL+STL /elem", "issue us", "MUFU us", "DRAM us",
-                        "issue <= DRAM"], rows), ""]
+        out += [_table(["variant", "pass", "launches", "main kernel", "regs", "smem B", "stack B", "spill B (ptxas)",
+                        "STL+LDL (static)", "instr/elem", "MUFU/elem", "MUFU kinds /elem", "LDL+STL /elem", "issue us",
+                        "MUFU us", "DRAM MB", "DRAM us", "issue <= DRAM"], rows), ""]
         targets = [t for v in r["variants"] for t in _targets(v)]
         out += ["Targets at C=32000, bf16:", "", *targets, ""] if targets else []
         rows = [[v["name"], k["phase"][:3], k["kernel"], f"{k['grid']} x {k['warps']}w", k["reg"], k["stack"],
-                 k["local"], k["shared"], _g(k["per_thread"]), _g(k["per_thread"] * _per_elem(k, v)),
-                 _g(sum(n for op, n in k["ops"].items() if op.startswith("MUFU")) * _per_elem(k, v)),
-                 "; ".join(f"{lp['where']} {lp['trip'] if lp['trip'] is not None else '?'} x {lp['body']}"
+                 k["local"], "/".join(str(k["ptxas"][x]) for x in ("spill_st", "spill_ld")) if k["ptxas"] else "n/a",
+                 k["stl_ldl"], k["shared"], _g(k["per_thread"]), _g(k["per_thread"] * per_elem(k, v)),
+                 _g(sum(n for op, n in k["ops"].items() if op.startswith("MUFU")) * per_elem(k, v)),
+                 "; ".join(f"{lp['where']} {_na(lp['trip'])} x {lp['body']}"
                            + ("" if lp["counted"] else " (not counted)") for lp in k["loops"]) or "-",
                  "; ".join(k["notes"]) or "-"]
                 for v in r["variants"] for k in v["kernels"]]
-        out += ["Per kernel (loops: source `for`, trip x static body instructions):", "",
-                _table(["variant", "pass", "kernel", "grid x warps", "regs", "stack B", "local B", "smem B",
-                        "instr/thread", "instr/elem", "MUFU/elem", "loops", "notes"], rows), ""]
+        out += ["Per kernel (loops: source `for`, trip x static body instructions; instr/thread: averaged over the "
+                "grid):", "", _table(["variant", "pass", "kernel", "grid x warps", "regs", "stack B", "local B",
+                                      "spill st/ld B (ptxas)", "STL+LDL (static)", "smem B", "instr/thread",
+                                      "instr/elem", "MUFU/elem", "loops", "notes"], rows), ""]
     return "\n".join(out)
 
 
 def _commit() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "kernels"], cwd=here, capture_output=True,
-                               text=True).stdout.strip()
-        return sha + (" (kernels/ modified)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + (" (kernels/ modified)" if git(
+        "status", "--porcelain", "kernels") else "")
 
 
 def markdown(results: list[dict], argv: list[str], hw: dict) -> str:
     model = __doc__.split("Per kernel:")[1].split("Exit status")[0].rstrip()
+    model += "\nSASS model (kernels/aot_sass.py):\n" + aot_sass.__doc__.split("\n", 2)[2].rstrip()
     head = [f"# Fused-loss kernels compiled offline: SASS counts and the performance proxy ({datetime.date.today()})",
             "", f"Command: `python -m kernels.aot_check {' '.join(argv)}` at commit {_commit()}. No GPU was used: "
             "every figure below is a compiler output or a prediction of the model, not a measurement.", "",
@@ -405,31 +426,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the raw results as JSON to this file")
     p.add_argument("--python", action="append", default=[],
                    help="also run under this interpreter (e.g. a venv with another Triton); repeatable")
-    p.add_argument("--sms", type=int, default=132)
-    p.add_argument("--clock-ghz", type=float, default=1.98)
-    p.add_argument("--dram-tbs", type=float, default=4.3, help="measured copy bandwidth, read + written, TB/s")
+    for name, default in (("--sms", 132), ("--clock-ghz", 1.98), ("--dram-tbs", 4.3)):  # copy bandwidth, r + w, TB/s
+        p.add_argument(name, type=type(default), default=default)
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("aot_check: run with TRITON_INTERPRET=0: under the interpreter nothing is compiled")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launch default; silences Triton 3.9's notice
     hw = dict(sms=a.sms, clock_ghz=a.clock_ghz, dram_tbs=a.dram_tbs)
     results = [run(a.arch, a.quick, hw)]
-    same = ["--arch", str(a.arch), "--sms", str(a.sms), "--clock-ghz", str(a.clock_ghz), "--dram-tbs",
-            str(a.dram_tbs)] + (["--quick"] if a.quick else [])
+    same = [f"--arch={a.arch}", f"--sms={a.sms}", f"--clock-ghz={a.clock_ghz}", f"--dram-tbs={a.dram_tbs}"]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     for py in a.python:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            env = dict(os.environ, TRITON_INTERPRET="0",
-                       PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                   os.environ.get("PYTHONPATH", "")]))
-            proc = subprocess.run([py, "-m", "kernels.aot_check", *same, "--json", f.name], env=env, text=True)
+            proc = subprocess.run([py, "-m", "kernels.aot_check", *same, *(["--quick"] if a.quick else []), "--json",
+                                   f.name], env=env, text=True)
             if proc.returncode not in (0, 1):
                 raise SystemExit(f"aot_check: {py} failed with exit status {proc.returncode}")
             results.append(json.load(open(f.name)))
-    if not a.json:  # --json is the machine form (and how --python runs the other interpreters)
-        print(render(results))
-    if a.json:
+    if a.json:  # the machine form (and how --python runs the other interpreters)
         with open(a.json, "w") as f:
             json.dump(results[0], f)
+    else:
+        print(render(results))
     if a.md:
         with open(a.md, "w") as f:
             f.write(markdown(results, argv, hw))

@@ -1,14 +1,23 @@
 """Dynamic SASS instruction counts of one compiled Triton kernel at one launch (used by kernels/aot_check.py).
 
-Input: `nvdisasm -c -gi` text (line info through inlined calls) and the launch's values (constexprs, integers).
+Input: `nvdisasm -c -gi` text (line info) and the launch's values (constexprs, integers, the grid).
+    source  each instruction gets a call chain from the kernel to its line: the line info's own where it records
+            inlining (Triton 3.9), else rebuilt from the source's live calls (Triton 3.6: a helper called from
+            several places takes the calls that agree with the SASS loops it sits in, or out of). An instruction
+            whose only line is in Triton's library takes the chain of the instruction before it.
+    values  a function's locals are evaluated in order from its parameters (the launch values, or a helper's call
+            site): arithmetic, min / max / cdiv, tl.multiple_of (the value itself), tl.num_programs (the grid),
+            through ifs whose test is known; anything else (a load, a program id, an atomic) is unknown
     loops   every backward branch (a branch to itself is the trap after the final EXIT and ends the code); its
-            source loop is the innermost `for` holding most of its instructions, and its trip is len(range(...))
-            of that `for`, evaluated from the launch values through the helpers' call sites and their simple
-            top-level assignments (a `for` inside an inlined helper gets the helper's parameters)
-    count   straight-line instructions once + each loop's body x its trip x the enclosing loops' trips. When a
-            runtime (not constexpr) if/else has loops on both sides, only the costlier side counts (upper bound).
-            A loop whose trip cannot be evaluated counts once and is flagged.
-All counts are per thread (= per warp: every instruction issues once per warp, predicated or not).
+            source loop is the range-`for` holding most of its instructions, innermost on a tie (a static_range is
+            unrolled, never a SASS loop); trip = len(range(...)) of that `for` in its function's values
+    ifs     a runtime if whose test the launch values decide (a tail tile under `if c_full < C`) counts its taken
+            side only; an if on `ticket == ...` with the ticket from tl.atomic_add (the last program to finish
+            reduces) runs in one program per launch: its code counts 1 / programs per thread; an if only the data
+            decides counts both sides, unless both hold loops: then only the costlier side (an upper bound)
+    count   each instruction x its loops' trips x its ifs' factors, per thread averaged over the grid (= per warp:
+            every instruction issues once per warp, predicated or not). A loop whose trip cannot be evaluated
+            counts once and is flagged.
 """
 from __future__ import annotations
 
@@ -66,6 +75,7 @@ class Unknown(Exception):
     """The expression depends on a runtime value (a load, a program id, ...)."""
 
 
+GRID = "%grid"  # the launch grid in a namespace (not a Python name, so no local can shadow it)
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
         ast.Mod: operator.mod, ast.Div: operator.truediv, ast.Pow: operator.pow, ast.LShift: operator.lshift,
         ast.RShift: operator.rshift, ast.BitAnd: operator.and_, ast.BitOr: operator.or_, ast.Eq: operator.eq,
@@ -73,12 +83,13 @@ _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, as
         ast.USub: operator.neg, ast.Not: operator.not_, ast.UAdd: operator.pos}
 _CALLS = {"cdiv": lambda a, b: -(-a // b), "min": min, "max": max, "minimum": min, "maximum": max,
           "next_power_of_2": lambda n: 1 << (n - 1).bit_length()}
+_HINTS = ("multiple_of", "max_contiguous", "max_constancy")  # compiler hints: the value is their first argument
 
 
 def evaluate(node, ns: dict):
     try:
         return _eval(node, ns)
-    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError, IndexError, KeyError) as exc:
         raise Unknown(str(exc)) from exc
 
 
@@ -107,7 +118,11 @@ def _eval(node, ns: dict):
     if isinstance(node, ast.IfExp):
         return _eval(node.body if _eval(node.test, ns) else node.orelse, ns)
     if isinstance(node, ast.Call) and not node.keywords:
-        name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+        name = _name(node)
+        if name in _HINTS:
+            return _eval(node.args[0], ns)
+        if name == "num_programs" and GRID in ns:
+            return ns[GRID][_eval(node.args[0], ns)]
         if name in _CALLS:
             return _CALLS[name](*(_eval(a, ns) for a in node.args))
     raise Unknown(type(node).__name__)
@@ -115,6 +130,58 @@ def _eval(node, ns: dict):
 
 def _name(call) -> str:
     return getattr(call.func, "attr", getattr(call.func, "id", ""))
+
+
+def _stored(node) -> set:
+    return {t.id for t in ast.walk(node) if isinstance(t, ast.Name) and isinstance(t.ctx, ast.Store)}
+
+
+def _blocks(st) -> list:
+    return [b for b in (getattr(st, "body", None), getattr(st, "orelse", None)) if isinstance(b, list) and b]
+
+
+def _holds(block: list, line: int) -> bool:
+    return bool(block) and block[0].lineno <= line <= block[-1].end_lineno
+
+
+def _exec(stmts: list, ns: dict, line=None) -> None:
+    """Run into ns the statements before `line` (all of them if None), descending into the block that holds it:
+    simple assignments are evaluated, ifs with a known test run their taken side, anything else forgets what it
+    stores (a loop's carried values included)."""
+    for st in stmts:
+        if line is not None and st.lineno > line:
+            return
+        if line is not None and line <= st.end_lineno:
+            if isinstance(st, (ast.For, ast.While)):
+                for t in _stored(st):
+                    ns.pop(t, None)
+            for block in _blocks(st):
+                if _holds(block, line):
+                    _exec(block, ns, line)
+            return
+        if isinstance(st, ast.If):
+            with contextlib.suppress(Unknown):
+                taken = st.body if evaluate(st.test, ns) else st.orelse
+                _exec(taken, ns)
+                continue
+        target = st.targets[0] if isinstance(st, ast.Assign) and len(st.targets) == 1 else getattr(st, "target", None)
+        value = None
+        if isinstance(st, (ast.Assign, ast.AnnAssign)) and isinstance(target, ast.Name) and st.value is not None:
+            with contextlib.suppress(Unknown):
+                value = (target.id, evaluate(st.value, ns))
+        for t in _stored(st):
+            ns.pop(t, None)
+        if value:
+            ns[value[0]] = value[1]
+
+
+def _last_program(fn, test) -> bool:
+    """`ticket == ...` where the ticket comes from tl.atomic_add: true in the one program that takes that ticket."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    names = {n.id for n in (test.left, test.comparators[0]) if isinstance(n, ast.Name)}
+    return any(isinstance(a, ast.Assign) and isinstance(a.value, ast.Call) and _name(a.value) == "atomic_add"
+               and _stored(a) & names for a in ast.walk(fn))
 
 
 class Source:
@@ -136,33 +203,30 @@ class Source:
         funcs = [f for f in self.nodes(file, ast.FunctionDef) if f.lineno <= line <= f.end_lineno]
         return min(funcs, key=lambda f: f.end_lineno - f.lineno, default=None)
 
+    @staticmethod
+    def at(fn, entry: dict, line: int) -> dict:
+        """fn's namespace at `line`, from its entry namespace."""
+        ns = dict(entry)
+        _exec(fn.body, ns, line)
+        return ns
+
     def frames(self, chain: tuple, kernel_ns: dict, globals_ns: dict) -> list:
-        """[(function, namespace)] from the kernel (chain[-1]) inward to chain[0]: a helper's parameters come from
-        its call site in the frame outside it, then its top-level assignments before the line run in order."""
+        """[(file, function, entry namespace, line)] from the kernel (chain[-1]) inward to chain[0]; a helper's
+        parameters come from its call site in the frame outside it."""
         out = []
         for depth in range(len(chain) - 1, -1, -1):
             file, line = chain[depth]
             fn = self.func_at(file, line)
             if fn is None:
                 break
-            ns = dict(kernel_ns) if not out else self._bind(fn, out[-1], chain[depth + 1][1], globals_ns)
-            for st in fn.body:
-                if st.lineno >= line:
-                    break
-                targets = [t.id for t in ast.walk(st) if isinstance(t, ast.Name) and isinstance(t.ctx, ast.Store)]
-                simple = isinstance(st, ast.Assign) and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name)
-                for t in targets:
-                    ns.pop(t, None)
-                if simple:
-                    with contextlib.suppress(Unknown):
-                        ns[targets[0]] = evaluate(st.value, ns)
-            out.append((fn, ns))
+            entry = dict(kernel_ns) if not out else self._bind(fn, out[-1], globals_ns)
+            out.append((file, fn, entry, line))
         return out
 
-    @staticmethod
-    def _bind(callee, caller_frame, call_line: int, globals_ns: dict) -> dict:
-        caller, caller_ns = caller_frame
-        ns = dict(globals_ns)
+    def _bind(self, callee, caller_frame, globals_ns: dict) -> dict:
+        _, caller, entry, call_line = caller_frame
+        caller_ns = self.at(caller, entry, call_line)
+        ns = dict(globals_ns, **({GRID: caller_ns[GRID]} if GRID in caller_ns else {}))
         params = [a.arg for a in callee.args.args]
         for name, default in zip(params[len(params) - len(callee.args.defaults):], callee.args.defaults):
             with contextlib.suppress(Unknown):
@@ -181,31 +245,65 @@ class Source:
         if whose constexpr test is false leaves no code."""
         paths, funcs = [], {f.name: f for f in self.nodes(file, ast.FunctionDef)}
 
-        def live_calls(stmts, ns):
+        def live_calls(fn, entry, stmts):
             for st in stmts:
                 if isinstance(st, ast.If):
                     try:
-                        taken = (st.body,) if evaluate(st.test, ns) else (st.orelse,)
+                        taken = (st.body,) if evaluate(st.test, self.at(fn, entry, st.lineno)) else (st.orelse,)
                     except Unknown:
                         taken = (st.body, st.orelse)
                     for block in taken:
-                        yield from live_calls(block, ns)
+                        yield from live_calls(fn, entry, block)
                 elif isinstance(st, (ast.For, ast.While, ast.With)):
-                    yield from live_calls(st.body + getattr(st, "orelse", []), ns)
+                    yield from live_calls(fn, entry, st.body + getattr(st, "orelse", []))
                 else:
                     yield from (c for c in ast.walk(st) if isinstance(c, ast.Call))
 
-        def walk(fn, ns, lines):
+        def walk(fn, entry, lines):
             if fn is target:
                 paths.append(lines)
                 return
-            for call in live_calls(fn.body, ns):
+            for call in live_calls(fn, entry, fn.body):
                 callee = funcs.get(_name(call))
                 if callee is not None and callee is not fn and len(lines) < 16:
-                    walk(callee, self._bind(callee, (fn, ns), call.lineno, globals_ns), [call.lineno] + lines)
+                    walk(callee, self._bind(callee, (file, fn, entry, call.lineno), globals_ns),
+                         [call.lineno] + lines)
 
         walk(kernel, dict(const_ns), [])
         return paths
+
+    def contexts(self, chain: tuple, env: Env) -> list[tuple]:
+        """Full chains (kernel frame last) in which the code at `chain` can run."""
+        kernel = next((f for f in self.nodes(env.kernel[0], ast.FunctionDef) if f.name == env.kernel[1]), None)
+        outer = self.func_at(*chain[-1]) if chain else None
+        if kernel is None or outer is None or outer is kernel or chain[-1][0] != env.kernel[0]:
+            return [chain]
+        paths = self.call_paths(env.kernel[0], kernel, outer, env.consts, env.globals)
+        return [chain + tuple((env.kernel[0], ln) for ln in p) for p in paths] or [chain]
+
+    def if_factor(self, chain: tuple, env: Env) -> tuple[float, list]:
+        """(how often the code at `chain` runs per program given its ifs, [(file, if line, side)] of the ifs that
+        only the data decides)."""
+        factor, unknown = 1.0, []
+        for (file, fn, ev, line), (_, _, ec, _) in zip(self.frames(chain, env.values, env.globals),
+                                                       self.frames(chain, env.consts, env.globals)):
+            for st in (n for n in ast.walk(fn) if isinstance(n, ast.If)):
+                side = "then" if _holds(st.body, line) else "else" if _holds(st.orelse, line) else None
+                if side is None:
+                    continue
+                with contextlib.suppress(Unknown):
+                    evaluate(st.test, self.at(fn, ec, st.lineno))
+                    continue  # a constexpr test: the compiler already kept one side
+                if _last_program(fn, st.test):
+                    factor /= env.programs
+                    continue
+                try:
+                    taken = bool(evaluate(st.test, self.at(fn, ev, st.lineno)))
+                except Unknown:
+                    unknown.append((file, st.lineno, side))
+                    continue
+                factor *= taken == (side == "then")
+        return factor, unknown
 
 
 # ------------------------------------------------------------------------------------------ the dynamic count
@@ -217,99 +315,114 @@ class Loop:
     where: str = "?"  # file:line of its source `for`, '?' when unmapped
     trip: object = None  # int, or None when it cannot be evaluated
     body: int = 0  # static instructions in it (nested loops included)
-    branch: tuple = ()  # ((file, if line, 'then'|'else'), ...) runtime ifs around it
+    branch: tuple = ()  # ((file, if line, 'then'|'else'), ...) data-dependent ifs around it
     counted: bool = True
     site: tuple = ()  # the `for` and the call sites leading to it: one per source loop instance
     copies: int = 1  # SASS copies expected from enclosing tl.static_range loops (0: unknown)
+    node: tuple = ()  # (file, first line, last line) of the source `for`
 
 
 @dataclass
 class Env:
-    """The launch as the source sees it: the kernel's (file, function name), every launch value (constexprs and
-    runtime scalars: loop bounds), the constexprs alone (what the compiler could fold), the module's constants."""
+    """The launch as the source sees it: the kernel's (file, function name), every launch value (constexprs, runtime
+    scalars, GRID), the constexprs alone (what the compiler could fold), the module's constants, the programs."""
     kernel: tuple
     values: dict
     consts: dict
     globals: dict
+    programs: int = 1
 
 
 def _trip(node, ns: dict):
-    it = node.iter  # range / tl.range (its keywords only tune the schedule); static_range leaves no SASS loop
-    if not (isinstance(it, ast.Call) and _name(it) == "range"):
-        return None
-    try:
-        args = [evaluate(a, ns) for a in it.args]
-        return len(range(*args))
-    except Unknown:
-        return None
+    with contextlib.suppress(Unknown, TypeError):  # range / tl.range (its keywords only tune the schedule)
+        return len(range(*(evaluate(a, ns) for a in node.iter.args)))
 
 
-def _map(loop: Loop, body: list[Instr], src: Source, env: Env) -> list[str]:
-    import triton
+def _through(chain: tuple, node: tuple) -> bool:
+    return any(f == node[0] and node[1] <= ln <= node[2] for f, ln in chain)
 
-    best, skip = None, os.path.dirname(triton.__file__)  # Triton's own helpers (tl.sum, ...) hold no kernel loop
-    for file in {f for ins in body for f, _ in ins.chain if not f.startswith(skip)}:
+
+def _map(loop: Loop, chains: list[tuple], src: Source, env: Env) -> list[str]:
+    best = None
+    for file in {f for ch in chains for f, _ in ch}:
         for node in src.nodes(file, ast.For):
-            n = sum(any(f == file and node.lineno <= ln <= node.end_lineno for f, ln in i.chain) for i in body)
+            if not (isinstance(node.iter, ast.Call) and _name(node.iter) == "range"):
+                continue  # static_range and Python iterables are unrolled by the front end
+            n = sum(_through(ch, (file, node.lineno, node.end_lineno)) for ch in chains)
             key = (n, node.lineno - node.end_lineno)  # most instructions, then the innermost
             if n and (best is None or key > best[0]):
                 best = (key, file, node)
     if best is None:
         return []
     _, file, node = best
-    ins = next(i for i in body if any(f == file and node.lineno <= ln <= node.end_lineno for f, ln in i.chain))
-    k = next(j for j, (f, ln) in enumerate(ins.chain) if f == file and node.lineno <= ln <= node.end_lineno)
-    chain, notes = ((file, node.lineno),) + ins.chain[k + 1:], []
-    kernel = next((f for f in src.nodes(env.kernel[0], ast.FunctionDef) if f.name == env.kernel[1]), None)
-    outer = src.func_at(*chain[-1])
-    if kernel is not None and outer is not kernel and chain[-1][0] == env.kernel[0]:
-        # line info without inlining records (Triton 3.6): the call path comes from the source's live calls
-        paths = src.call_paths(env.kernel[0], kernel, outer, env.consts, env.globals)
-        chain += tuple((env.kernel[0], ln) for ln in (paths[0] if paths else ()))
-        if len(paths) > 1:
-            notes.append(f"loop at {os.path.basename(file)}:{node.lineno}: {len(paths)} live call paths, took the "
-                         "first")
-    loop.where, loop.site = f"{os.path.basename(file)}:{node.lineno}", chain
-    frames = src.frames(chain, env.values, env.globals)
-    if frames and frames[-1][0] is src.func_at(file, node.lineno):
-        loop.trip = _trip(node, frames[-1][1])
-    # runtime ifs around the loop: in each frame, the ifs holding the loop (or the call that leads to it)
-    branch = []
-    for (fn, ns), (f, ln) in zip(src.frames(chain, env.consts, env.globals), reversed(chain)):
+    loop.node = (file, node.lineno, node.end_lineno)
+    ch = next(c for c in chains if _through(c, loop.node))
+    k = next(j for j, (f, ln) in enumerate(ch) if _through(((f, ln),), loop.node))
+    sites, notes = src.contexts(((file, node.lineno),) + ch[k + 1:], env), []
+    loop.where, loop.site = f"{os.path.basename(file)}:{node.lineno}", sites[0]
+    trips = set()
+    for site in sites:
+        frames = src.frames(site, env.values, env.globals)
+        if frames and frames[-1][1] is src.func_at(file, node.lineno):
+            trips.add(_trip(node, src.at(*frames[-1][1:])))
+    loop.trip = max((t for t in trips if t is not None), default=None)
+    if len(trips) > 1:
+        notes.append(f"loop at {loop.where}: {len(sites)} live call paths with trips {sorted(trips, key=str)}, "
+                     "took the largest")
+    for _, fn, entry, ln in src.frames(loop.site, env.consts, env.globals):
         for st in (n for n in ast.walk(fn) if isinstance(n, ast.For) and n is not node):
-            if _name(st.iter) == "static_range" and st.body[0].lineno <= ln <= st.body[-1].end_lineno:
+            if _name(st.iter) == "static_range" and _holds(st.body, ln):
                 try:  # unrolled by the front end: one SASS copy of this loop per iteration
+                    ns = src.at(fn, entry, st.lineno)
                     loop.copies *= len(range(*(evaluate(a, ns) for a in st.iter.args)))
                 except Unknown:
                     loop.copies = 0
-        for st in (n for n in ast.walk(fn) if isinstance(n, ast.If)):
-            side = next((s for s, blk in (("then", st.body), ("else", st.orelse))
-                         if blk and blk[0].lineno <= ln <= blk[-1].end_lineno), None)
-            if side:
-                try:
-                    evaluate(st.test, ns)  # a constexpr test: the compiler already kept one side
-                except Unknown:
-                    branch.append((f, st.lineno, side))
-    loop.branch = tuple(branch)
+    loop.branch = tuple(src.if_factor(loop.site, env)[1])
     return notes
 
 
+def _own_chains(code: list[Instr]) -> list[tuple]:
+    """Each instruction's chain without Triton's own library frames (tl.sum, ...: they hold no kernel loop or if);
+    an instruction left with none takes the previous one's."""
+    import triton
+
+    skip, last, out = os.path.dirname(triton.__file__), (), []
+    for ins in code:
+        last = tuple(p for p in ins.chain if not p[0].startswith(skip)) or last
+        out.append(last)
+    return out
+
+
 def count(sass_text: str, env: Env, src: Source | None = None) -> dict:
-    """{'static', 'per_thread', 'ops' (Counter of dynamic counts per opcode family: MUFU.EX2, LDL, ...),
-    'loops' [Loop], 'notes' [str]} for one kernel at one launch."""
+    """{'static', 'per_thread', 'ops' (dynamic counts per opcode family: MUFU.EX2, LDL, ...), 'loops' [Loop],
+    'notes' [str]} for one kernel at one launch, per thread averaged over the grid."""
     src = src or Source()
     code = parse_sass(sass_text)
+    own = _own_chains(code)
     loops, notes = [Loop(a, b) for a, b in find_loops(code)], []
     for lp in loops:
-        body = [i for i in code if lp.first <= i.addr <= lp.last]
-        lp.body = len(body)
-        notes += _map(lp, body, src, env)
-    mult = {i.addr: 1 for i in code}
-    for lp in loops:
-        for i in code:
-            if lp.first <= i.addr <= lp.last:
-                mult[i.addr] *= lp.trip if lp.trip is not None else 1
+        idx = [j for j, i in enumerate(code) if lp.first <= i.addr <= lp.last]
+        lp.body = len(idx)
+        notes += _map(lp, [own[j] for j in idx], src, env)
+    nodes, memo, mult = [lp.node for lp in loops if lp.node], {}, []
+    for ins, chain in zip(code, own):
+        around = [lp for lp in loops if lp.first <= ins.addr <= lp.last]
+        key = (chain, tuple(lp.node for lp in around if lp.node))
+        if key not in memo:  # the calls that put this code inside (or outside) the loops the SASS puts it in
+            ctx = src.contexts(chain, env)
+            fit = [c for c in ctx if all(_through(c, n) for n in key[1])] if key[1] else \
+                [c for c in ctx if not any(_through(c, n) for n in nodes)]
+            memo[key] = max(src.if_factor(c, env)[0] for c in fit or ctx)
+        m = memo[key]
+        for lp in around:
+            m *= lp.trip if lp.trip is not None else 1
+        mult.append(m)
     notes += [f"loop at {lp.where}: trip unknown, counted once" for lp in loops if lp.trip is None]
+    for lp in (lp for lp in loops if lp.node):  # its body's exponentials outside it: peeled iterations of an unroll
+        peeled = sum(i.op == "MUFU.EX2" and _through(ch, (lp.node[0], lp.node[1] + 1, lp.node[2])) and not any(
+            o.first <= i.addr <= o.last for o in loops if o.node == lp.node) for i, ch in zip(code, own))
+        notes += [f"loop at {lp.where}: {peeled} MUFU.EX2 of its body outside it (peeled: unrolled?), an upper bound"
+                  ] if peeled else []
     twins = Counter(lp.site for lp in loops if lp.site)
     expected = {lp.site: lp.copies for lp in loops}
     notes += [f"the loop at {os.path.basename(site[0][0])}:{site[0][1]} became {n} SASS loops (unrolled or "
@@ -321,16 +434,15 @@ def count(sass_text: str, env: Env, src: Source | None = None) -> dict:
             sides.setdefault((f, line), {}).setdefault(side, []).append(lp)
     for (f, line), by_side in sides.items():
         if len(by_side) == 2:
-            cost = {s: sum(mult[i.addr] for i in code if any(lp.first <= i.addr <= lp.last for lp in lps))
+            cost = {s: sum(m for i, m in zip(code, mult) if any(lp.first <= i.addr <= lp.last for lp in lps))
                     for s, lps in by_side.items()}
             keep = max(cost, key=cost.get)
             for lp in by_side["else" if keep == "then" else "then"]:
                 lp.counted = False
             notes.append(f"runtime if at {os.path.basename(f)}:{line}: counted its {keep} side "
-                         f"({cost[keep]} instr/thread), not the other ({min(cost.values())})")
+                         f"({cost[keep]:g} instr/thread), not the other ({min(cost.values()):g})")
     ops: Counter = Counter()
-    for i in code:
-        if all(lp.counted or not lp.first <= i.addr <= lp.last for lp in loops):
-            family = i.op if i.op.startswith("MUFU") else i.op.split(".")[0]
-            ops[family] += mult[i.addr]
+    for i, m in zip(code, mult):
+        if m and all(lp.counted or not lp.first <= i.addr <= lp.last for lp in loops):
+            ops[i.op if i.op.startswith("MUFU") else i.op.split(".")[0]] += m
     return dict(static=len(code), per_thread=sum(ops.values()), ops=ops, loops=loops, notes=notes)
