@@ -94,9 +94,11 @@ def byot_step(num_exits: int = 4, batch: int = 256, classes: int = 1000, dim: in
 
 def count(step: Callable[[], None]) -> dict:
     """Launches and other memory-touching ops of one call, with the fused kernels stubbed."""
-    step()  # warm-up: per-configuration plans, the reduction scratch buffer
-    with stubbed_launches() as launched, OpCounter() as ops:
-        step()
+    with stubbed_launches() as launched:
+        step()  # warm-up: per-configuration plans and their scratch buffers
+        launched.clear()
+        with OpCounter() as ops:
+            step()
     return {"triton": len(launched), "aten": ops.ops, "launches": len(launched) + len(ops.ops),
             "allocated_bytes": ops.allocated}
 

@@ -13,8 +13,10 @@ Input: `nvdisasm -c -gi` text (line info) and the launch's values (constexprs, i
             unrolled, never a SASS loop); trip = len(range(...)) of that `for` in its function's values
     ifs     a runtime if whose test the launch values decide (a tail tile under `if c_full < C`) counts its taken
             side only; an if on `ticket == ...` with the ticket from tl.atomic_add (the last program to finish
-            reduces) runs in one program per launch: its code counts 1 / programs per thread; an if only the data
-            decides counts both sides, unless both hold loops: then only the costlier side (an upper bound)
+            reduces) runs in one program per launch: its code counts 1 / programs per thread; an if testing a
+            range-`for`'s induction variable against a loop-invariant value (`c0 != c_y`) is taken on every trip
+            but one (`==`: on one); an if only the data decides counts both sides, unless both hold loops: then
+            only the costlier side (an upper bound)
     count   each instruction x its loops' trips x its ifs' factors, per thread averaged over the grid (= per warp:
             every instruction issues once per warp, predicated or not). A loop whose trip cannot be evaluated
             counts once and is flagged.
@@ -104,9 +106,17 @@ def _eval(node, ns: dict):
         return _OPS[type(node.op)](_eval(node.left, ns), _eval(node.right, ns))
     if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
         return _OPS[type(node.op)](_eval(node.operand, ns))
-    if isinstance(node, ast.BoolOp):
-        vals = [_eval(v, ns) for v in node.values]
-        return all(vals) if isinstance(node.op, ast.And) else any(vals)
+    if isinstance(node, ast.BoolOp):  # short-circuits on a known value, as Python does, even past unknown ones
+        stop, unknown = not isinstance(node.op, ast.And), None
+        for v in node.values:
+            try:
+                if bool(_eval(v, ns)) == stop:
+                    return stop
+            except Unknown as exc:
+                unknown = exc
+        if unknown is not None:
+            raise unknown
+        return not stop
     if isinstance(node, ast.Compare):
         left, ok = _eval(node.left, ns), True
         for op, right_node in zip(node.ops, node.comparators):
@@ -182,6 +192,25 @@ def _last_program(fn, test) -> bool:
     names = {n.id for n in (test.left, test.comparators[0]) if isinstance(n, ast.Name)}
     return any(isinstance(a, ast.Assign) and isinstance(a.value, ast.Call) and _name(a.value) == "atomic_add"
                and _stored(a) & names for a in ast.walk(fn))
+
+
+def _one_trip(fn, st, ns: dict):
+    """(is ==, trip) for an if testing the induction variable of its enclosing range-`for` against a value that
+    does not change in the loop (c0 != c_y: every tile but the one holding the true class); else None."""
+    t = st.test
+    if not (isinstance(t, ast.Compare) and len(t.ops) == 1 and isinstance(t.ops[0], (ast.Eq, ast.NotEq))):
+        return None
+    for loop in (n for n in ast.walk(fn) if isinstance(n, ast.For) and isinstance(n.target, ast.Name)):
+        if not _holds(loop.body, st.lineno):
+            continue
+        var = loop.target.id
+        sides = [t.left, t.comparators[0]]
+        names = [{n.id for n in ast.walk(x) if isinstance(n, ast.Name)} for x in sides]
+        if not any(isinstance(x, ast.Name) and x.id == var for x in sides) or all(var in n for n in names):
+            continue
+        with contextlib.suppress(Unknown):
+            return isinstance(t.ops[0], ast.Eq), _trip(loop, ns)
+    return None
 
 
 class Source:
@@ -296,6 +325,11 @@ class Source:
                     continue  # a constexpr test: the compiler already kept one side
                 if _last_program(fn, st.test):
                     factor /= env.programs
+                    continue
+                once = _one_trip(fn, st, self.at(fn, ev, st.lineno))
+                if once is not None:  # `c0 != c` / `c0 == c` in the loop over c0: all trips but one / one trip
+                    op_eq, trip = once
+                    factor *= (1 if op_eq == (side == "then") else trip - 1) / trip if trip else 0.0
                     continue
                 try:
                     taken = bool(evaluate(st.test, self.at(fn, ev, st.lineno)))

@@ -105,7 +105,7 @@ def _blocks(B: int, C: int, D: int, itemsize: int, block_c: int) -> tuple[int, i
     v = min(max(1, 16 // itemsize), bc)
     # Several rows per program only for short rows: the per-row statistics of a multi-row block are held by every
     # thread, which at 4 exits costs more registers than the extra programs cost.
-    bb = max(1, min(tile // bc, triton.next_power_of_2(B))) if bc < 512 or interpreting() else 1
+    bb = max(1, min(tile // bc, triton.next_power_of_2(B))) if bc < 512 else 1
     nt = bc // v
     bd = max(1, min(triton.next_power_of_2(max(D, 1)), max(16, tile // bb)))
     warps = max(1, min(8, bb * nt // 32))

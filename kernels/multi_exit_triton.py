@@ -121,22 +121,23 @@ def _lanes(NT: tl.constexpr, V: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _sweep(x, m, lo_a, lo_b, not_y, k_a, POW: tl.constexpr, TWO: tl.constexpr):
+def _sweep(x, m, lo_a, lo_b, not_y, k_a, POW: tl.constexpr, TWO: tl.constexpr, EXCL: tl.constexpr):
     """One tile of one stream. m [BB, NT]: per-lane running max of the raw logits; lo_a / lo_b: per-lane sums,
     true class left out, of exp((x - m) / T_a) and (TWO) exp(x - m). Returns the new state, the lanes' rescale
-    factor and e = exp((x - m_new) / T_a) with the true class in."""
+    factor and e = exp((x - m_new) / T_a) with the true class in. EXCL: the tile may hold a true class."""
     m_new = tl.maximum(m, tl.max(x, 2))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     d_lane = m - m_ref
     r = tl.exp2(d_lane * k_a)
     e = tl.exp2(x * k_a - (m_ref * k_a)[:, :, None])
-    e_out = tl.where(not_y, e, 0.0)
+    e_out = tl.where(not_y, e, 0.0) if EXCL else e
     lo_a = lo_a * r + tl.sum(e_out, 2)
     if TWO:
         if POW > 0:
             e1 = _ipow(e_out, POW)
         else:
-            e1 = tl.where(not_y, _exp2_fma(x * LOG2E - (m_ref * LOG2E)[:, :, None]), 0.0)
+            e1 = _exp2_fma(x * LOG2E - (m_ref * LOG2E)[:, :, None])
+            e1 = tl.where(not_y, e1, 0.0) if EXCL else e1
         lo_b = lo_b * _unit_exp(r, d_lane, POW) + tl.sum(e1, 2)
     return m_new, lo_a, lo_b, r, e
 
@@ -169,6 +170,16 @@ def _labels(Y, rows, row_ok, C, ignore_index):
 
 
 @triton.jit
+def _true_tile(y_cls, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
+    """With one row per program: the first column of the tile that holds its true class (-1: no true class, or
+    several rows per program, whose loop keeps the per-element exclusion)."""
+    if BLOCK_B > 1:
+        return -1
+    y = tl.sum(y_cls, 0)
+    return tl.where(y >= 0, (y // BLOCK_C) * BLOCK_C, -1)
+
+
+@triton.jit
 def _closed_target(b_row, C):
     return b_row, (1.0 - b_row) / (C - 1)
 
@@ -180,23 +191,23 @@ def _closed_target(b_row, C):
 def _fwd_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, state, tstate, k_s, k_t, inv_t, inv_ts,
               N: tl.constexpr, TEACHER: tl.constexpr, KD_KL: tl.constexpr, POW_S: tl.constexpr,
               TWO_S: tl.constexpr, POW_T: tl.constexpr, TWO_T: tl.constexpr, SUM_Z: tl.constexpr,
-              ALIGN: tl.constexpr, MASKED: tl.constexpr):
+              ALIGN: tl.constexpr, EXCL: tl.constexpr, MASKED: tl.constexpr):
     cols = c0 + lanes
     mask = cols < C
-    not_y = cols != y_cls[:, None, None]
+    not_y = cols != y_cls[:, None, None]  # unused (and not computed) unless EXCL
     # the teacher first: its exponentials weight every student's KD sum of this tile
     e_t = tl.zeros([1, 1, 1], tl.float32)
     tt = tl.zeros([1, 1, 1], tl.float32)
     r_t = tl.zeros([1, 1], tl.float32)
     if TEACHER == TEACHER_LOGITS:
         tz, t = _load(TZ, _row_off(rows, stride_t, ALIGN) + cols, mask, MASKED)
-        m_t, lo_t, _, r_t, e_t = _sweep(t, tstate[0], tstate[1], tstate[1], not_y, k_t, 1, False)
+        m_t, lo_t, _, r_t, e_t = _sweep(t, tstate[0], tstate[1], tstate[1], not_y, k_t, 1, False, EXCL)
         tstate = (m_t, lo_t)
         tt = tz * inv_t
     deep = state[N - 1]
     if TEACHER == TEACHER_DEEPEST:
         xz, x = _load(ZS[N - 1], _row_off(rows, SZ[N - 1], ALIGN) + cols, mask, MASKED)
-        m, lo_a, lo_b, r_t, e_t = _sweep(x, deep[0], deep[1], deep[2], not_y, k_t, POW_T, TWO_T)
+        m, lo_a, lo_b, r_t, e_t = _sweep(x, deep[0], deep[1], deep[2], not_y, k_t, POW_T, TWO_T, EXCL)
         sz = deep[4] + tl.sum(xz, 2) if SUM_Z else deep[4]
         deep = (m, lo_a, lo_b, deep[3], sz)
         tt = xz * inv_t
@@ -207,7 +218,7 @@ def _fwd_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, state, tstate, k_
         else:
             st = state[s]
             xz, x = _load(ZS[s], _row_off(rows, SZ[s], ALIGN) + cols, mask, MASKED)
-            m, lo_a, lo_b, _, _ = _sweep(x, st[0], st[1], st[2], not_y, k_s, POW_S, TWO_S)
+            m, lo_a, lo_b, _, _ = _sweep(x, st[0], st[1], st[2], not_y, k_s, POW_S, TWO_S, EXCL)
             kd = st[3]
             if TEACHER == TEACHER_DEEPEST or TEACHER == TEACHER_LOGITS:
                 if KD_KL:
@@ -319,14 +330,24 @@ def _fwd_kernel(
         state = state + ((zero + float("-inf"), zero, zero, zero, zero),)
     tstate = (zero + float("-inf"), zero)
 
+    # Full tiles, then the partial one. With one row per program the tile holding the true class is taken out of
+    # the loop, so the loop body needs no per-element exclusion of the true class.
     BLOCK_C: tl.constexpr = NT * V
     c_full = (C // BLOCK_C) * BLOCK_C
+    c_y = _true_tile(y_cls, BLOCK_C, BLOCK_B)
     for c0 in range(0, c_full, BLOCK_C):
-        state, tstate = _fwd_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c0, C, y_cls, state, tstate, k_s, k_t,
-                                  inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, ALIGN, False)
+        if c0 != c_y:
+            state, tstate = _fwd_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c0, C, y_cls, state, tstate, k_s, k_t,
+                                      inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, ALIGN,
+                                      BLOCK_B > 1, False)
+    if c_full > 0 and (c_y >= 0) & (c_y < c_full):
+        state, tstate = _fwd_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c_y, C, y_cls, state, tstate, k_s, k_t,
+                                  inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, ALIGN, True,
+                                  False)
     if c_full < C:
         state, tstate = _fwd_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c_full, C, y_cls, state, tstate, k_s,
-                                  k_t, inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, ALIGN, True)
+                                  k_t, inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, ALIGN,
+                                  True, True)
 
     # teacher statistics at T
     lse_t = tl.zeros([BLOCK_B], tl.float32)
@@ -472,7 +493,7 @@ def _reduce(PART, W, STATS, TOTAL, LOSSES, TICKET, n_prog, B, D, kd_scale, inv_b
 @triton.jit
 def _grad_slot(Z, stride_z, DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rstats, coefs, p, rt, b_on, b_off,
                ce_b, log_eps, inv_tq, inv_ts, TEACHER: tl.constexpr, EPS: tl.constexpr, IS_TEACHER: tl.constexpr,
-               TWO: tl.constexpr, ALIGN: tl.constexpr, MASKED: tl.constexpr):
+               TWO: tl.constexpr, ALIGN: tl.constexpr, EXCL: tl.constexpr, MASKED: tl.constexpr):
     """Write one exit's gradient tile; return its softmax at its KD temperature (the others' teacher when
     IS_TEACHER)."""
     lse1, r1, lse_q, rq, weps = rstats
@@ -481,22 +502,25 @@ def _grad_slot(Z, stride_z, DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C
     q = tl.exp2((x * inv_tq - lse_q[:, None, None]) * LOG2E)
     sm = _softmax_1(q, x, lse1, TWO)
     off_ce = (1.0 - ce_b) / (C - 1)
+    # without EXCL the tile holds no true class: the plain off-class forms, no per-element select
     if EPS == EPS_CE:
-        tgt = tl.where(is_y, ce_b, off_ce)
+        tgt = tl.where(is_y, ce_b, off_ce) if EXCL else off_ce
         g_ce = sm * weps[:, None, None] - tgt * sm / (sm + log_eps)
     else:
-        g_ce = tl.where(is_y, (1.0 - ce_b) - r1[:, None, None], sm - off_ce)
+        g_ce = tl.where(is_y, (1.0 - ce_b) - r1[:, None, None], sm - off_ce) if EXCL else sm - off_ce
     g = c_ce[:, None, None] * g_ce
     if not (TEACHER == TEACHER_NONE or IS_TEACHER):
         if EPS == EPS_KD:
             tgt = p
             if TEACHER == TEACHER_CLOSED:
-                tgt = tl.where(is_y, b_on, b_off)
+                tgt = tl.where(is_y, b_on, b_off) if EXCL else b_off
             g_kd = q * weps[:, None, None] - tgt * q / (q + log_eps)
         elif TEACHER == TEACHER_CLOSED:
-            g_kd = tl.where(is_y, (1.0 - b_on) - rq[:, None, None], q - b_off)
-        else:  # q_y - p_y as the difference of the other classes' masses
+            g_kd = tl.where(is_y, (1.0 - b_on) - rq[:, None, None], q - b_off) if EXCL else q - b_off
+        elif EXCL:  # q_y - p_y as the difference of the other classes' masses
             g_kd = tl.where(is_y, (rt - rq)[:, None, None], q - p)
+        else:
+            g_kd = q - p
         g += (c_kd * inv_ts)[:, None, None] * g_kd
     out = DZ + (rows[:, None, None] + s * B) * C + cols
     if MASKED:
@@ -509,7 +533,8 @@ def _grad_slot(Z, stride_z, DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C
 @triton.jit
 def _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C, y_cls, rs_all, c_all, lse_t, rt,
                b_row, ce_b, log_eps, inv_t, inv_ts, N: tl.constexpr, TEACHER: tl.constexpr, EPS: tl.constexpr,
-               TWO_S: tl.constexpr, TWO_T: tl.constexpr, ALIGN: tl.constexpr, MASKED: tl.constexpr):
+               TWO_S: tl.constexpr, TWO_T: tl.constexpr, ALIGN: tl.constexpr, EXCL: tl.constexpr,
+               MASKED: tl.constexpr):
     cols = c0 + lanes
     mask = cols < C
     is_y = cols == y_cls[:, None, None]
@@ -524,14 +549,14 @@ def _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C,
     if TEACHER == TEACHER_DEEPEST:  # the deepest exit first: its softmax at T is the others' teacher
         p = _grad_slot(ZS[N - 1], SZ[N - 1], DZ, N - 1, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[N - 1],
                        c_all[N - 1], p, rt, b_on, b_off, ce_b, log_eps, inv_t, inv_ts, TEACHER, EPS, True, TWO_T,
-                       ALIGN, MASKED)
+                       ALIGN, EXCL, MASKED)
         for s in tl.static_range(N - 1):
             _grad_slot(ZS[s], SZ[s], DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[s], c_all[s], p,
-                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, ALIGN, MASKED)
+                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, ALIGN, EXCL, MASKED)
     else:
         for s in tl.static_range(N):
             _grad_slot(ZS[s], SZ[s], DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[s], c_all[s], p,
-                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, ALIGN, MASKED)
+                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, ALIGN, EXCL, MASKED)
 
 
 @triton.jit
@@ -587,14 +612,20 @@ def _bwd_kernel(
             c_kd = tl.where(row_ok, g_kd * w_kd * kd_scale / B, 0.0)
         c_all = c_all + ((c_ce, c_kd),)
 
-    BLOCK_C: tl.constexpr = NT * V
+    BLOCK_C: tl.constexpr = NT * V  # tiles as in the forward: the true class's tile out of the loop
     c_full = (C // BLOCK_C) * BLOCK_C
+    c_y = _true_tile(y_cls, BLOCK_C, BLOCK_B)
     for c0 in range(0, c_full, BLOCK_C):
-        _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C, y_cls, rs_all, c_all, lse_t,
-                   rt, b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN, False)
+        if c0 != c_y:
+            _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C, y_cls, rs_all, c_all,
+                       lse_t, rt, b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN,
+                       BLOCK_B > 1, False)
+    if c_full > 0 and (c_y >= 0) & (c_y < c_full):
+        _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c_y, B, C, y_cls, rs_all, c_all, lse_t,
+                   rt, b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN, True, False)
     if c_full < C:
         _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c_full, B, C, y_cls, rs_all, c_all,
-                   lse_t, rt, b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN, True)
+                   lse_t, rt, b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN, True, True)
 
     if HINT != HINT_NONE:
         for d0 in range(0, D, BLOCK_D):

@@ -142,6 +142,15 @@ def test_large_vocabulary_tiled(dtype):
     check(inp, dict(CASES["byot_kl_sse"], block_c=4096), g, dtype, ulps=2)
 
 
+@pytest.mark.parametrize("case", ["byot_kl_sse", "cskd", "beta_kl_tempered", "ls_log_eps", "byot_fractional_t"])
+def test_one_row_per_program_true_class_in_each_tile(case):
+    """Rows of 512+ classes go one per program, and the tile holding the true class leaves the loop: labels in the
+    first and second full tile, in the partial tail, none, and at the tile edges."""
+    inp = make_inputs(E=3, B=7, C=1500, D=6, ignore=(3,))
+    inp["targets"] = torch.tensor([5, 700, 1400, -100, 511, 512, 1024], device=DEVICE)
+    check(inp, dict(CASES[case], block_c=512), grad_outputs(3)["per_term"])
+
+
 def test_regular_shape_four_exits():
     inp = make_inputs(E=4, B=64, C=128, D=64)
     check(inp, CASES["byot_kl_sse"], torch.ones(4, 3))

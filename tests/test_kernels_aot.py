@@ -105,6 +105,24 @@ def full_tiles_and_tail(X, OUT, n_cols, BLOCK: tl.constexpr, ALIGN: tl.constexpr
 
 
 @triton.jit
+def one_tile_out(X, Y, OUT, n_cols, BLOCK: tl.constexpr):
+    # the fused loss's class loop with the true class's tile taken out: the loop skips one tile (the data says
+    # which), the tile after it runs once when there are full tiles, then the tail
+    c_full = (n_cols // BLOCK) * BLOCK
+    y = tl.load(Y)
+    c_y = (y // BLOCK) * BLOCK
+    acc = tl.zeros([BLOCK], tl.float32)
+    for c0 in range(0, c_full, BLOCK):  # the tiles without the true class
+        if c0 != c_y:
+            acc += _exp_twice(X, c0, n_cols, BLOCK) * _exp_twice(X + 1, c0, n_cols, BLOCK)
+    if c_full > 0 and (c_y >= 0) & (c_y < c_full):
+        acc += _exp_twice(X, c_y, n_cols, BLOCK) * _exp_twice(X + 1, c_y, n_cols, BLOCK)
+    if c_full < n_cols:
+        acc += _exp_twice(X, c_full, n_cols, BLOCK)
+    tl.store(OUT, tl.sum(acc))
+
+
+@triton.jit
 def last_program_reduces(PART, TICKET, OUT, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     tl.store(PART + pid, tl.exp(tl.load(PART + pid)))
@@ -171,6 +189,10 @@ def _probe() -> dict:
     for n, align in ((1000, 8), (1024, 16)):
         cap = launch(full_tiles_and_tail, (1,), torch.empty(n), torch.empty(1), n, BLOCK=128, ALIGN=align, num_warps=1)
         out[f"tail {n}"] = aot_check.analyse(cap, 90, Source())
+    for n in (1000, 100):
+        cap = launch(one_tile_out, (1,), torch.empty(n), torch.zeros(1, dtype=torch.int32), torch.empty(1), n,
+                     BLOCK=128, num_warps=1)
+        out[f"one tile out {n}"] = aot_check.analyse(cap, 90, Source())
     for n, block in ((256, 128), (64, 32)):  # 4 or 1 elements a thread: a one-element body gets unrolled
         cap = launch(last_program_reduces, (n,), torch.empty(n), torch.zeros(1, dtype=torch.int32), torch.empty(1),
                      BLOCK=block, num_warps=1)
@@ -267,6 +289,14 @@ def test_loop_bound_from_locals_and_tail_under_runtime_if(probe, flat):
         k = probe[f"tail {n}{flat}"]
         assert [(lp["where"], lp["trip"]) for lp in k["loops"]] == [(_where("# the full tiles"), trip)]
         assert k["ops"]["MUFU.EX2"] == ex2 and not k["notes"]
+
+
+def test_the_tile_taken_out_of_the_loop_counts_once(probe):
+    """`if c0 != c_y` in the loop over c0 runs on every trip but one, and the tile after the loop once, only when
+    full tiles exist (`c_full > 0 and ...` decides without the data): 7 tiles of 16 exponentials + the tail's 8 at
+    n = 1000, the tail alone at n = 100."""
+    assert probe["one tile out 1000"]["ops"]["MUFU.EX2"] == 7 * 16 + 8
+    assert probe["one tile out 100"]["ops"]["MUFU.EX2"] == 8
 
 
 def test_last_program_code_counts_once_per_launch(probe):
