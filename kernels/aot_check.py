@@ -13,7 +13,8 @@ installed Triton's rules. --python runs the same under other interpreters (the G
 Per kernel: registers, shared memory, stack frame (cuobjdump); spills: the spill store + load bytes of `ptxas -v`
 on the kernel's PTX with Triton's flags (checked to give the same registers: the tables' "spill B") and the SASS's
 STL / LDL (static; dynamic per element): a stack frame alone is no spill. Instruction counts: the SASS model below.
-    per element  per-thread count x threads launched / (E * B * C), the launch's logit elements; MUFU.* alike
+    per element  per-thread count x threads launched / ((E + T) * B * C), every logit element the pass reads (T = 1
+                 with an external teacher's logits, else 0); MUFU.* alike
 Pass model, per pass (forward, backward), defaults for an H200:
     issue = warp instructions / (SMs x 4 schedulers x clock)
     MUFU  = MUFU ops / (SMs x 16 per clock x clock)
@@ -287,9 +288,10 @@ def _union(spans: list) -> int:
     return total
 
 
-def summarize(kernels: list[dict], shape: tuple, hw: dict) -> dict:
+def summarize(kernels: list[dict], shape: tuple, hw: dict, teacher_logits: bool = False) -> dict:
     """Per pass: the issue, MUFU and DRAM times of the model (module docstring) and the per-element counts."""
     E, B, C = shape
+    E += teacher_logits  # an external teacher's logits are read like an exit's
     clock, out = hw["clock_ghz"] * 1e9, {}
     for phase in ("forward", "backward"):
         ks = [k for k in kernels if k["phase"] == phase]
@@ -335,7 +337,7 @@ def run(arch: int, quick: bool, hw: dict) -> dict:
                 print(f"FAIL {launch.phase[:3]} {launch.fn.fn.__name__} {name}: {type(exc).__name__}: "
                       f"{str(exc)[:2000]}", flush=True)
         variants.append(dict(name=name, shape=shape, dtype=dtype, options=options, kernels=kernels,
-                             passes=summarize(kernels, shape, hw)))
+                             passes=summarize(kernels, shape, hw, options.get("teacher") == "logits")))
     version = subprocess.run([_tool("ptxas", arch), "--version"], capture_output=True, text=True).stdout
     return dict(triton=triton.__version__, ptxas=(re.findall(r"release (.*)", version) or ["?"])[-1], arch=arch, hw=hw,
                 variants=variants, failures=failures)
