@@ -18,8 +18,7 @@ from engine.checkpoint import load_checkpoint
 from engine.models import create_model
 from engine.objectives import build_objective
 from engine.optim import build_optimizer, lr_at, set_lr
-from engine.setup_run import seed_everything
-from pipelines.factory import build_data
+from engine.setup_run import data_from_config, seed_everything
 from tests.helpers import tiny_args, tiny_config
 
 OVERRIDES = ("schedule.epochs=1", "data.limit_train=256", "data.batch_size=32", "data.val_split=0",
@@ -82,7 +81,7 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     cfg = tiny_config(tmp_path_factory.mktemp("ref"), *OVERRIDES)
     seed_everything(cfg.seed)
     dev = torch.device("cpu")
-    halves = [build_data(cfg, dev, rank, 2).train for rank in (0, 1)]
+    halves = [data_from_config(cfg, dev, rank, 2).train for rank in (0, 1)]
     model = create_model(cfg.model, cfg.exits)
     objective = build_objective(cfg, model.num_exits, dev)
     opt = build_optimizer(model, cfg, dev)
