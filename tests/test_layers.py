@@ -70,7 +70,8 @@ def import_graph(root: Path = ROOT, packages=PACKAGES) -> dict[str, dict[str, se
                         top.update(t)
                 elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                     visit(child, False)
-                elif isinstance(child, ast.Constant) and isinstance(child.value, str) and child.value in modules:
+                elif isinstance(child, ast.Constant) and isinstance(child.value, str) and "." in child.value \
+                        and child.value in modules:  # a dotted path: "bench" alone is also a command's name
                     named.add(child.value)
                 else:
                     visit(child, at_top)  # class bodies, try/if blocks at module level run at import
