@@ -23,13 +23,13 @@ log = logging.getLogger(__name__)
 
 def _check_backend(d, device: torch.device) -> str:
     if d.dataset != "imagefolder":
-        raise DataConfigError(f"data.backend={d.backend} reads image folders, but data.dataset={d.dataset}; write the "
-                          "images out (`selfdistill data fashion-mnist --out DIR`) and set data.dataset=imagefolder "
-                          "data.root=DIR, or use data.backend=torch")
+        raise DataConfigError(f"data.backend={d.backend} reads image folders, but data.dataset={d.dataset}; write "
+                              "the images out (`selfdistill data fashion-mnist --out DIR`) and set "
+                              "data.dataset=imagefolder data.root=DIR, or use data.backend=torch")
     if d.backend == "dali":
         if device.type != "cuda":
             raise DataConfigError(f"data.backend=dali decodes on the GPU but the training device is {device}; "
-                              "use data.backend=dali-cpu")
+                                  "use data.backend=dali-cpu")
         return "mixed"
     return "cpu"
 
@@ -54,7 +54,7 @@ def build_dali_data(d, device: torch.device, rank: int = 0, world: int = 1, *, s
         import nvidia.dali  # noqa: F401
     except ImportError:
         raise DataConfigError(f"data.backend={d.backend} needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
-                          "(or `pip install -e .[dali]`), or use data.backend=torch") from None
+                              "(or `pip install -e .[dali]`), or use data.backend=torch") from None
     from pipelines.dali_loader import DaliFolderLoader, DaliPairLoader, torch_dtype  # optional dependency: DALI
     from pipelines.dali_pipes import Recipe  # optional dependency: DALI
 
