@@ -325,9 +325,8 @@ def build_bench_model(checkpoint: Optional[str], config: Optional[str], override
                       weights: str = "model") -> tuple[nn.Module, Any, dict[str, Any]]:
     """(MultiExitModel on CPU in eval mode, Config, source info). From a checkpoint (its config + weights, with
     `overrides` on top; weights='ema' picks the EMA weights) or, without one, random init from YAML + overrides."""
-    from engine.checkpoint import load_checkpoint
+    from engine.checkpoint import load_checkpoint, model_from_checkpoint
     from engine.config import load_config
-    from engine.evaluate_cli import model_from_checkpoint
     from engine.models import create_model
 
     if checkpoint:

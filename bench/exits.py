@@ -159,8 +159,7 @@ def load_eval_data(cfg: Any, args: argparse.Namespace, source: dict, device: tor
                    ) -> tuple[Optional[Any], str]:
     """(loader, description) of the split used for accuracy, or (None, why not)."""
     from engine.config import config_from_dict, to_dict
-    from engine.setup_run import check_data_matches
-    from pipelines.factory import build_data
+    from engine.setup_run import check_data_matches, data_from_config
 
     explicit = args.data is not None or source["mode"] == "checkpoint" or any(
         o.startswith("data.dataset=") for o in args.overrides) or (args.config is not None)
@@ -169,15 +168,13 @@ def load_eval_data(cfg: Any, args: argparse.Namespace, source: dict, device: tor
     d = to_dict(cfg)
     if args.data is not None:
         d["data"].update(dataset="imagefolder", root=args.data)
-        if d["data"]["backend"] == "synthetic":
-            d["data"]["backend"] = "torch"
-    if d["data"]["dataset"] == "synthetic" or d["data"]["backend"] == "synthetic":
-        return None, "no data: data.dataset/backend is synthetic (accuracy not computed)"
+    if d["data"]["dataset"] == "synthetic":
+        return None, "no data: data.dataset is synthetic (accuracy not computed)"
     # sampler / extra_view stay as trained (they only shape the training loader, and CS-KD configs require them)
     d["data"].update(eval_batch_size=args.eval_batch_size, limit_eval=args.limit_eval)
     try:
         dcfg = config_from_dict(d)
-        bundle = build_data(dcfg, device)
+        bundle = data_from_config(dcfg, device)
         check_data_matches(dcfg, bundle)
     except Exception as e:  # noqa: BLE001 - missing data is a report line, not a crash
         return None, f"no data: {type(e).__name__}: {e}"

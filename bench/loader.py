@@ -4,7 +4,7 @@
                              [--batch-size 64] [--batches N] [--repeats 3] [--per-class 48] [--out DIR]
 
 Every backend reads the same folder (DIR/train/<class>/*.jpg) through the loader training would use
-(`pipelines.factory.build_data(cfg).train`: random-resized crop to --size, flip, normalise, on the device), with
+(`engine.setup_run.data_from_config(cfg).train`: random-resized crop to --size, flip, normalise, on the device), with
 data.workers = --threads (DALI CPU threads, or DataLoader processes for torch). Without --root, a folder of
 full-size JPEGs (random 50-100 % crops of scikit-image's photos, up to 1411 px, Pillow quality 90, one class per
 photo) is made once in a cache folder. Results: bench/results/loader-<date>-<host>/results.{json,md}.
@@ -84,10 +84,12 @@ def _parser() -> argparse.ArgumentParser:
 def _config(root: Path, backend: str, args: argparse.Namespace, classes: int):
     from engine.config import load_config
 
-    return load_config(None, [
-        "data.dataset=imagefolder", f"data.root={root}", f"data.backend={backend}", f"data.image_size={args.size}",
-        "data.augment=random_resized_crop", f"data.batch_size={args.batch_size}", f"data.workers={args.threads}",
-        f"model.num_classes={classes}", f"precision.amp={args.amp}", "precision.channels_last=true"])
+    source = ["data.dataset=synthetic"] if backend == "synthetic" else [
+        "data.dataset=imagefolder", f"data.root={root}", f"data.backend={backend}"]
+    return load_config(None, source + [
+        f"data.image_size={args.size}", "data.augment=random_resized_crop", f"data.batch_size={args.batch_size}",
+        f"data.workers={args.threads}", f"model.num_classes={classes}", f"precision.amp={args.amp}",
+        "precision.channels_last=true"])
 
 
 def _measure(loader, batches: int, warmup: int, device) -> tuple[float, int, str]:
@@ -119,12 +121,12 @@ def _measure(loader, batches: int, warmup: int, device) -> tuple[float, int, str
 def bench_backend(root: Path, backend: str, args: argparse.Namespace, classes: int) -> dict:
     import torch
 
-    from pipelines.factory import build_data
+    from engine.setup_run import data_from_config
 
     if backend == "dali" and not torch.cuda.is_available():
         return {"backend": "dali (mixed)", "status": NO_GPU}
     device = torch.device("cuda" if backend == "dali" else "cpu")
-    loader = build_data(_config(root, backend, args, classes), device).train
+    loader = data_from_config(_config(root, backend, args, classes), device).train
     rates = []
     for _ in range(args.repeats):
         seconds, images, dtype = _measure(loader, args.batches, args.warmup, device)

@@ -173,7 +173,7 @@ def run_overrides(spec: RunSpec, args: argparse.Namespace, ckpt_dir: str) -> lis
           f"precision.amp={spec.amp}", f"precision.channels_last={str(spec.layout == 'channels_last').lower()}",
           "precision.compile=false", "logging.progress=false", f"checkpoint.dir={ckpt_dir}"]
     if spec.loader == "synthetic":
-        ov += ["data.dataset=synthetic", "data.backend=synthetic"]
+        ov += ["data.dataset=synthetic"]
     else:
         dataset = args.dataset or "imagefolder"
         ov += [f"data.dataset={dataset}", f"data.backend={spec.loader}", f"data.workers={args.workers}"]

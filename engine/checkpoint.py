@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, loading with one clear error, and comparing a checkpoint's config with the run's.
+"""Checkpoints: atomic writes, loading with one clear error, comparing a checkpoint's config with the run's, and
+rebuilding the model a checkpoint holds.
 
 A write goes to `<name>.tmp` beside the target, is fsynced and renamed over it: a crash mid-write leaves the
 previous checkpoint intact, and a temp file that a kill left behind has a fixed name, so the next run in the
@@ -16,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.config import Config, to_dict
+from engine.config import Config, config_from_dict, to_dict
+from engine.models import MultiExitModel, create_model
 
 TMP_SUFFIX = ".tmp"
 
@@ -156,6 +158,18 @@ def load_weights(model: torch.nn.Module, state: dict, path: str | Path, saved_cf
         diff = config_diff(saved_cfg, to_dict(cfg), only=("model.", "exits."))
         what = ("; ".join(diff) + " (checkpoint vs now)") if diff else str(e).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {path} does not fit the model: {what}") from None
+
+
+def model_from_checkpoint(ck: dict, overrides: list[str] = (), weights: str = "model",
+                          path: str = "the checkpoint") -> tuple[MultiExitModel, Config]:
+    """The run's model with `ck[weights]` loaded ('model', or 'ema' for the EMA weights), on CPU, and its config."""
+    cfg = config_from_dict(ck["config"], overrides)
+    state = ck.get(weights)
+    if state is None:
+        raise CheckpointError(f"{path} has no '{weights}' weights")
+    model = create_model(cfg.model, cfg.exits)
+    load_weights(model, state, path, ck["config"], cfg)
+    return model, cfg
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

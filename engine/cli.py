@@ -12,6 +12,7 @@ import errno
 import importlib
 import os
 import sys
+import traceback
 
 from engine.config import ConfigError, dump_yaml, load_config
 
@@ -39,6 +40,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    # start-up time: modules that import torch (1.5 s) are imported by the command that needs them, so that
+    # `selfdistill --help`, `--print-config` and `data` start at once
     if cfg.generations > 1:
         from engine.generations import train_generations
 
@@ -53,7 +56,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    from engine.evaluate import format_table
+    from engine.evaluate import format_table  # start-up time (torch)
 
     if summary.get("interrupted"):
         where = f"generation {summary['generation']}, " if "generation" in summary else ""
@@ -71,11 +74,10 @@ def _print_summary(summary: dict) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from engine.evaluate import format_table  # start-up time (torch)
     from engine.evaluate_cli import evaluate_checkpoint
 
     res = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.bins, args.out, args.device)
-    from engine.evaluate import format_table
-
     print(format_table(res))
     return 0
 
@@ -135,12 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _classify(e: BaseException) -> tuple[int, str] | None:
     """(exit code, label) for an expected error; None for a bug, which keeps its traceback."""
+    # start-up time (torch), as in `_train`
     from engine.checkpoint import CheckpointError
     from engine.monitor import TrainingDiverged
     from engine.rundir import RunDirError
-    from pipelines.base import DataError
+    from pipelines.batch import DataConfigError, DataError
 
-    if isinstance(e, ConfigError):
+    if isinstance(e, (ConfigError, DataConfigError)):
         return EXIT_BAD_INPUT, "config error"
     if isinstance(e, DataError):
         return EXIT_BAD_INPUT, "data error"
@@ -177,8 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         if kind is None:
             raise
         if debug:
-            import traceback
-
             traceback.print_exc()
         message = " ".join(str(e).split("\n")) or type(e).__name__
         print(f"{kind[1]}: {message}", file=sys.stderr)

@@ -117,9 +117,10 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion_mnist", "digits", "imagefolder", "synthetic"] = "fashion_mnist"
+    dataset: Literal["fashion_mnist", "digits", "imagefolder", "synthetic"] = _f(
+        "fashion_mnist", doc="synthetic = random batches made on the device (compute-only throughput), any backend")
     root: Optional[str] = _f(None, doc="data folder; fashion_mnist default: the Debian package's folder")
-    backend: Literal["torch", "dali", "dali-cpu", "synthetic"] = "torch"
+    backend: Literal["torch", "dali", "dali-cpu"] = _f("torch", doc="the loader for real images")
     image_size: int = _f(224, ge=8)
     augment: Literal["none", "crop_flip", "random_resized_crop"] = _f(
         "random_resized_crop", doc="crop_flip = pad-4 crop + flip (32-px recipe); random_resized_crop for 224 px")

@@ -1,4 +1,4 @@
-"""Exponential moving average of a model, updated on device with foreach ops (no host sync)."""
+"""Exponential moving average of a model, updated on the device (no host sync)."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +8,11 @@ from torch import nn
 
 
 class ModelEMA(nn.Module):
-    """`decay_fn(step)` gives the decay; `buffers=True` also averages BN statistics (timm) rather than copying."""
+    """A frozen copy of a model whose weights follow it: after each step, w_ema <- d * w_ema + (1 - d) * w.
+
+    d is `decay`; with `warmup` it is min(1 - 1/(step + 1), decay), so the first steps follow the model closely
+    (Zhang & Sabuncu's mean teacher). Floating-point buffers (BN statistics) are averaged the same way and integer
+    ones copied; `params_only` leaves the copy's buffers as they are."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9998, warmup: bool = False, params_only: bool = False):
         super().__init__()

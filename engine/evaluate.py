@@ -3,8 +3,6 @@ ranks, then compute the metrics."""
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +72,3 @@ def format_table(res: dict[str, dict[str, float]]) -> str:
         lines.append(f"{name:<12} {m['top1']:7.2f} {m['top5']:7.2f} {m['nll']:7.4f} {m['ece']:6.2f} {r1}")
     return "\n".join(lines)
 
-
-def write_eval(res: dict, path: Path) -> None:
-    path.write_text(json.dumps(res, indent=2))

@@ -6,29 +6,10 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import CheckpointError, load_checkpoint, load_weights
-from engine.config import Config, config_from_dict
+from engine.checkpoint import load_checkpoint, model_from_checkpoint
 from engine.distributed import init_distributed
 from engine.evaluate import evaluate
-from engine.models import MultiExitModel, create_model
-from engine.setup_run import check_data_matches
-from pipelines.factory import build_data
-
-
-def config_from_checkpoint(ck: dict, overrides: list[str] = ()) -> Config:
-    return config_from_dict(ck["config"], overrides)
-
-
-def model_from_checkpoint(ck: dict, overrides: list[str] = (), weights: str = "model",
-                          path: str = "the checkpoint") -> tuple[MultiExitModel, Config]:
-    """The run's model with `ck[weights]` loaded ('model', or 'ema' for the EMA weights), on CPU, and its config."""
-    cfg = config_from_checkpoint(ck, overrides)
-    state = ck.get(weights)
-    if state is None:
-        raise CheckpointError(f"{path} has no '{weights}' weights")
-    model = create_model(cfg.model, cfg.exits)
-    load_weights(model, state, path, ck["config"], cfg)
-    return model, cfg
+from engine.setup_run import check_data_matches, data_from_config
 
 
 def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] = (), bins: int | None = None,
@@ -36,7 +17,7 @@ def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] = (
     info = init_distributed("auto", device)
     ck = load_checkpoint(path, info.device)
     model, cfg = model_from_checkpoint(ck, list(overrides), path=str(path))
-    data = build_data(cfg, info.device, info.rank, info.world)
+    data = data_from_config(cfg, info.device, info.rank, info.world)
     check_data_matches(cfg, data)
     loader = data.test if split == "test" else data.val
     if loader is None:

@@ -22,7 +22,10 @@ import json
 import os
 from pathlib import Path
 
+from engine.checkpoint import atomic_write_text
 from engine.config import Config, ConfigError, validate
+from engine.objectives.teacher import load_teacher
+from engine.train import train
 
 
 def generation_dir(cfg: Config, g: int) -> Path:
@@ -64,10 +67,6 @@ def train_generations(cfg: Config, device: str | None = None, on_step=None) -> d
     """Train (or finish) the chain of `cfg.generations` generations; returns the chain summary.
 
     `on_step(generation, step) -> True` stops the current generation like SIGTERM does (tests)."""
-    from engine.checkpoint import atomic_write_text
-    from engine.objectives.teacher import load_teacher
-    from engine.train import train
-
     if cfg.generations < 2:
         raise ConfigError(f"generations={cfg.generations}: a chain needs at least 2 (use `train` for one run)")
     if not cfg.data.val_split and not cfg.data.select_on_test and cfg.data.dataset != "imagefolder":

@@ -15,11 +15,17 @@ import json
 import warnings
 from pathlib import Path
 
+from engine.config import load_config
+from engine.models import create_model
+from engine.models.exit_flops import exit_gflops
+
 
 def _pyplot():
+    """matplotlib.pyplot on the Agg backend, imported on first use: it takes 0.6 s to import, and a run without
+    matplotlib still trains (`write_run_plots` warns and writes no PNG)."""
     import matplotlib
 
-    matplotlib.use("Agg", force=True)
+    matplotlib.use("Agg", force=True)  # before pyplot is imported: no display needed
     import matplotlib.pyplot as plt
 
     return plt
@@ -116,17 +122,11 @@ def _tradeoff(ax, summary: dict, series: list, exits: list[str], ensembles: list
         for n, marker in zip(ensembles, ("s", "D")):
             ax.plot([gflops["all_exits"]], [summary[key][n][metric]], marker, color=line.get_color(),
                     mfc="none", label=f"{n} ({label})")
-    ax.xaxis.set_major_locator(plt_ticker().MaxNLocator(4))
+    ax.xaxis.set_major_locator(_pyplot().MaxNLocator(4))
     ax.set_xlabel("GFLOPs per image (forward, batch 1)")
     ax.set_ylabel(f"test {metric} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="lower right")
-
-
-def plt_ticker():
-    import matplotlib.ticker
-
-    return matplotlib.ticker
 
 
 def run_gflops(run_dir: str | Path) -> dict[str, float] | None:
@@ -135,10 +135,6 @@ def run_gflops(run_dir: str | Path) -> dict[str, float] | None:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return None
-    from engine.config import load_config
-    from engine.models import create_model
-    from engine.models.exit_flops import exit_gflops
-
     cfg = load_config(path)
     if not cfg.exits.stages:
         return None

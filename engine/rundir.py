@@ -128,7 +128,7 @@ class RunDir:
             atomic_write_text(json.dumps(provenance(extra_meta), indent=2), self.path / "meta.json")
         if cfg.logging.tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional dependency: tensorboard
             except ImportError:
                 raise ImportError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard") \
                     from None

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from engine.config import Config, ConfigError
-from engine.distributed import DistInfo, init_distributed
+from engine.distributed import DistInfo, init_distributed, wrap_ddp
 from engine.ema import ModelEMA
 from engine.models import MultiExitModel, create_model
 from engine.objectives import Objective, build_objective
@@ -37,6 +37,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def data_from_config(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) -> DataBundle:
+    """The run's loaders: the `data.*` options, plus the few other keys the data layer needs, passed explicitly."""
+    return build_data(cfg.data, device, rank, world, seed=cfg.seed, num_classes=cfg.model.num_classes,
+                      in_chans=cfg.model.in_chans, channels_last=cfg.precision.channels_last, amp=cfg.precision.amp,
+                      allow_self_partner=cfg.objective.cskd.allow_self_partner)
+
+
 def check_data_matches(cfg: Config, data: DataBundle) -> None:
     if cfg.model.num_classes != data.num_classes:
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes} but the dataset has {data.num_classes} classes;"
@@ -47,14 +54,12 @@ def check_data_matches(cfg: Config, data: DataBundle) -> None:
 
 
 def build_components(cfg: Config, device: str | None = None) -> Components:
-    from engine.distributed import wrap_ddp
-
     info = init_distributed(cfg.distributed.backend, device)
     if cfg.precision.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = not cfg.precision.deterministic
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights (DDP also broadcasts them)
-    data = build_data(cfg, info.device, info.rank, info.world)
+    data = data_from_config(cfg, info.device, info.rank, info.world)
     check_data_matches(cfg, data)
     mf = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
     model = create_model(cfg.model, cfg.exits)

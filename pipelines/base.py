@@ -1,15 +1,15 @@
-"""The loader interface every data backend implements (torch, dali, dali-cpu, synthetic).
+"""The loader interface every data backend implements (torch, dali, dali-cpu; synthetic data).
 
-A loader yields `engine.types.Batch` already on the training device, normalised, in the requested memory format.
-`set_epoch(epoch, start_batch)` fixes the epoch's order (and, for deterministic backends, its augmentation), and
-lets a resumed run skip the batches it already trained on.
+A loader yields `pipelines.batch.Batch`es already on the training device, normalised, in the requested memory
+format. `set_epoch(epoch, start_batch)` fixes the epoch's order (and, for deterministic backends, its augmentation),
+and lets a resumed run skip the batches it already trained on.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator, Optional, Protocol, runtime_checkable
 
-from engine.types import Batch
+from pipelines.batch import Batch
 
 
 @runtime_checkable
@@ -31,7 +31,3 @@ class DataBundle:
     num_classes: int
     in_chans: int
     class_names: list[str]
-
-
-class DataError(RuntimeError):
-    """Bad input data: names the file or folder at fault."""

@@ -1,10 +1,9 @@
 """`build_dali_data`: data.backend = dali (GPU, mixed decode) or dali-cpu, for data.dataset = imagefolder.
 
 Same folder rules, labels, splits and normalisation as the torch backend (`pipelines/folder_splits.py`); the
-graphs are in `pipelines/dali_pipes.py`, the iterators in `pipelines/dali_loader.py`. Config keys used:
-data.{root, image_size, augment, batch_size, eval_batch_size, workers (= DALI CPU threads), dali_prefetch,
-dali_hw_decoder_load, sampler, extra_view, skip_corrupt, val_split, limit_train, limit_eval, mean, std},
-model.in_chans, precision.{amp, channels_last}, objective.cskd.allow_self_partner, seed.
+graphs are in `pipelines/dali_pipes.py`, the iterators in `pipelines/dali_loader.py`. Options read from `data.*`:
+root, image_size, augment, batch_size, eval_batch_size, workers (= DALI CPU threads), dali_prefetch,
+dali_hw_decoder_load, sampler, extra_view, skip_corrupt, val_split, limit_train, limit_eval, mean, std.
 """
 from __future__ import annotations
 
@@ -13,8 +12,8 @@ from dataclasses import replace
 
 import torch
 
-from engine.config import ConfigError
 from pipelines.base import DataBundle
+from pipelines.batch import DataConfigError
 from pipelines.folder_splits import Samples, folder_splits
 from pipelines.image_check import find_bad_images
 from pipelines.samplers import ClassPairBatchSampler
@@ -22,16 +21,15 @@ from pipelines.samplers import ClassPairBatchSampler
 log = logging.getLogger(__name__)
 
 
-def _check_backend(cfg, device: torch.device) -> str:
-    d = cfg.data
+def _check_backend(d, device: torch.device) -> str:
     if d.dataset != "imagefolder":
-        raise ConfigError(f"data.backend={d.backend} reads image folders, but data.dataset={d.dataset}; write the "
-                          "images out (`selfdistill data fashion-mnist --out DIR`) and set data.dataset=imagefolder "
-                          "data.root=DIR, or use data.backend=torch")
+        raise DataConfigError(f"data.backend={d.backend} reads image folders, but data.dataset={d.dataset}; write "
+                              "the images out (`selfdistill data fashion-mnist --out DIR`) and set "
+                              "data.dataset=imagefolder data.root=DIR, or use data.backend=torch")
     if d.backend == "dali":
         if device.type != "cuda":
-            raise ConfigError(f"data.backend=dali decodes on the GPU but the training device is {device}; "
-                              "use data.backend=dali-cpu")
+            raise DataConfigError(f"data.backend=dali decodes on the GPU but the training device is {device}; "
+                                  "use data.backend=dali-cpu")
         return "mixed"
     return "cpu"
 
@@ -48,23 +46,24 @@ def _drop_corrupt(samples: Samples | None, split: str) -> tuple[Samples | None, 
     return [s for s in samples if s[0] not in bad], len(bad)
 
 
-def build_dali_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> DataBundle:
-    d = cfg.data
-    decoder = _check_backend(cfg, device)
-    try:
+def build_dali_data(d, device: torch.device, rank: int = 0, world: int = 1, *, seed: int, in_chans: int,
+                    channels_last: bool = False, amp: str = "fp32", allow_self_partner: bool = True) -> DataBundle:
+    """Loaders for the `data.*` options `d`; `amp` sets the output dtype, `allow_self_partner` the CS-KD sampler."""
+    decoder = _check_backend(d, device)
+    try:  # optional dependency: DALI
         import nvidia.dali  # noqa: F401
     except ImportError:
-        raise ConfigError(f"data.backend={d.backend} needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
-                          "(or `pip install -e .[dali]`), or use data.backend=torch") from None
-    from pipelines.dali_loader import DaliFolderLoader, DaliPairLoader, torch_dtype
-    from pipelines.dali_pipes import Recipe
+        raise DataConfigError(f"data.backend={d.backend} needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+                              "(or `pip install -e .[dali]`), or use data.backend=torch") from None
+    from pipelines.dali_loader import DaliFolderLoader, DaliPairLoader, torch_dtype  # optional dependency: DALI
+    from pipelines.dali_pipes import Recipe  # optional dependency: DALI
 
-    splits = folder_splits(cfg)
-    fp16, out_dtype = torch_dtype(cfg.precision.amp)
-    recipe = Recipe(size=d.image_size, augment=d.augment, train=True, gray=cfg.model.in_chans == 1,
+    splits = folder_splits(d, seed, in_chans)
+    fp16, out_dtype = torch_dtype(amp)
+    recipe = Recipe(size=d.image_size, augment=d.augment, train=True, gray=in_chans == 1,
                     mean=tuple(splits.mean), std=tuple(splits.std), fp16=fp16,
-                    channels_last=cfg.precision.channels_last, decoder=decoder, hw_decoder_load=d.dali_hw_decoder_load)
-    common = {"device": device, "seed": cfg.seed, "threads": d.workers, "prefetch": d.dali_prefetch,
+                    channels_last=channels_last, decoder=decoder, hw_decoder_load=d.dali_hw_decoder_load)
+    common = {"device": device, "seed": seed, "threads": d.workers, "prefetch": d.dali_prefetch,
               "out_dtype": out_dtype}
     skipped = {}
     train, val, test = splits.train, splits.val, splits.test
@@ -73,8 +72,8 @@ def build_dali_data(cfg, device: torch.device, rank: int = 0, world: int = 1) ->
             _drop_corrupt(s, name) for s, name in ((train, "train"), (val, "val"), (test, "test")))
 
     if d.sampler == "class_pair":
-        sampler = ClassPairBatchSampler([y for _, y in train], d.batch_size, rank, world, cfg.seed,
-                                        allow_self=cfg.objective.cskd.allow_self_partner)
+        sampler = ClassPairBatchSampler([y for _, y in train], d.batch_size, rank, world, seed,
+                                        allow_self=allow_self_partner)
         train_loader = DaliPairLoader(train, sampler, recipe, extra_view=d.extra_view, **common)
     else:
         train_loader = DaliFolderLoader(train, replace(recipe, views=2 if d.extra_view else 1),
@@ -90,4 +89,4 @@ def build_dali_data(cfg, device: torch.device, rank: int = 0, world: int = 1) ->
 
     train_loader.skipped = skipped.get("train", 0)
     return DataBundle(train_loader, evaluation(val, "val"), evaluation(test, "test"), len(splits.classes),
-                      cfg.model.in_chans, splits.classes)
+                      in_chans, splits.classes)

@@ -18,8 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from engine.types import Batch
-from pipelines.base import DataError
+from pipelines.batch import Batch, DataError
 from pipelines.dali_pipes import Recipe, image_pipeline
 from pipelines.image_check import find_bad_images
 from pipelines.samplers import ClassPairBatchSampler
@@ -36,10 +35,6 @@ def dali_seed(*keys: int) -> int:
 
 def dali_batches_per_epoch(n: int, shards: int, batch_size: int) -> int:
     return math.ceil(math.ceil(n / shards) / batch_size)
-
-
-def shard_range(n: int, shard: int, shards: int) -> tuple[int, int]:
-    return shard * n // shards, (shard + 1) * n // shards
 
 
 class _DaliLoaderBase:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.base import DataError
+from pipelines.batch import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -61,7 +61,7 @@ def load_fashion_mnist(root: str | None) -> dict[str, tuple[torch.Tensor, torch.
 
 def load_digits_split(test_fraction: float = 0.2) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """scikit-learn's 8x8 digits (0..16 grey levels) as uint8 0..255, with a fixed stratified-free split."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # start-up time: scikit-learn takes a second to import, digits only
 
     d = load_digits()
     x = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)

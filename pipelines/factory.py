@@ -1,11 +1,18 @@
-"""`build_data(cfg, ...)`: one entry point from `data.*` config to train / val / test loaders of any backend."""
+"""`build_data`: one entry point from the `data.*` options to train / val / test loaders of any backend.
+
+The options come as one object with the fields of `data.*` (the engine passes its `DataConfig`); what the data layer
+needs from elsewhere arrives as plain arguments, so it reads no other part of the run's config.
+"""
 from __future__ import annotations
 
 import torch
 
-from pipelines.base import DataBundle, DataError
+from pipelines.base import DataBundle
+from pipelines.batch import DataError
+from pipelines.dali import build_dali_data
 from pipelines.datasets import FASHION_MNIST_CLASSES, load_digits_split, load_fashion_mnist
 from pipelines.folder_splits import carve, folder_splits
+from pipelines.samplers import ClassPairBatchSampler
 from pipelines.synthetic import SyntheticLoader
 from pipelines.torch_loader import FolderLoader, TensorLoader
 
@@ -14,39 +21,41 @@ def _limit(n: int, limit: int) -> int:
     return min(n, limit) if limit else n
 
 
-def _pair_sampler(cfg, labels, rank: int, world: int):
+def _pair_sampler(d, labels, rank: int, world: int, seed: int, allow_self: bool):
     """CS-KD class-pair sampler for the training split (data.sampler=class_pair), else None."""
-    if cfg.data.sampler != "class_pair":
+    if d.sampler != "class_pair":
         return None
-    from pipelines.samplers import ClassPairBatchSampler
-
-    return ClassPairBatchSampler(labels, cfg.data.batch_size, rank, world, cfg.seed,
-                                 allow_self=cfg.objective.cskd.allow_self_partner)
+    return ClassPairBatchSampler(labels, d.batch_size, rank, world, seed, allow_self=allow_self)
 
 
-def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> DataBundle:
-    d = cfg.data
-    if d.backend in ("dali", "dali-cpu"):
-        from pipelines.dali import build_dali_data
-
-        return build_dali_data(cfg, device, rank, world)
-    mf = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
-    if d.backend == "synthetic" or d.dataset == "synthetic":
+def build_data(d, device: torch.device, rank: int = 0, world: int = 1, *, seed: int, num_classes: int,
+               in_chans: int, channels_last: bool = False, amp: str = "fp32",
+               allow_self_partner: bool = True) -> DataBundle:
+    """Loaders for the `data.*` options `d`, sharded for `rank` of `world`. `num_classes` and `in_chans` shape
+    synthetic batches and image-folder images; `amp` sets DALI's output dtype; `allow_self_partner` lets the CS-KD
+    class-pair sampler pick the anchor itself."""
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    if d.dataset == "synthetic":
         if d.sampler == "class_pair" or d.extra_view:
             raise DataError("the synthetic loader yields no class-pair partners or second views; "
                             "use data.sampler=random and data.extra_view=false with synthetic data")
-        k, c, s = cfg.model.num_classes, cfg.model.in_chans, d.image_size
-        n = d.limit_train or 100 * d.batch_size
-        mk = lambda bs, num: SyntheticLoader(num, bs, k, c, s, device, memory_format=mf, seed=cfg.seed)  # noqa: E731
-        return DataBundle(mk(d.batch_size, n), mk(d.eval_batch_size, d.eval_batch_size),
-                          None, k, c, [str(i) for i in range(k)])
+
+        def mk(batch_size: int, num_samples: int) -> SyntheticLoader:
+            return SyntheticLoader(num_samples, batch_size, num_classes, in_chans, d.image_size, device,
+                                   memory_format=mf, seed=seed)
+
+        return DataBundle(mk(d.batch_size, d.limit_train or 100 * d.batch_size),
+                          mk(d.eval_batch_size, d.eval_batch_size), None, num_classes, in_chans,
+                          [str(i) for i in range(num_classes)])
+    if d.backend in ("dali", "dali-cpu"):
+        return build_dali_data(d, device, rank, world, seed=seed, in_chans=in_chans, channels_last=channels_last,
+                               amp=amp, allow_self_partner=allow_self_partner)
     if d.dataset in ("fashion_mnist", "digits"):
-        return _in_memory(cfg, device, rank, world, mf)
-    return _folder(cfg, device, rank, world, mf)
+        return _in_memory(d, device, rank, world, mf, seed, allow_self_partner)
+    return _folder(d, device, rank, world, mf, seed, in_chans, allow_self_partner)
 
 
-def _in_memory(cfg, device, rank, world, mf) -> DataBundle:
-    d = cfg.data
+def _in_memory(d, device, rank, world, mf, seed, allow_self) -> DataBundle:
     if d.dataset == "fashion_mnist":
         splits, classes = load_fashion_mnist(d.root), FASHION_MNIST_CLASSES
     else:
@@ -54,7 +63,7 @@ def _in_memory(cfg, device, rank, world, mf) -> DataBundle:
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     xval = yval = None
     if d.val_split:
-        tr, va = carve(len(ytr), d.val_split, cfg.seed)
+        tr, va = carve(len(ytr), d.val_split, seed)
         xval, yval, xtr, ytr = xtr[va], ytr[va], xtr[tr], ytr[tr]
     ntr = _limit(len(ytr), d.limit_train)
     xtr, ytr = xtr[:ntr], ytr[:ntr]
@@ -65,8 +74,8 @@ def _in_memory(cfg, device, rank, world, mf) -> DataBundle:
 
     def mk(x, y, train):
         return TensorLoader(x, y, d.batch_size if train else d.eval_batch_size, train, d.augment, d.image_size,
-                            mean, std, device, rank, world, cfg.seed, mf,
-                            pairs=_pair_sampler(cfg, y, rank, world) if train else None,
+                            mean, std, device, rank, world, seed, mf,
+                            pairs=_pair_sampler(d, y, rank, world, seed, allow_self) if train else None,
                             extra_view=d.extra_view and train)
 
     val = mk(xval[: _limit(len(yval), d.limit_eval)], yval[: _limit(len(yval), d.limit_eval)], False) \
@@ -74,19 +83,16 @@ def _in_memory(cfg, device, rank, world, mf) -> DataBundle:
     return DataBundle(mk(xtr, ytr, True), val, mk(xte, yte, False), len(classes), xtr.shape[1], classes)
 
 
-def _folder(cfg, device, rank, world, mf) -> DataBundle:
-    d = cfg.data
-    s = folder_splits(cfg)  # the same files and labels as the DALI backend reads
+def _folder(d, device, rank, world, mf, seed, in_chans, allow_self) -> DataBundle:
+    s = folder_splits(d, seed, in_chans)  # the same files and labels as the DALI backend reads
     mean, std = torch.tensor(s.mean), torch.tensor(s.std)
 
     def mk(samples, is_train):
         if samples is None:
             return None
+        pairs = _pair_sampler(d, [y for _, y in samples], rank, world, seed, allow_self) if is_train else None
         return FolderLoader(samples, d.batch_size if is_train else d.eval_batch_size, is_train, d.augment,
-                            d.image_size, cfg.model.in_chans, mean, std, device, d.workers, rank, world, cfg.seed,
-                            d.skip_corrupt, mf,
-                            pairs=_pair_sampler(cfg, [y for _, y in samples], rank, world) if is_train else None,
-                            extra_view=d.extra_view and is_train)
+                            d.image_size, in_chans, mean, std, device, d.workers, rank, world, seed,
+                            d.skip_corrupt, mf, pairs=pairs, extra_view=d.extra_view and is_train)
 
-    return DataBundle(mk(s.train, True), mk(s.val, False), mk(s.test, False), len(s.classes), cfg.model.in_chans,
-                      s.classes)
+    return DataBundle(mk(s.train, True), mk(s.val, False), mk(s.test, False), len(s.classes), in_chans, s.classes)

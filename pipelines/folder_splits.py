@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from pipelines.base import DataError
+from pipelines.batch import DataError
 from pipelines.datasets import scan_image_folder, split_dir
 from pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -44,8 +44,9 @@ def _limit(samples: Optional[Samples], limit: int) -> Optional[Samples]:
     return samples[:limit] if (samples is not None and limit) else samples
 
 
-def folder_splits(cfg) -> FolderSplits:
-    d = cfg.data
+def folder_splits(d, seed: int, in_chans: int) -> FolderSplits:
+    """The splits of the image folder `d.root` under the `data.*` options `d`; `in_chans` picks the default
+    normalisation (ImageNet's for RGB, 0.5 otherwise)."""
     if d.root is None:
         raise DataError("data.dataset=imagefolder needs data.root (a folder with train/ and val/ or test/)")
     root = Path(d.root)
@@ -59,10 +60,10 @@ def folder_splits(cfg) -> FolderSplits:
     val = scan_image_folder(val_dir, classes)[0] if val_dir else None
     test = scan_image_folder(test_dir, classes)[0] if test_dir else None
     if d.val_split:
-        tr, va = carve(len(train), d.val_split, cfg.seed)
+        tr, va = carve(len(train), d.val_split, seed)
         test = test if test is not None else val
         train, val = [train[i] for i in tr], [train[i] for i in va]
-    c = cfg.model.in_chans
+    c = in_chans
     mean = list(d.mean or (IMAGENET_MEAN if c == 3 else [0.5] * c))
     std = list(d.std or (IMAGENET_STD if c == 3 else [0.5] * c))
     return FolderSplits(_limit(train, d.limit_train), _limit(val, d.limit_eval), _limit(test, d.limit_eval),

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.base import DataError
+from pipelines.batch import DataError
 from pipelines.datasets import FASHION_MNIST_CLASSES, IMAGE_EXTENSIONS, load_fashion_mnist
 from pipelines.folder_splits import VAL_DIRS, carve
 from pipelines.image_check import find_bad_images

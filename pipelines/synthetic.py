@@ -5,7 +5,7 @@ from typing import Iterator
 
 import torch
 
-from engine.types import Batch
+from pipelines.batch import Batch
 
 
 class SyntheticLoader:

@@ -21,8 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from engine.types import Batch
-from pipelines.base import DataError
+from pipelines.batch import Batch, DataError
 from pipelines.transforms import center_crop_box, normalize, random_crop_flip, random_resized_crop_box, seeded_generator
 
 ANCHOR, PARTNER, VIEW = 0, 1, 2  # augmentation streams: group 0 keeps the plain loader's random stream

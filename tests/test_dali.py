@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.config import ConfigError, load_config
-from pipelines.base import DataError, Loader
-from pipelines.dali import build_dali_data
-from pipelines.dali_loader import DaliFolderLoader, dali_batches_per_epoch, shard_range
+from engine.config import load_config
+from engine.setup_run import data_from_config
+from pipelines.base import Loader
+from pipelines.batch import DataConfigError, DataError
+from pipelines.dali_loader import DaliFolderLoader, dali_batches_per_epoch
 from pipelines.dali_pipes import Recipe, _decoder_args, image_pipeline
 from pipelines.datasets import scan_image_folder
-from pipelines.factory import build_data
 from pipelines.folder_splits import folder_splits
 from pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop_box
 from tests.photo_folder import write_photo_folder
@@ -50,7 +50,7 @@ def _fingerprint(x: torch.Tensor) -> str:
 
 @pytest.mark.parametrize("amp,dtype", [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_shapes_dtype_channels_last_and_eval_labels(photos, amp, dtype):
-    data = build_data(_cfg(photos, f"precision.amp={amp}", "precision.channels_last=true"), CPU)
+    data = data_from_config(_cfg(photos, f"precision.amp={amp}", "precision.channels_last=true"), CPU)
     assert isinstance(data.train, Loader) and data.class_names == ["astronaut", "chelsea", "coffee"]
     batch = next(iter(data.train))
     assert batch.images.shape == (4, 3, 32, 32) and batch.images.dtype == dtype
@@ -63,13 +63,13 @@ def test_shapes_dtype_channels_last_and_eval_labels(photos, amp, dtype):
 
 
 def test_channels_last_off_gives_contiguous_nchw(photos):
-    batch = next(iter(build_data(_cfg(photos), CPU).train))
+    batch = next(iter(data_from_config(_cfg(photos), CPU).train))
     assert batch.images.is_contiguous() and batch.images.shape == (4, 3, 32, 32)
 
 
 def test_yielded_batches_stay_valid(photos):
     # Zero-copy outputs: a batch kept while later ones are produced (prefetch depth 2) must not change.
-    loader = build_data(_cfg(photos, "data.dali_prefetch=2"), CPU).val
+    loader = data_from_config(_cfg(photos, "data.dali_prefetch=2"), CPU).val
     kept, copies = [], []
     for b in loader:
         kept.append(b.images)
@@ -99,7 +99,7 @@ def test_eval_values_equal_numpy_reference(tmp_path):
     # PNG (lossless) and a shorter side of 48: the 0.875 centre crop is exactly 42 px, so no resampling happens
     # and the output must equal crop -> /255 -> (x - mean) / std computed in NumPy.
     root = write_photo_folder(tmp_path, {"train": 1, "val": 3}, fmt="png", min_side=48, max_side=48)
-    data = build_data(_cfg(root, "data.image_size=42", "precision.channels_last=true"), CPU)
+    data = data_from_config(_cfg(root, "data.image_size=42", "precision.channels_last=true"), CPU)
     out = torch.cat([b.images for b in data.val])
     for (path, _), got in zip(scan_image_folder(root / "val")[0], out, strict=True):
         img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
@@ -113,7 +113,7 @@ def test_crop_flip_recipe_is_a_pad4_shift_and_flip(photos):
     # 32-px recipe: every training image is its file's resized image, zero-padded by 4, shifted by (dy, dx) in
     # [-4, 4]^2 and maybe mirrored; found by trying all files, shifts and flips.
     cfg = _cfg(photos, "data.augment=crop_flip")
-    train = folder_splits(cfg).train
+    train = folder_splits(cfg.data, cfg.seed, cfg.model.in_chans).train
     plain = Recipe(32, "crop_flip", False, False, IMAGENET_MEAN, IMAGENET_STD, fp16=False, channels_last=False)
     resized = torch.cat([b.images for b in DaliFolderLoader(train, plain, 4, CPU, threads=1)])  # [21, 3, 32, 32]
     zero = ((0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1).float()
@@ -122,7 +122,7 @@ def test_crop_flip_recipe_is_a_pad4_shift_and_flip(photos):
     candidates = torch.stack([w for dy in range(9) for dx in range(9) for w in
                               (padded[:, :, dy:dy + 32, dx:dx + 32], padded[:, :, dy:dy + 32, dx:dx + 32].flip(-1))])
     candidates = candidates.flatten(0, 1)  # [81 * 2 * 21, 3, 32, 32]
-    batch = next(iter(build_data(cfg, CPU).train))
+    batch = next(iter(data_from_config(cfg, CPU).train))
     for img, label in zip(batch.images, batch.labels, strict=True):
         err = (candidates - img).abs().flatten(1).amax(1)
         match = int(err.argmin())
@@ -131,8 +131,8 @@ def test_crop_flip_recipe_is_a_pad4_shift_and_flip(photos):
 
 def test_eval_matches_torch_backend_on_jpegs(photos):
     # General sizes: crop + antialiased resize. DALI and PIL differ only by JPEG decoding and resampling rounding.
-    dali = torch.cat([b.images for b in build_data(_cfg(photos), CPU).val])
-    ref = torch.cat([b.images for b in build_data(_cfg(photos, "data.backend=torch", "data.workers=0"), CPU).val])
+    dali = torch.cat([b.images for b in data_from_config(_cfg(photos), CPU).val])
+    ref = torch.cat([b.images for b in data_from_config(_cfg(photos, "data.backend=torch", "data.workers=0"), CPU).val])
     diff = (dali - ref).abs()
     assert diff.mean() < 0.02 and diff.flatten().quantile(0.99) < 0.15  # one grey level is 0.017 here
 
@@ -141,8 +141,8 @@ def test_eval_matches_torch_backend_on_jpegs(photos):
 
 
 def test_two_shard_eval_covers_every_sample_once(photos):
-    whole = [_fingerprint(x) for b in build_data(_cfg(photos), CPU).val for x in b.images]
-    parts = [build_data(_cfg(photos), CPU, rank=r, world=2).val for r in range(2)]
+    whole = [_fingerprint(x) for b in data_from_config(_cfg(photos), CPU).val for x in b.images]
+    parts = [data_from_config(_cfg(photos), CPU, rank=r, world=2).val for r in range(2)]
     got = [[_fingerprint(x) for b in p for x in b.images] for p in parts]
     assert [p.num_samples for p in parts] == [8, 7] and [len(g) for g in got] == [8, 7]
     assert Counter(got[0] + got[1]) == Counter(whole) and len(set(whole)) == 15
@@ -152,11 +152,11 @@ def test_two_shard_eval_covers_every_sample_once(photos):
 
 def test_train_shards_disjoint_within_epoch_and_equal_steps(photos):
     cfg = _cfg(photos, "data.augment=none")  # deterministic images, so each can be traced back to its file
-    train = folder_splits(cfg).train
+    train = folder_splits(cfg.data, cfg.seed, cfg.model.in_chans).train
     plain = Recipe(32, "none", False, False, IMAGENET_MEAN, IMAGENET_STD, fp16=False, channels_last=False)
     names = {_fingerprint(x): p for (p, _), x in zip(
         train, torch.cat([b.images for b in DaliFolderLoader(train, plain, 4, CPU, threads=1)]), strict=True)}
-    ranks = [build_data(cfg, CPU, rank=r, world=2).train for r in range(2)]
+    ranks = [data_from_config(cfg, CPU, rank=r, world=2).train for r in range(2)]
     assert [len(r) for r in ranks] == [2, 2]  # shards of 10 and 11 -> 2 full batches on both ranks
     orders = []
     for epoch in range(3):
@@ -182,14 +182,14 @@ def test_dali_shard_arithmetic_matches_reader(photos):
         pipe = image_pipeline([p for p, _ in samples], list(range(21)), recipe, batch_size=4, num_threads=1,
                               device_id=None, seed=0, shard_id=shard, num_shards=2, shuffle=False)
         pipe.build()
-        lo, hi = shard_range(21, shard, 2)
+        lo, hi = shard * 21 // 2, (shard + 1) * 21 // 2  # the reader's shard of 21 files
         got = [v for _ in range(dali_batches_per_epoch(21, 2, 4)) for v in _run_labels(pipe)]
         assert got[:hi - lo] == list(range(lo, hi)) and set(got[hi - lo:]) <= {hi - 1}  # then padding
         assert _run_labels(pipe)[0] == lo  # the next epoch starts on time
 
 
 def test_resume_mid_epoch_and_abandoned_pass(photos):
-    loader = build_data(_cfg(photos), CPU).train
+    loader = data_from_config(_cfg(photos), CPU).train
     assert len(loader) == 5
     loader.set_epoch(0, start_batch=2)
     assert sum(1 for _ in loader) == 3
@@ -217,7 +217,7 @@ def test_pair_batches_share_class_and_augment_independently(tmp_path):
     root = write_photo_folder(tmp_path, {"train": 6, "val": 1}, tint=True)  # class c lives in colour channel c
     cfg = _cfg(root, "data.sampler=class_pair", "data.extra_view=true", "objective.cskd.allow_self_partner=false",
                "data.batch_size=5")
-    data = build_dali_data(cfg, CPU)
+    data = data_from_config(cfg, CPU)
     sampler = data.train.sampler
     assert len(data.train) == 4  # 18 anchors, B = 5: ceil(18/5) batches, the last of 3 (the official sampler)
     for epoch in range(2):
@@ -236,7 +236,7 @@ def test_pair_batches_share_class_and_augment_independently(tmp_path):
 
 
 def test_extra_view_without_pairs(photos):
-    batch = next(iter(build_data(_cfg(photos, "data.extra_view=true"), CPU).train))
+    batch = next(iter(data_from_config(_cfg(photos, "data.extra_view=true"), CPU).train))
     assert batch.extra["view"].shape == batch.images.shape
     assert _differ(batch.images, batch.extra["view"]).all()
 
@@ -254,7 +254,7 @@ def broken(photos, tmp_path) -> Path:
 
 
 def test_corrupt_jpeg_names_the_file(broken):
-    data = build_data(_cfg(broken), CPU)
+    data = data_from_config(_cfg(broken), CPU)
     with pytest.raises(DataError, match=r"train/chelsea/003\.jpg.*skip_corrupt"):
         for epoch in range(2):
             data.train.set_epoch(epoch)
@@ -263,7 +263,7 @@ def test_corrupt_jpeg_names_the_file(broken):
 
 
 def test_corrupt_jpeg_skipped_and_counted(broken):
-    data = build_data(_cfg(broken, "data.skip_corrupt=true"), CPU)
+    data = data_from_config(_cfg(broken, "data.skip_corrupt=true"), CPU)
     assert data.train.skipped == 1 and data.train.num_samples == 20
     assert sum(len(b) for b in data.train) == 20
 
@@ -272,7 +272,7 @@ def test_non_image_with_jpeg_name_is_named(photos, tmp_path):
     root = tmp_path / "junk"
     shutil.copytree(photos, root)
     (root / "val" / "coffee" / "002.jpg").write_text("this is not an image")
-    data = build_data(_cfg(root), CPU)
+    data = data_from_config(_cfg(root), CPU)
     with pytest.raises(DataError, match=r"val/coffee/002\.jpg"):
         list(data.val)
 
@@ -282,16 +282,16 @@ def test_empty_class_folder_and_missing_root(photos, tmp_path):
     shutil.copytree(photos, root)
     (root / "train" / "zebra").mkdir()
     with pytest.raises(DataError, match=r"train/zebra"):
-        build_data(_cfg(root), CPU)
+        data_from_config(_cfg(root), CPU)
     with pytest.raises(DataError, match="nowhere"):
-        build_data(_cfg(tmp_path / "nowhere"), CPU)
+        data_from_config(_cfg(tmp_path / "nowhere"), CPU)
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="data.backend=dali-cpu"):
-        build_dali_data(load_config(None, ["data.backend=dali-cpu", "data.dataset=fashion_mnist"]), CPU)
-    with pytest.raises(ConfigError, match="dali-cpu"):
-        build_dali_data(load_config(None, ["data.backend=dali", "data.dataset=imagefolder", "data.root=/x"]), CPU)
+    with pytest.raises(DataConfigError, match="data.backend=dali-cpu"):
+        data_from_config(load_config(None, ["data.backend=dali-cpu", "data.dataset=fashion_mnist"]), CPU)
+    with pytest.raises(DataConfigError, match="dali-cpu"):
+        data_from_config(load_config(None, ["data.backend=dali", "data.dataset=imagefolder", "data.root=/x"]), CPU)
 
 
 def test_mixed_decoder_arguments():
@@ -307,19 +307,19 @@ def test_mixed_decoder_arguments():
 def test_mixed_decode_on_gpu_matches_cpu(photos):
     gpu = torch.device("cuda")
     args = ("precision.amp=fp16", "precision.channels_last=true")
-    data = build_data(_cfg(photos, "data.backend=dali", *args), gpu)
+    data = data_from_config(_cfg(photos, "data.backend=dali", *args), gpu)
     batch = next(iter(data.train))
     assert batch.images.device.type == "cuda" and batch.images.dtype == torch.float16
     assert batch.images.is_contiguous(memory_format=torch.channels_last) and batch.labels.device.type == "cuda"
     on_gpu = torch.cat([b.images.float().cpu() for b in data.val])
-    on_cpu = torch.cat([b.images.float() for b in build_data(_cfg(photos, *args), CPU).val])
+    on_cpu = torch.cat([b.images.float() for b in data_from_config(_cfg(photos, *args), CPU).val])
     assert (on_gpu - on_cpu).abs().mean() < 0.03  # nvJPEG vs libjpeg-turbo: rounding-level differences
 
 
 def test_same_splits_as_torch_backend(photos):
     cfg = _cfg(photos, "data.val_split=4", "data.limit_eval=3", "data.backend=torch")
-    torch_data = build_data(cfg, CPU)
-    ours = folder_splits(cfg)
+    torch_data = data_from_config(cfg, CPU)
+    ours = folder_splits(cfg.data, cfg.seed, cfg.model.in_chans)
     assert torch_data.train.dataset.samples == ours.train
     assert torch_data.val.dataset.samples == ours.val and torch_data.test.dataset.samples == ours.test
 

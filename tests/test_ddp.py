@@ -18,8 +18,7 @@ from engine.checkpoint import load_checkpoint
 from engine.models import create_model
 from engine.objectives import build_objective
 from engine.optim import build_optimizer, lr_at, set_lr
-from engine.setup_run import seed_everything
-from pipelines.factory import build_data
+from engine.setup_run import data_from_config, seed_everything
 from tests.helpers import tiny_args, tiny_config
 
 OVERRIDES = ("schedule.epochs=1", "data.limit_train=256", "data.batch_size=32", "data.val_split=0",
@@ -82,7 +81,7 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     cfg = tiny_config(tmp_path_factory.mktemp("ref"), *OVERRIDES)
     seed_everything(cfg.seed)
     dev = torch.device("cpu")
-    halves = [build_data(cfg, dev, rank, 2).train for rank in (0, 1)]
+    halves = [data_from_config(cfg, dev, rank, 2).train for rank in (0, 1)]
     model = create_model(cfg.model, cfg.exits)
     objective = build_objective(cfg, model.num_exits, dev)
     opt = build_optimizer(model, cfg, dev)
@@ -134,7 +133,7 @@ def test_ddp_wraps_the_model_before_compile(tmp_path, monkeypatch):
     """torch.compile(DDP(model)), never DDP(torch.compile(model)); `model` stays the bare module."""
     from torch import nn
 
-    import engine.distributed
+    import engine.setup_run
     from engine.setup_run import build_components
 
     class Tag(nn.Module):
@@ -142,7 +141,7 @@ def test_ddp_wraps_the_model_before_compile(tmp_path, monkeypatch):
             super().__init__()
             self.kind, self.inner = kind, inner
 
-    monkeypatch.setattr(engine.distributed, "wrap_ddp", lambda m, info, find_unused: Tag("ddp", m))
+    monkeypatch.setattr(engine.setup_run, "wrap_ddp", lambda m, info, find_unused: Tag("ddp", m))
     monkeypatch.setattr(torch, "compile", lambda m, mode=None: Tag("compile", m))
     c = build_components(tiny_config(tmp_path, *OVERRIDES, "precision.compile=true"), "cpu")
     assert c.train_model.kind == "compile" and c.train_model.inner.kind == "ddp"

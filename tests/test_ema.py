@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.checkpoint import model_from_checkpoint
 from engine.evaluate import evaluate
-from engine.evaluate_cli import model_from_checkpoint
+from engine.setup_run import data_from_config
 from engine.train import train
-from pipelines.factory import build_data
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,7 +48,7 @@ def test_ema_follows_the_recurrence(tmp_path, monkeypatch):
 def test_ema_eval_uses_the_ema_weights_of_last_and_best(tmp_path):
     cfg = tiny_config(tmp_path, *BASE, "schedule.epochs=2", "ema.enabled=true", "ema.decay=0.5", "ema.eval=true")
     summary = train(cfg, device="cpu")
-    test = build_data(cfg, torch.device("cpu")).test
+    test = data_from_config(cfg, torch.device("cpu")).test
     for key, name in (("test_last", "last.pt"), ("test_best", "best.pt")):
         ck = torch.load(tmp_path / "run" / name, weights_only=False)
         ema, _ = model_from_checkpoint(ck, weights="ema")

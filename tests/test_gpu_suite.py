@@ -46,7 +46,7 @@ def test_training_loop_never_waits_for_the_device(tmp_path, monkeypatch, backend
     from engine.train import train
 
     cfg = tiny_config(tmp_path, "objective.name=byot", f"objective.backend={backend}", "data.dataset=synthetic",
-                      "data.backend=synthetic", "precision.amp=bf16", "logging.log_every=1000")
+                      "precision.amp=bf16", "logging.log_every=1000")
     checked = []
     with contextlib.ExitStack() as checks:
         def on_step(step: int) -> bool:

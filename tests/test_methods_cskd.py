@@ -11,9 +11,9 @@ from engine.models import create_model
 from engine.objectives import build_objective
 from engine.objectives.byot import kd_loss
 from engine.objectives.cskd import bn_buffers
+from engine.setup_run import data_from_config
 from engine.train import train
 from engine.types import Batch, ExitOutputs
-from pipelines.factory import build_data
 from pipelines.samplers import ClassPairBatchSampler
 from pipelines.torch_loader import TensorLoader
 from pipelines.transforms import normalize
@@ -28,8 +28,8 @@ CPU = torch.device("cpu")
 
 def test_digits_partners_share_the_anchor_class_and_anchors_match_the_plain_loader(tmp_path):
     over = ["data.augment=none", "data.limit_train=320"]
-    pair = build_data(tiny_config(tmp_path, *over, "objective.name=cskd", "data.sampler=class_pair"), CPU).train
-    plain = build_data(tiny_config(tmp_path, *over, "objective.name=ce"), CPU).train
+    pair = data_from_config(tiny_config(tmp_path, *over, "objective.name=cskd", "data.sampler=class_pair"), CPU).train
+    plain = data_from_config(tiny_config(tmp_path, *over, "objective.name=ce"), CPU).train
     assert pair.pairs is not None and len(pair) == len(plain) == 5
     table = normalize(pair.images, pair.mean, pair.std).flatten(1)
     for epoch in (0, 1):
@@ -83,7 +83,7 @@ def test_folder_loader_pairs_and_views(tmp_path):
                       "data.augment=random_resized_crop", "data.workers=0", "data.batch_size=4",
                       "data.sampler=class_pair", "data.extra_view=true", "objective.cskd.allow_self_partner=false",
                       "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]")
-    loader = build_data(cfg, CPU).train
+    loader = data_from_config(cfg, CPU).train
     batches = _batches(loader, 0)
     assert len(batches) == len(loader) == 5  # 18 anchors, B = 4: ceil(18/4), the last batch of 2 (official)
     for b, n in zip(batches, [4, 4, 4, 4, 2], strict=True):
@@ -95,11 +95,11 @@ def test_folder_loader_pairs_and_views(tmp_path):
 
 
 def test_synthetic_backend_refuses_pairs(tmp_path):
-    from pipelines.base import DataError
+    from pipelines.batch import DataError
 
     cfg = tiny_config(tmp_path, "objective.name=cskd", "data.sampler=class_pair", "data.dataset=synthetic")
     with pytest.raises(DataError, match="class-pair"):
-        build_data(cfg, CPU)
+        data_from_config(cfg, CPU)
 
 
 # ------------------------------------------------------------------------------------- objectives

@@ -8,9 +8,8 @@ import torch
 from engine.models import create_model
 from engine.objectives import build_objective
 from engine.optim import build_optimizer, lr_at, set_lr
-from engine.setup_run import seed_everything
+from engine.setup_run import data_from_config, seed_everything
 from engine.train import train
-from pipelines.factory import build_data
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,7 +24,7 @@ def by_hand(cfg, steps: int) -> tuple[torch.nn.Module, torch.amp.GradScaler]:
     """The AMP recipe of the PyTorch docs ("Working with unscaled gradients"), independent of engine.train."""
     seed_everything(cfg.seed)
     dev = torch.device("cpu")
-    data = build_data(cfg, dev)
+    data = data_from_config(cfg, dev)
     model = create_model(cfg.model, cfg.exits).train()
     objective = build_objective(cfg, model.num_exits, dev)
     opt = build_optimizer(model, cfg, dev)

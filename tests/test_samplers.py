@@ -94,12 +94,12 @@ def test_accepts_tensor_labels_and_rejects_bad_arguments():
 def test_class_pair_loader_keeps_the_official_epoch(tmp_path, world):
     # alinlab/cs-kd PairBatchSampler: ceil(N/B) batches, the last one short, every image an anchor once per epoch.
     # 300 digits, B = 64: one rank takes 5 batches (4 x 64 + 44); two ranks 3 each (2 x 64 + 22 per rank).
-    from pipelines.factory import build_data
+    from engine.setup_run import data_from_config
     from tests.helpers import tiny_config
 
     cfg = tiny_config(tmp_path, "objective.name=cskd", "data.sampler=class_pair", "data.limit_train=300",
                       "data.batch_size=64")
-    loaders = [build_data(cfg, torch.device("cpu"), rank, world).train for rank in range(world)]
+    loaders = [data_from_config(cfg, torch.device("cpu"), rank, world).train for rank in range(world)]
     anchors = []
     for loader in loaders:
         assert len(loader) == -(-300 // world // 64)

@@ -5,6 +5,7 @@ from torch import nn
 
 from engine.models.multi_exit import MultiExitModel
 from engine.models.resnet import BasicBlock, Bottleneck, CSKDPreActBlock, PreActBlock, ResNet
+from engine.models.timm_backbone import create_timm_backbone
 from engine.registry import Registry
 
 MODELS = Registry("model")
@@ -64,8 +65,6 @@ def cskd_preact_resnet34(**kw) -> ResNet:
 def create_backbone(model_cfg) -> nn.Module:
     kw = dict(num_classes=model_cfg.num_classes, in_chans=model_cfg.in_chans)
     if model_cfg.name.startswith("timm:"):
-        from engine.models.timm_backbone import create_timm_backbone
-
         return create_timm_backbone(model_cfg.name[len("timm:"):], drop_rate=model_cfg.drop_rate, **kw)
     factory = MODELS.get(model_cfg.name)
     return factory(stem=model_cfg.stem, width=model_cfg.width, depths=model_cfg.depths,

@@ -43,7 +43,7 @@ class TimmBackbone(nn.Module):
 
 def create_timm_backbone(name: str, **kw) -> TimmBackbone:
     try:
-        import timm
+        import timm  # optional dependency: timm
     except ImportError:
         raise ImportError(f"model.name 'timm:{name}' needs timm: pip install 'selfdistill[timm]'") from None
     return TimmBackbone(timm.create_model(name, pretrained=False, **kw))

@@ -41,8 +41,7 @@ def weights_digest(state_dict: dict[str, Tensor]) -> str:
 
 def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """(frozen eval-mode model on `device`, record of what was loaded)."""
-    from engine.checkpoint import load_checkpoint
-    from engine.evaluate_cli import model_from_checkpoint
+    from engine.checkpoint import load_checkpoint, model_from_checkpoint
 
     path = Path(path)
     ck = load_checkpoint(path, "cpu")
