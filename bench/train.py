@@ -2,7 +2,7 @@
 
 Axes (comma lists; the FIRST value of each is the base setting):
   --models resnet18,resnet50   --sizes 224,32 (<= 64 px: CIFAR form, 3x3 stem, 100 classes; else ImageNet, 1000)
-  --variants plain,byot,cskd,beta   plain = objective ce with exits.stages=[]; byot = exits [1,2,3];
+  --variants plain,byot,cskd,beta   plain = objective ce with exits.stages=[]; byot = exits [0,1,2];
              cskd = 2B images a step (B anchors + B same-class partners); beta = Beta smoothing (single exit)
   --compile compiled,eager   --amp bf16,fp32   --layout channels_last,nchw   --backend torch,triton
   --loaders synthetic,torch,dali   (real loaders read --data DIR, an image folder, or --dataset digits|fashion_mnist)
@@ -59,7 +59,7 @@ AXIS_CHOICES = {"compile": ("compiled", "eager"), "amp": ("bf16", "fp32", "fp16"
 OPTIMISED = {"compile": "compiled", "amp": "bf16", "layout": "channels_last", "backend": "triton"}
 VARIANTS = {
     "plain": {"objective": "ce", "stages": [], "overrides": []},
-    "byot": {"objective": "byot", "stages": [1, 2, 3], "overrides": []},
+    "byot": {"objective": "byot", "stages": [0, 1, 2], "overrides": []},
     "cskd": {"objective": "cskd", "stages": [], "overrides": ["data.sampler=class_pair"]},
     "beta": {"objective": "beta", "stages": [], "overrides": []},
 }
