@@ -8,6 +8,7 @@ import yaml
 
 from engine.cli import main
 from engine.config import Config, ConfigError, dump_yaml, load_config, validate
+from engine.objectives import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,10 +73,17 @@ def test_exit_stages_are_0_based_and_the_error_names_the_allowed_values(stages):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_validate_leaves_the_config_unchanged(path):
-    cfg = load_config(path)
-    before = copy.deepcopy(cfg)
-    validate(cfg)
-    assert cfg == before
+    """Every objective and label-smoothing convention on every shipped config: what validate accepts, it keeps."""
+    for name in OBJECTIVES.names():
+        for convention in ("wrong_classes", "all_classes"):
+            cfg = load_config(path)
+            cfg.objective.name, cfg.objective.label_smoothing.convention = name, convention
+            before = copy.deepcopy(cfg)
+            try:
+                validate(cfg)
+            except ConfigError:
+                continue
+            assert cfg == before, (name, convention)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
