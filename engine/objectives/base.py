@@ -34,7 +34,7 @@ class Objective(nn.Module):
     requires: tuple[Requirement, ...] = ()
     soft_targets = False  # has a soft-target cross-entropy, the only loss that objective.log_eps changes
     official_log_eps = 0.0  # the eps of log(p + eps) there in the official code (0 = exact log-softmax)
-    fused = None  # the fused call, when objective.backend resolved to triton at construction
+    fused = None  # the fused call, when objective.backend resolved to triton at construction (`use_fused`)
 
     def forward(self, model: nn.Module, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out = model(batch.images)
@@ -45,6 +45,12 @@ class Objective(nn.Module):
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called after each optimizer step (EMA teachers update here)."""
+
+    def use_fused(self, fused) -> None:
+        """The backend, chosen once: the terms come from the fused call, or from `torch_terms` when it is None.
+        Both take the fused call's arguments and return (differentiable total, {name: term})."""
+        self.fused = fused
+        self.compute = self.torch_terms if fused is None else fused
 
     @classmethod
     def default_log_eps(cls, cfg) -> float:

@@ -88,8 +88,7 @@ class BetaSmoothing(Objective):
         b = cfg.objective.beta
         self.alpha, self.beta = b.alpha, b.beta
         self.log_eps = log_eps(cfg)
-        self.fused = fused_call(cfg, device, {"ce": (0, 0), "beta": (0, 1)})
-        self.compute = self.torch_terms if self.fused is None else self.fused
+        self.use_fused(fused_call(cfg, device, {"ce": (0, 0), "beta": (0, 1)}))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + EMA_SEED_OFFSET)
             teacher = create_model(cfg.model, cfg.exits)

@@ -67,11 +67,12 @@ class BYOT(Objective):
         super().__init__()
         self.b = cfg.objective.byot
         self.weights = ByotWeights.from_config(self.b, num_exits)
+        fused = None
         if resolve_backend(cfg.objective.backend, device) == "triton":
             from engine.objectives.fused import byot_call  # triton is loaded for this backend only
 
-            self.fused = byot_call(self.b, self.weights)
-        self.compute = self.torch_terms if self.fused is None else self.fused
+            fused = byot_call(self.b, self.weights)
+        self.use_fused(fused)
 
     def torch_terms(self, logits: list[Tensor], labels: Tensor,
                     features: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

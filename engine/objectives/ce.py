@@ -13,8 +13,7 @@ from engine.types import Batch, ExitOutputs, LossOutput
 class CrossEntropy(Objective):
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
-        self.fused = fused_call(cfg, device, {"ce": (0, 0)})
-        self.compute = self.torch_terms if self.fused is None else self.fused
+        self.use_fused(fused_call(cfg, device, {"ce": (0, 0)}))
 
     def torch_terms(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return summed({"ce": ce(logits, labels)})

@@ -160,9 +160,8 @@ class CSKD(Objective):
         self.lam, self.temperature, self.exits, self.sample_wise = c.lam, c.temperature, c.exits, c.sample_wise
         self.with_ce = with_ce
         self.partner = PartnerForward(c.partner_updates_bn)
-        if resolve_backend(cfg.objective.backend, device) == "triton":
-            self.fused = FusedCSKD(cfg, num_exits, with_ce)
-        self.compute = self.torch_terms if self.fused is None else self.fused
+        on_triton = resolve_backend(cfg.objective.backend, device) == "triton"
+        self.use_fused(FusedCSKD(cfg, num_exits, with_ce) if on_triton else None)
 
     def torch_terms(self, logits: list[Tensor], partner_logits: list[Tensor], labels: Tensor,
                     view_logits: list[Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:

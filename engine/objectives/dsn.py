@@ -18,8 +18,7 @@ def dsn_terms(logits: list[Tensor], labels: Tensor) -> dict[str, Tensor]:
 class DeepSupervision(Objective):
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
-        self.fused = fused_call(cfg, device, {f"ce_{i}": (i, 0) for i in range(num_exits)}, num_exits)
-        self.compute = self.torch_terms if self.fused is None else self.fused
+        self.use_fused(fused_call(cfg, device, {f"ce_{i}": (i, 0) for i in range(num_exits)}, num_exits))
 
     def torch_terms(self, logits: list[Tensor], labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return summed(dsn_terms(logits, labels))

@@ -48,8 +48,7 @@ class TeacherKD(Objective):
         t = cfg.objective.teacher
         self.alpha, self.temperature = t.alpha, t.temperature
         self.teacher = FrozenTeacher.from_config(cfg, device)
-        self.fused = fused_call(cfg, device, {"ce": (0, 0), "kd": (0, 1)})
-        self.compute = self.torch_terms if self.fused is None else self.fused
+        self.use_fused(fused_call(cfg, device, {"ce": (0, 0), "kd": (0, 1)}))
 
     def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out = model(batch.images)

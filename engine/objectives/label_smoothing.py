@@ -54,8 +54,7 @@ class LabelSmoothing(Objective):
         ls = cfg.objective.label_smoothing
         self.eps, self.convention = ls.epsilon, ls.convention
         self.log_eps = log_eps(cfg)
-        self.fused = fused_call(cfg, device, {"ls": (0, 0)})
-        self.compute = self.torch_terms if self.fused is None else self.fused
+        self.use_fused(fused_call(cfg, device, {"ls": (0, 0)}))
 
     @classmethod
     def default_log_eps(cls, cfg) -> float:

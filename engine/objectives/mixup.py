@@ -78,8 +78,7 @@ class MixupCSKD(Objective):
         self.sampler = MixupSampler(cfg.objective.mixup_alpha)
         self.lam, self.temperature = c.lam, c.temperature
         self.partner = PartnerForward(c.partner_updates_bn)
-        self.fused = fused_call(cfg, device, {"cskd": (0, 1)})
-        self.compute = self.torch_terms if self.fused is None else self.fused
+        self.use_fused(fused_call(cfg, device, {"cskd": (0, 1)}))
 
     def torch_terms(self, logits: Tensor, labels: Tensor, teacher_logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return summed({"cskd": self.lam * kd_loss(logits, teacher_logits, self.temperature, "kl", t_squared=True)})
