@@ -29,7 +29,7 @@ register_objective = OBJECTIVES.register
 
 
 class Objective(nn.Module):
-    """Default: one forward of the anchors, then `loss(out, batch)`. Methods needing more override `forward`."""
+    """Default: one forward of the anchors, then `loss` on its outputs. Methods needing more override `forward`."""
 
     requires: tuple[Requirement, ...] = ()
     soft_targets = False  # has a soft-target cross-entropy, the only loss that objective.log_eps changes

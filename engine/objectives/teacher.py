@@ -46,7 +46,7 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[
 
 
 class FrozenTeacher:
-    """Holds the teacher outside the module tree; `teacher(images)` -> its deepest exit's logits (no grad)."""
+    """Holds the teacher outside the module tree; called on images, it gives its deepest exit's logits (no grad)."""
 
     def __init__(self, model: nn.Module, info: dict):
         self.model, self.info = model, info
