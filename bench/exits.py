@@ -223,8 +223,8 @@ def profile_static(model: nn.Module, cfg: Any, args: argparse.Namespace, device:
         trunc = TruncatedModel(model, k).eval()
         stage = int(model.exit_info[k]["stage"])
         with torch.no_grad():
-            head_flops = (count_flops(model.heads[k], stage_outs[stage - 1]) if k < n - 1 else 0)
-        exits.append({"exit": k, "stage": stage, "depth": depth_label(stage), "params": count_params(trunc),
+            head_flops = (count_flops(model.heads[k], stage_outs[stage]) if k < n - 1 else 0)
+        exits.append({"exit": k, "stage": stage, "depth": depth_label(stage + 1), "params": count_params(trunc),
                       "head_params": count_params(model.heads[k]) if k < n - 1 else 0,
                       "flops_per_image": flops_per_image(trunc, x1), "head_flops_per_image": head_flops,
                       "module": trunc})
@@ -272,10 +272,10 @@ def profile_static(model: nn.Module, cfg: Any, args: argparse.Namespace, device:
                                               ["mean"], 4) if e["latency"][m][bs]["status"] == "ok" and
                                         full["latency"][m][bs]["status"] == "ok" else None)
                                     for bs in batch_sizes} for m in modes}
-        claim = BYOT_CLAIMS.get(e["stage"]) if e["exit"] < n - 1 else None
+        claim = BYOT_CLAIMS.get(e["stage"] + 1) if e["exit"] < n - 1 else None
         e["byot_claim"] = claim
-        e["anchor_ideal_backbone_speedup"] = ANCHOR_IDEAL.get((cfg.model.name, cfg.model.stem), {}).get(e["stage"]) \
-            if e["exit"] < n - 1 else None
+        ideal = ANCHOR_IDEAL.get((cfg.model.name, cfg.model.stem), {})
+        e["anchor_ideal_backbone_speedup"] = ideal.get(e["stage"] + 1) if e["exit"] < n - 1 else None
     all_exits = {"params": count_params(model), "flops_per_image": all_flops, "latency": lat["all_exits"],
                  "extra_flops_over_full_pct": round((all_flops / full["flops_per_image"] - 1) * 100, 3)}
     return {"exits": exits, "all_exits": all_exits, "nvml": nvml}

@@ -143,7 +143,7 @@ def liger_loss_fn(opts) -> Callable | str:
         from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
     except ImportError:
         return "not installed"
-    from engine.objectives.byot import hint_loss
+    from engine.objectives.functional import hint_loss
 
     ce, kl = LigerCrossEntropyLoss(ignore_index=-100), LigerKLDIVLoss(reduction="batchmean")
     T = opts.temperature

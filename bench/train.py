@@ -2,7 +2,7 @@
 
 Axes (comma lists; the FIRST value of each is the base setting):
   --models resnet18,resnet50   --sizes 224,32 (<= 64 px: CIFAR form, 3x3 stem, 100 classes; else ImageNet, 1000)
-  --variants plain,byot,cskd,beta   plain = objective ce with exits.stages=[]; byot = exits [1,2,3];
+  --variants plain,byot,cskd,beta   plain = objective ce with exits.stages=[]; byot = exits [0,1,2];
              cskd = 2B images a step (B anchors + B same-class partners); beta = Beta smoothing (single exit)
   --compile compiled,eager   --amp bf16,fp32   --layout channels_last,nchw   --backend torch,triton
   --loaders synthetic,torch,dali   (real loaders read --data DIR, an image folder, or --dataset digits|fashion_mnist)
@@ -59,7 +59,7 @@ AXIS_CHOICES = {"compile": ("compiled", "eager"), "amp": ("bf16", "fp32", "fp16"
 OPTIMISED = {"compile": "compiled", "amp": "bf16", "layout": "channels_last", "backend": "triton"}
 VARIANTS = {
     "plain": {"objective": "ce", "stages": [], "overrides": []},
-    "byot": {"objective": "byot", "stages": [1, 2, 3], "overrides": []},
+    "byot": {"objective": "byot", "stages": [0, 1, 2], "overrides": []},
     "cskd": {"objective": "cskd", "stages": [], "overrides": ["data.sampler=class_pair"]},
     "beta": {"objective": "beta", "stages": [], "overrides": []},
 }
@@ -298,6 +298,7 @@ def run_one(spec: RunSpec, args: argparse.Namespace, device: torch.device, sampl
             flop_cache: dict) -> dict[str, Any]:
     from engine.config import load_config
     from engine.evaluate import autocast
+    from engine.objectives import build_objective
     from engine.setup_run import build_components
 
     row: dict[str, Any] = {"key": spec.key, **asdict(spec), "batch": args.batch}
@@ -309,9 +310,12 @@ def run_one(spec: RunSpec, args: argparse.Namespace, device: torch.device, sampl
         cfg = load_config(args.config, run_overrides(spec, args, tmp.name))
         row["objective"], row["exits"] = cfg.objective.name, list(cfg.exits.stages)
         paired = cfg.data.sampler == "class_pair" and spec.loader == "synthetic"
-        # The synthetic loader has no class-pair sampler: build it as a plain one and add the partners here.
-        c = build_components(replace(cfg, data=replace(cfg.data, sampler="random", extra_view=False)) if paired
-                             else cfg, device.type)
+        # The synthetic loader has no class-pair sampler: build it as a plain one (a plain objective) and add the
+        # partners here, then the configured objective.
+        c = build_components(replace(cfg, data=replace(cfg.data, sampler="random", extra_view=False),
+                                     objective=replace(cfg.objective, name="ce")) if paired else cfg, device.type)
+        if paired:
+            c.objective = build_objective(cfg, c.model.num_exits, device).to(device)
         model = c.model
         train_model = (torch.compile(model, backend=args.compile_backend, mode=args.compile_mode)
                        if spec.compile == "compiled" else model)

@@ -37,6 +37,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.generations:
         overrides.append(f"generations={args.generations}")
     cfg = load_config(args.config, overrides)
+    from engine.objectives import check_config  # torch loads with the commands that need it
+
+    check_config(cfg)  # what the objective needs from the other sections, before anything runs
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
@@ -116,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a (multi-exit) model; overrides as key.sub=value")
     t.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 exits.stages=[1,2]")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 exits.stages=[0,1]")
     t.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     t.add_argument("--resume", help="checkpoint to resume, or 'auto' for the run directory's last.pt")
     t.add_argument("--generations", type=int, help="multi-generation self-distillation: number of generations")

@@ -42,9 +42,15 @@ class ModelConfig:
     drop_rate: float = _f(0.0, ge=0, le=1)
 
 
+# Exits are indexed 0..E-1, shallow to deep, everywhere (config, logs, reports): exit i of BYOT sits after backbone
+# stage exits.stages[i], and the deepest exit is the backbone's own head after its last stage.
+EXIT_STAGES = (0, 1, 2)  # 0-based stages of the 4-stage backbones (timm's forward_intermediates indices)
+
+
 @dataclass
 class ExitsConfig:
-    stages: list[int] = _f(factory=lambda: [1, 2, 3], doc="backbone stages (1-based) followed by an exit; [] = plain")
+    stages: list[int] = _f(factory=lambda: [0, 1, 2], doc="0-based backbone stages followed by an exit head (the "
+                           "last stage ends in the backbone's own head); [] = the plain backbone")
     head: Literal["bottleneck", "journal"] = _f("bottleneck", doc="ICCV bottleneck head or journal attention+SepConv")
     hint_adapter: bool = _f(False, doc="a Linear on each shallow exit's feature before the hint (journal code)")
 
@@ -112,7 +118,8 @@ class ObjectiveConfig:
     max_entropy_beta: float = _f(0.1, ge=0)
     mixup_alpha: float = _f(0.0, ge=0, doc="mixup Beta(a, a); 0 = off")
     log_eps: Optional[float] = _f(None, ge=0, le=0.5, doc="soft-target CEs take log(p + log_eps); null = the method's "
-                                  "official form (1e-8 for ls_wrong_classes, beta, sd_generation; else 0 = exact)")
+                                  "official form (1e-8 for beta, sd_generation and label_smoothing's wrong_classes "
+                                  "convention; else 0 = exact)")
 
 
 @dataclass
@@ -387,11 +394,14 @@ def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single annotation cannot express."""
+    """Cross-field checks that a single annotation cannot express; the config is left as it is. What each objective
+    needs from the other sections is checked by engine.objectives.check_config."""
+    allowed = ", ".join(map(str, EXIT_STAGES))
     for s in cfg.exits.stages:
-        if s not in (1, 2, 3):
-            raise ConfigError(f"exits.stages: {s} is not allowed; allowed values: 1, 2, 3 (the deepest exit is the "
-                              "backbone's own head)")
+        if s not in EXIT_STAGES:
+            raise ConfigError(f"exits.stages: {s} is not allowed; allowed values: {allowed} (0-based backbone "
+                              f"stages; the last stage, {EXIT_STAGES[-1] + 1}, ends in the backbone's own head, the "
+                              "deepest exit)")
     if len(set(cfg.exits.stages)) != len(cfg.exits.stages):
         raise ConfigError(f"exits.stages: {cfg.exits.stages} has duplicates")
     n_shallow = len(cfg.exits.stages)
@@ -414,27 +424,9 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg.data, name)
         if v is not None and len(v) != cfg.model.in_chans:
             raise ConfigError(f"data.{name}: needs {cfg.model.in_chans} values (model.in_chans), got {v}")
-    _validate_methods(cfg)
-
-
-def _validate_methods(cfg: Config) -> None:
-    """What each method needs from the data and the other sections (engine/objectives/*)."""
-    o, name = cfg.objective, cfg.objective.name
-    if name in ("cskd", "byot_cskd", "mixup_cskd") and cfg.data.sampler != "class_pair":
-        raise ConfigError(f"objective.name={name!r} needs data.sampler=class_pair (CS-KD anchor/partner batches)")
-    if name in ("cskd", "byot_cskd") and o.cskd.sample_wise and not cfg.data.extra_view:
-        raise ConfigError("objective.cskd.sample_wise=true (CS-KD-E) needs data.extra_view=true")
-    if name in ("mixup", "mixup_cskd") and o.mixup_alpha <= 0:
-        raise ConfigError(f"objective.name={name!r} needs objective.mixup_alpha > 0 (e.g. 1.0)")
-    if name == "kd" and not o.teacher.checkpoint:
-        raise ConfigError("objective.name='kd' needs objective.teacher.checkpoint")
-    if name == "sd_generation" and cfg.generations == 1 and not o.teacher.checkpoint:
-        raise ConfigError("objective.name='sd_generation' needs objective.teacher.checkpoint (or generations > 1)")
-    if cfg.generations > 1 and name not in ("ce", "sd_generation"):
+    if cfg.generations > 1 and cfg.objective.name not in ("ce", "sd_generation"):
         raise ConfigError(f"generations={cfg.generations}: generation 0 trains with 'ce' and later ones with "
-                          f"'sd_generation'; set objective.name to one of them (got {name!r})")
-    if name in ("ls_wrong_classes", "ls_all_classes"):  # the name fixes the convention; keep the record truthful
-        o.label_smoothing.convention = name[len("ls_"):]
+                          f"'sd_generation'; set objective.name to one of them (got {cfg.objective.name!r})")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.objectives.byot import ByotWeights, byot_terms, hint_loss, kd_loss
+from engine.objectives.byot import ByotWeights, byot_terms
+from engine.objectives.functional import hint_loss, kd_loss
 
 
 def np_log_softmax(z):

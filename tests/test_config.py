@@ -1,3 +1,4 @@
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -6,7 +7,8 @@ import pytest
 import yaml
 
 from engine.cli import main
-from engine.config import Config, ConfigError, dump_yaml, load_config
+from engine.config import Config, ConfigError, dump_yaml, load_config, validate
+from engine.objectives import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["optim.lr=.inf"], "optim.lr"),
     (["schedule.gamma=-.inf"], "schedule.gamma"),
     (["objective.byot.alpha=1.5"], "objective.byot.alpha"),
-    (["exits.stages=[1,4]"], "exits.stages"),
+    (["exits.stages=[0,3]"], "exits.stages"),
     (["data.batch_size=true"], "data.batch_size"),
     (["precision.amp=fp8"], "precision.amp"),
     (["bogus=1"], "bogus"),
@@ -39,9 +41,9 @@ def test_literal_error_lists_allowed_values():
 
 
 def test_overrides_and_types():
-    cfg = load_config(None, ["optim.lr=0.05", "exits.stages=[2,3]", "objective.byot.kd=soft_ce",
+    cfg = load_config(None, ["optim.lr=0.05", "exits.stages=[1,2]", "objective.byot.kd=soft_ce",
                              "model.depths=[1,1,1,1]", "objective.byot.hint_exits=null"])
-    assert cfg.optim.lr == 0.05 and cfg.exits.stages == [2, 3] and cfg.objective.byot.kd == "soft_ce"
+    assert cfg.optim.lr == 0.05 and cfg.exits.stages == [1, 2] and cfg.objective.byot.kd == "soft_ce"
     assert cfg.model.depths == [1, 1, 1, 1] and cfg.objective.byot.hint_exits is None
     assert isinstance(load_config(None, ["optim.lr=1"]).optim.lr, float)  # int accepted where float expected
 
@@ -58,6 +60,30 @@ def test_cross_field_checks():
         load_config(None, ["objective.byot.kd_weights=[0.1]"])  # 3 shallow exits by default
     with pytest.raises(ConfigError, match="objective.byot.hint_exits"):
         load_config(None, ["objective.byot.hint_exits=[3]"])
+    with pytest.raises(ConfigError, match="sd_generation"):
+        load_config(None, ["objective.name=byot", "generations=2"])
+
+
+@pytest.mark.parametrize("stages", ["[3]", "[-1]", "[0,0]"])
+def test_exit_stages_are_0_based_and_the_error_names_the_allowed_values(stages):
+    with pytest.raises(ConfigError, match=r"exits.stages: .*(allowed values: 0, 1, 2|duplicates)"):
+        load_config(None, [f"exits.stages={stages}"])
+    assert load_config(None, []).exits.stages == [0, 1, 2]  # BYOT's exits after the first three of four stages
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_validate_leaves_the_config_unchanged(path):
+    """Every objective and label-smoothing convention on every shipped config: what validate accepts, it keeps."""
+    for name in OBJECTIVES.names():
+        for convention in ("wrong_classes", "all_classes"):
+            cfg = load_config(path)
+            cfg.objective.name, cfg.objective.label_smoothing.convention = name, convention
+            before = copy.deepcopy(cfg)
+            try:
+                validate(cfg)
+            except ConfigError:
+                continue
+            assert cfg == before, (name, convention)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -75,3 +101,9 @@ def test_unknown_key_cli_exits_nonzero():
     r = subprocess.run([sys.executable, "-m", "engine.cli", "train", "--config", str(ROOT / "configs" / "demo.yaml"),
                         "optim.lrr=0.1"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "optim.lrr" in r.stderr
+
+
+def test_objective_requirement_cli_exits_2_naming_the_key():
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "train", "--config", str(ROOT / "configs" / "demo.yaml"),
+                        "objective.name=cskd", "--print-config"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "data.sampler=class_pair" in r.stderr and not r.stdout

@@ -13,7 +13,7 @@ MODELS = {  # name -> (overrides, image size)
     "resnet18-cifar": (["model.stem=cifar"], 16),
     "resnet50-imagenet": (["model.name=resnet50", "model.stem=imagenet"], 64),
     "preact-journal": (["model.name=preact_resnet18", "model.stem=cifar", "exits.head=journal",
-                        "exits.stages=[1,3]"], 16),
+                        "exits.stages=[0,2]"], 16),
     "plain": (["model.stem=cifar", "exits.stages=[]"], 16),
 }
 

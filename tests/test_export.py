@@ -13,7 +13,7 @@ from engine.models.early_exit import exit_index_for_threshold
 
 # 2 exits (one shallow): each exit adds a torch.cond level to the early-exit export, so this keeps it fast.
 OVERRIDES = ["model.stem=cifar", "model.width=0.25", "model.depths=[1,1,1,1]", "model.num_classes=10",
-             "model.in_chans=1", "data.dataset=digits", "data.image_size=8", "exits.stages=[3]"]
+             "model.in_chans=1", "data.dataset=digits", "data.image_size=8", "exits.stages=[2]"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +49,7 @@ def test_truncated_artefact_matches_training_model(checkpoint, tmp_path, exit_k,
     assert export_cmd.main(["--checkpoint", str(ck), "--exit", str(exit_k), "--format", fmt, "--out", str(out)]) == 0
     meta = json.loads((tmp_path / (out.name + ".json")).read_text())
     assert meta["verification"]["ok"] and meta["format"] == fmt and meta["kind"] == "truncated"
-    assert meta["exit"] == exit_k % 2 and meta["exit_stage"] == [3, 4][exit_k] and meta["num_classes"] == 10
+    assert meta["exit"] == exit_k % 2 and meta["exit_stage"] == [2, 3][exit_k] and meta["num_classes"] == 10
     assert meta["input_shape"] == ["batch", 1, 8, 8] and meta["provenance"]["commit"]
     loaded = _load(out, fmt)
     with torch.no_grad():

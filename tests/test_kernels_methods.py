@@ -4,7 +4,8 @@ gradients w.r.t. the anchors' logits, fp32 to 1e-5, with logits of standard devi
 log(p + 1e-8) and the exact log-softmax part ways). On CPU the kernels run in the Triton interpreter
 (tests/conftest.py). The student is a stub (one linear map per exit) so the logits are plain tensors of known
 shape; the partner / EMA / frozen teachers are the objectives' own. Both backends take the same objective.log_eps:
-the Beta-smoothing code's log(p + 1e-8) by default for ls_wrong_classes, beta and sd_generation."""
+the Beta-smoothing code's log(p + 1e-8) by default for beta, sd_generation and label smoothing's wrong_classes
+convention."""
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ from engine.config import ConfigError, to_dict
 from engine.models import create_model
 from engine.objectives import build_objective
 from engine.objectives.base import OBJECTIVES, TORCH_ONLY, TRITON_ROUTED
-from engine.objectives.baselines import LOG_EPS
+from engine.objectives.functional import LOG_EPS
 from engine.types import Batch, ExitOutputs
 from tests.helpers import tiny_config
 
@@ -86,9 +87,11 @@ CASES = {
     "sd_generation": ("sd_generation", ["TEACHER"], 1),
     "sd_generation_scaled": ("sd_generation", ["TEACHER", "objective.teacher.scale_student=true",
                                                "objective.teacher.t_squared=true"], 2),
-    "ls_wrong_classes": ("ls_wrong_classes", ["objective.label_smoothing.epsilon=0.2"], 1),
-    "ls_all_classes": ("ls_all_classes", ["objective.label_smoothing.epsilon=0.3"], 1),
-    "label_smoothing_all": ("label_smoothing", ["objective.label_smoothing.convention=all_classes"], 2),
+    "label_smoothing_wrong": ("label_smoothing", ["objective.label_smoothing.convention=wrong_classes",
+                                             "objective.label_smoothing.epsilon=0.2"], 1),
+    "label_smoothing_all": ("label_smoothing", ["objective.label_smoothing.convention=all_classes",
+                                           "objective.label_smoothing.epsilon=0.3"], 1),
+    "label_smoothing_all_2_exits": ("label_smoothing", ["objective.label_smoothing.convention=all_classes"], 2),
     "dsn": ("dsn", [], 3),
     "ce": ("ce", [], 1),
     "mixup_cskd": ("mixup_cskd", [*PAIR, "objective.mixup_alpha=1.0"], 1),
@@ -98,7 +101,7 @@ CASES = {
 def build(case: str, backend: str, tmp_path, ckpt, device: torch.device = DEVICE):
     name, over, num_exits = CASES[case]
     over = [o if o != "TEACHER" else f"objective.teacher.checkpoint={ckpt}" for o in over]
-    stages = "[]" if num_exits == 1 else str(list(range(1, num_exits)))
+    stages = str(list(range(num_exits - 1)))
     cfg = tiny_config(tmp_path, f"objective.name={name}", f"objective.backend={backend}", "model.num_classes=5",
                       f"exits.stages={stages}", *over)
     obj = build_objective(cfg, num_exits, device)
@@ -150,14 +153,14 @@ def test_every_objective_has_a_documented_backend():
     assert {CASES[c][0] for c in CASES} == set(TRITON_ROUTED) - {"byot"}  # byot: tests/test_kernels_objective.py
 
 
-@pytest.mark.parametrize("case", ["ls_wrong_classes", "beta", "sd_generation", "dsn", "cskd"])
+@pytest.mark.parametrize("case", ["label_smoothing_wrong", "beta", "sd_generation", "dsn", "cskd"])
 def test_auto_is_the_unchanged_torch_path_on_cpu(case, tmp_path, teacher_ckpt):
     obj, _ = build(case, "auto", tmp_path, teacher_ckpt, torch.device("cpu"))
     assert obj.backend == "torch"
     assert getattr(obj, "log_eps", LOG_EPS) == LOG_EPS  # the official log(p + 1e-8) stays the CPU default
 
 
-@pytest.mark.parametrize("case", ["ls_wrong_classes", "beta", "sd_generation"])
+@pytest.mark.parametrize("case", ["label_smoothing_wrong", "beta", "sd_generation"])
 def test_log_eps_switch_is_honoured_by_both_backends(case, tmp_path, teacher_ckpt):
     """log_eps=0 (exact log-softmax) and the official 1e-8 give different values at logit std 6, and each setting
     gives the same value on both backends."""
@@ -174,6 +177,13 @@ def test_log_eps_switch_is_honoured_by_both_backends(case, tmp_path, teacher_ckp
             values[eps, backend] = run(obj, model)[0].total.detach()
         torch.testing.assert_close(values[eps, "triton"], values[eps, "torch"], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(values["0", "torch"], values["1e-8", "torch"], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("convention, official", [("wrong_classes", LOG_EPS), ("all_classes", 0.0)])
+def test_label_smoothing_official_log_eps_follows_the_convention(convention, official, tmp_path):
+    """The Beta-smoothing code's log(p + 1e-8) for its wrong_classes convention; PyTorch's exact one for all_classes."""
+    cfg = tiny_config(tmp_path, "objective.name=label_smoothing", f"objective.label_smoothing.convention={convention}")
+    assert build_objective(cfg, 4, torch.device("cpu")).log_eps == official
 
 
 def test_log_eps_on_a_method_without_soft_targets_names_the_key(tmp_path):

@@ -14,7 +14,8 @@ from engine.config import load_config
 from engine.models import create_model
 from engine.objectives import build_objective
 from engine.objectives.base import sum_terms
-from engine.objectives.byot import ByotWeights, byot_terms, kd_loss
+from engine.objectives.byot import ByotWeights, byot_terms
+from engine.objectives.functional import kd_loss
 from engine.objectives.fused import FusedCall, byot_call
 from engine.types import Batch
 from kernels.options import LossOptions, ce_true_mass

@@ -8,9 +8,9 @@ import torch
 
 from engine.config import ConfigError
 from engine.models import create_model
-from engine.objectives import build_objective
-from engine.objectives.byot import kd_loss
+from engine.objectives import build_objective, check_config
 from engine.objectives.cskd import bn_buffers
+from engine.objectives.functional import kd_loss
 from engine.setup_run import data_from_config
 from engine.train import train
 from engine.types import Batch, ExitOutputs
@@ -107,7 +107,7 @@ def test_synthetic_backend_refuses_pairs(tmp_path):
 
 @pytest.fixture()
 def model_and_batch(tmp_path):
-    cfg = tiny_config(tmp_path, "objective.name=cskd", "data.sampler=class_pair")
+    cfg = tiny_config(tmp_path, "objective.name=cskd", "data.sampler=class_pair", "data.extra_view=true")
     torch.manual_seed(0)
     model = create_model(cfg.model, cfg.exits).train()
     g = torch.Generator().manual_seed(1)
@@ -175,22 +175,36 @@ def test_missing_partner_is_a_clear_error(model_and_batch):
 @pytest.mark.parametrize("overrides,match", [
     (["objective.name=cskd"], "data.sampler=class_pair"),
     (["objective.name=byot_cskd"], "data.sampler=class_pair"),
+    (["objective.name=byot_cskd", "data.sampler=class_pair", "exits.stages=[]"], "exits.stages"),
     (["objective.name=cskd", "data.sampler=class_pair", "objective.cskd.sample_wise=true"], "extra_view"),
     (["objective.name=mixup"], "mixup_alpha"),
+    (["objective.name=mixup_cskd", "objective.mixup_alpha=1.0"], "data.sampler=class_pair"),
+    (["objective.name=mixup_cskd", "objective.mixup_alpha=1.0", "data.sampler=class_pair", "data.extra_view=true",
+      "objective.cskd.sample_wise=true"], "objective.cskd.sample_wise=false"),
     (["objective.name=kd"], "teacher.checkpoint"),
-    (["objective.name=byot", "generations=2"], "sd_generation"),
+    (["objective.name=sd_generation"], "teacher.checkpoint"),
+    (["objective.name=byot", "exits.stages=[]"], "exits.stages"),
+    (["objective.name=ls_all_classes"], "objective.name"),
+    (["objective.name=cskd", "data.sampler=class_pair", "objective.log_eps=1e-8"], "objective.log_eps"),
 ])
 def test_config_errors(tmp_path, overrides, match):
+    """What an objective requires is asked of it before it is built, and the message names the key."""
+    cfg = tiny_config(tmp_path, *overrides)
     with pytest.raises(ConfigError, match=match):
-        tiny_config(tmp_path, *overrides)
+        check_config(cfg)
+    with pytest.raises(ConfigError, match=match):
+        build_objective(cfg, 4, CPU)
 
 
-def test_ls_names_fix_the_recorded_convention(tmp_path):
-    assert tiny_config(tmp_path, "objective.name=ls_all_classes").objective.label_smoothing.convention == \
-        "all_classes"
-    assert tiny_config(tmp_path, "objective.name=ls_wrong_classes",
-                       "objective.label_smoothing.convention=all_classes").objective.label_smoothing.convention == \
-        "wrong_classes"
+@pytest.mark.parametrize("overrides", [
+    ["objective.name=sd_generation", "generations=2"],  # the chain gives every generation its teacher
+    ["objective.name=cskd", "data.sampler=class_pair", "objective.cskd.sample_wise=true", "data.extra_view=true"],
+    ["objective.name=byot_cskd", "data.sampler=class_pair"],
+    ["objective.name=mixup_cskd", "objective.mixup_alpha=1.0", "data.sampler=class_pair"],
+    ["objective.name=label_smoothing", "objective.log_eps=0.001"],
+])
+def test_configs_that_meet_the_requirements_pass(tmp_path, overrides):
+    check_config(tiny_config(tmp_path, *overrides))
 
 
 def test_cskd_e_trains_end_to_end(tmp_path):

@@ -8,21 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from engine.objectives.baselines import (
-    dsn_terms,
-    entropy,
-    hinton_kd_terms,
+from engine.objectives.beta import beta_smoothing_terms
+from engine.objectives.cskd import cskd_terms
+from engine.objectives.dsn import dsn_terms
+from engine.objectives.kd import generation_kd_terms, hinton_kd_terms
+from engine.objectives.label_smoothing import (
     ls_all_classes_loss,
     ls_all_classes_target,
     ls_wrong_classes_loss,
     ls_wrong_classes_target,
-    max_entropy_terms,
-    mix,
-    mixup_ce,
 )
-from engine.objectives.beta import beta_smoothing_terms
-from engine.objectives.cskd import cskd_terms
-from engine.objectives.teacher import generation_kd_terms
+from engine.objectives.max_entropy import entropy, max_entropy_terms
+from engine.objectives.mixup import mix, mixup_ce
 
 LN2, LN3 = math.log(2), math.log(3)
 EPS = 1e-8  # the Beta code's log(p + 1e-8)

@@ -201,7 +201,7 @@ def _conv_linear_flops(model, x, keep) -> int:
 
 def test_run_gflops_per_exit_and_tradeoff_panel(tmp_path):
     cfg = load_config(None, ["model.stem=cifar", "model.width=0.25", "model.depths=[1,1,1,1]", "model.num_classes=5",
-                             "model.in_chans=1", "data.image_size=16", "exits.stages=[1,2,3]"])
+                             "model.in_chans=1", "data.image_size=16", "exits.stages=[0,1,2]"])
     (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
     g = run_gflops(tmp_path)
     model = create_model(cfg.model, cfg.exits)

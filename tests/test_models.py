@@ -42,11 +42,11 @@ def test_exit_shapes_match_metadata(stem, head, name, size):
     assert m.num_exits == len(out.logits) == len(out.features) == 4
     _, stages = m.backbone.forward_intermediates(x)
     for info, z, f in zip(m.exit_info, out.logits, out.features):
-        s = stages[info["stage"] - 1]
+        s = stages[info["stage"]]
         assert s.shape[1] == info["num_chs"]
         assert s.shape[-1] == size // info["reduction"]
         assert z.shape == (2, 7) and f.shape == (2, info["feature_dim"])
-    assert [i["stage"] for i in m.exit_info] == [1, 2, 3, 4]
+    assert [i["stage"] for i in m.exit_info] == [0, 1, 2, 3]
 
 
 def test_plain_model_equals_wrapper_without_exits():
@@ -70,10 +70,10 @@ def test_exits_do_not_change_the_backbone_path():
 
 
 def test_hint_adapter_and_exit_subset():
-    cfg = _cfg("model.stem=cifar", "model.width=0.25", "exits.stages=[2,3]", "exits.hint_adapter=true")
+    cfg = _cfg("model.stem=cifar", "model.width=0.25", "exits.stages=[1,2]", "exits.hint_adapter=true")
     m = create_model(cfg.model, cfg.exits)
     out = m(torch.randn(2, 3, 32, 32))
-    assert m.num_exits == 3 and [i["stage"] for i in m.exit_info] == [2, 3, 4]
+    assert m.num_exits == 3 and [i["stage"] for i in m.exit_info] == [1, 2, 3]
     assert all(f.shape == (2, m.backbone.num_features) for f in out.features)
     assert len(m.adapters) == 2
 
@@ -93,7 +93,7 @@ def test_timm_adapter_contract():
     """The timm path relies only on the timm contract; our ResNet honours it, so it stands in for a timm model."""
     torch.manual_seed(0)
     inner = create_backbone(_cfg("model.stem=cifar", "model.width=0.25", "model.num_classes=5").model)
-    m = MultiExitModel(TimmBackbone(inner), [1, 2, 3]).eval()
+    m = MultiExitModel(TimmBackbone(inner), [0, 1, 2]).eval()
     x = torch.randn(2, 3, 32, 32)
     out = m(x)
     torch.testing.assert_close(out.logits[-1], inner(x))

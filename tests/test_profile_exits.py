@@ -78,7 +78,7 @@ def _check_common(rep: dict, batch_sizes: list[int], modes: list[str]) -> None:
         assert key in rep, key
     assert rep["provenance"]["commit"] and rep["provenance"]["versions"]["torch"]
     exits = rep["exits"]
-    assert [e["stage"] for e in exits] == [1, 2, 3, 4] and [e["depth"] for e in exits][-1] == "4/4"
+    assert [e["stage"] for e in exits] == [0, 1, 2, 3] and [e["depth"] for e in exits][-1] == "4/4"
     for e in exits:
         assert e["params"] > 0 and e["flops_per_image"] > 0 and e["backbone_flops_per_image"] > 0
         for m in modes:

@@ -119,6 +119,7 @@ class ExitStep(nn.Module):
 
 
 def _exit_stages(model: nn.Module) -> list[int]:
+    """The 0-based stage after which each exit sits (the deepest: the last stage)."""
     return [int(info["stage"]) for info in model.exit_info]
 
 
@@ -131,8 +132,8 @@ def exit_steps(model: nn.Module) -> list[ExitStep]:
     heads: list[nn.Module] = [_ShallowExit(h) for h in model.heads] + [_FinalExit(backbone)]
     steps, prev = [], 0
     for j, (stage, head) in enumerate(zip(bounds, heads)):
-        steps.append(ExitStep(_Stem(backbone) if j == 0 else None, stages[prev:stage], head))
-        prev = stage
+        steps.append(ExitStep(_Stem(backbone) if j == 0 else None, stages[prev:stage + 1], head))
+        prev = stage + 1
     return steps
 
 
@@ -155,7 +156,7 @@ class TruncatedModel(nn.Module):
         self.stage = _exit_stages(model)[k]
         final = k == model.num_exits - 1
         head = _FinalExit(model.backbone) if final else _ShallowExit(model.heads[k])
-        self.body = ExitStep(_Stem(model.backbone), list(model.backbone.stages)[: self.stage], head)
+        self.body = ExitStep(_Stem(model.backbone), list(model.backbone.stages)[: self.stage + 1], head)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x)[1]

@@ -1,7 +1,7 @@
 """Exit heads of the two BYOT references. Each maps a stage output to (logits [B, K], pooled feature [B, D]).
 
 - `BottleneckHead`: the ICCV-paper head as re-implemented by luanyunteng/pytorch-be-your-own-teacher
-  (1x1 -> kxk stride k -> 1x1, each conv+BN+ReLU, GAP, FC; k = 8, 4, 2 after stages 1, 2, 3).
+  (1x1 -> kxk stride k -> 1x1, each conv+BN+ReLU, GAP, FC; k = 8, 4, 2 after stages 0, 1, 2).
 - `JournalHead`: the authors' journal-version head (ArchipLab-LinfengZhang/pytorch-self-distillation-final):
   a sigmoid attention map from a SepConv, then a chain of channel-doubling SepConvs down to the final width.
 """
@@ -70,8 +70,9 @@ class JournalHead(nn.Module):
 
 
 def make_head(kind: str, cin: int, cout: int, stage: int, num_classes: int) -> nn.Module:
+    """The head after 0-based backbone stage `stage` of 4."""
     if kind == "bottleneck":
-        return BottleneckHead(cin, cout, 2 ** (4 - stage), num_classes)
+        return BottleneckHead(cin, cout, 2 ** (3 - stage), num_classes)
     if kind == "journal":
         return JournalHead(cin, cout, num_classes)
     raise ValueError(f"unknown exit head {kind!r}; allowed: bottleneck, journal")

@@ -2,6 +2,8 @@
 
 The backbone only needs the timm contract (`forward_intermediates`, `forward_head(x, pre_logits)`, `feature_info`,
 `get_classifier`), so our ResNets and any timm model plug in the same way. With no exits it is exactly the backbone.
+Stages are 0-based, as timm's `forward_intermediates` indices: exit i sits after stage `exit_stages[i]`, and the
+deepest exit, the backbone's own head, after the last stage (`exit_info[i]["stage"]`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from engine.types import ExitOutputs
 
 
 class MultiExitModel(nn.Module):
-    def __init__(self, backbone: nn.Module, exit_stages: Sequence[int] = (1, 2, 3), head: str = "bottleneck",
+    def __init__(self, backbone: nn.Module, exit_stages: Sequence[int] = (0, 1, 2), head: str = "bottleneck",
                  hint_adapter: bool = False):
         super().__init__()
         self.backbone = backbone
@@ -23,14 +25,14 @@ class MultiExitModel(nn.Module):
         num_classes = backbone.num_classes
         final = backbone.num_features
         self.heads = nn.ModuleList(
-            make_head(head, backbone.feature_info[s - 1]["num_chs"], final, s, num_classes) for s in self.exit_stages)
+            make_head(head, backbone.feature_info[s]["num_chs"], final, s, num_classes) for s in self.exit_stages)
         # Adapters are built eagerly (the journal code builds them lazily at step 1 and must rebuild its optimizer).
         self.adapters = nn.ModuleList(nn.Linear(h.out_features, final) for h in self.heads) if hint_adapter else None
         self.exit_info = [
-            dict(stage=s, num_chs=backbone.feature_info[s - 1]["num_chs"],
-                 reduction=backbone.feature_info[s - 1]["reduction"], feature_dim=final, num_classes=num_classes)
+            dict(stage=s, num_chs=backbone.feature_info[s]["num_chs"],
+                 reduction=backbone.feature_info[s]["reduction"], feature_dim=final, num_classes=num_classes)
             for s in self.exit_stages
-        ] + [dict(stage=n_stages, num_chs=backbone.feature_info[-1]["num_chs"],
+        ] + [dict(stage=n_stages - 1, num_chs=backbone.feature_info[-1]["num_chs"],
                   reduction=backbone.feature_info[-1]["reduction"], feature_dim=final, num_classes=num_classes)]
 
     @property
@@ -38,8 +40,7 @@ class MultiExitModel(nn.Module):
         return len(self.heads) + 1
 
     def forward(self, x: Tensor) -> ExitOutputs:
-        indices = [s - 1 for s in self.exit_stages]
-        final, inters = self.backbone.forward_intermediates(x, indices=indices)
+        final, inters = self.backbone.forward_intermediates(x, indices=self.exit_stages)
         logits, feats = [], []
         for i, (head, stage_out) in enumerate(zip(self.heads, inters)):
             z, f = head(stage_out)

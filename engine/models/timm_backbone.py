@@ -1,7 +1,7 @@
 """Optional: any timm model with `forward_intermediates` as a multi-exit backbone (`model.name: timm:<name>`).
 
 timm counts the stem as a feature level for some families (ResNet: 5 levels); exits address the last four
-levels as stages 1..4, so the same `exits.stages` config means the same thing for our ResNets and timm's.
+levels as stages 0..3, so the same `exits.stages` config means the same thing for our ResNets and timm's.
 """
 from __future__ import annotations
 

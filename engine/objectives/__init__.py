@@ -1,3 +1,9 @@
 """Importing this package registers every objective."""
-from engine.objectives import baselines, beta, byot, cskd, teacher  # noqa: F401
-from engine.objectives.base import OBJECTIVES, Objective, build_objective, register_objective  # noqa: F401
+from engine.objectives import beta, byot, ce, cskd, dsn, kd, label_smoothing, max_entropy, mixup  # noqa: F401
+from engine.objectives.base import (  # noqa: F401
+    OBJECTIVES,
+    Objective,
+    build_objective,
+    check_config,
+    register_objective,
+)

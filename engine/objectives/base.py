@@ -4,18 +4,23 @@ An objective runs the forward passes its method needs (anchors, no-grad partners
 hands explicit tensors to pure loss functions. It returns a `LossOutput` whose `total` is the sum of its named,
 already-weighted `terms`, so the log, the tests and the Triton kernels all see the same names.
 
-`objective.backend` (torch | triton | auto; auto = Triton on CUDA, PyTorch elsewhere) picks who computes the
-loss terms. With "triton" the objectives in `TRITON_ROUTED` hand their logits to the fused kernel
-(engine/objectives/fused.py) and return the same term names and values as the PyTorch path, with a total that
-backpropagates through one sum; the others always run PyTorch (`TORCH_ONLY`, with the reason). Both backends take
-the same `objective.log_eps` (`log_eps(cfg)`): the official log(p + 1e-8) of the Beta-smoothing code in the methods
-that come from it, the exact log-softmax elsewhere.
+Each objective class declares, as data, what it needs from the rest of the config (`requires`, see
+requirements.py) and whether it has a soft-target cross-entropy (`soft_targets`); `check_config` asks it.
+
+`objective.backend` (torch | triton | auto; auto = Triton on CUDA, PyTorch elsewhere) is resolved once, when the
+objective is built: the objectives in `TRITON_ROUTED` then hold their fused call (engine/objectives/fused.py) in
+`fused` and compute their terms with it, otherwise with their PyTorch twin; both return the same term names and
+values, and the fused total backpropagates through one sum. The others always run PyTorch (`TORCH_ONLY`, with the
+reason). Both backends take the same `objective.log_eps` (`log_eps`): the official log(p + 1e-8) of the
+Beta-smoothing code in the methods that come from it, the exact log-softmax elsewhere.
 """
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from engine.config import ConfigError
+from engine.objectives.requirements import Requirement
 from engine.registry import Registry
 from engine.types import Batch, ExitOutputs, LossOutput
 
@@ -24,7 +29,12 @@ register_objective = OBJECTIVES.register
 
 
 class Objective(nn.Module):
-    """Default: one forward of the anchors, then `loss(out, batch)`. Methods needing more override `forward`."""
+    """Default: one forward of the anchors, then `loss` on its outputs. Methods needing more override `forward`."""
+
+    requires: tuple[Requirement, ...] = ()
+    soft_targets = False  # has a soft-target cross-entropy, the only loss that objective.log_eps changes
+    official_log_eps = 0.0  # the eps of log(p + eps) there in the official code (0 = exact log-softmax)
+    fused = None  # the fused call, when objective.backend resolved to triton at construction (`use_fused`)
 
     def forward(self, model: nn.Module, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out = model(batch.images)
@@ -36,10 +46,19 @@ class Objective(nn.Module):
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called after each optimizer step (EMA teachers update here)."""
 
+    def use_fused(self, fused) -> None:
+        """The backend, chosen once: the terms come from the fused call, or from `torch_terms` when it is None.
+        Both take the fused call's arguments and return (differentiable total, {name: term})."""
+        self.fused = fused
+        self.compute = self.torch_terms if fused is None else fused
+
+    @classmethod
+    def default_log_eps(cls, cfg) -> float:
+        return cls.official_log_eps
+
     @property
     def backend(self) -> str:
-        """Who computes the loss terms: "triton" when the objective holds a fused call (chosen at construction)."""
-        return "triton" if getattr(self, "fused", None) is not None else "torch"
+        return "torch" if self.fused is None else "triton"
 
 
 # objective name -> what runs through the fused kernel when objective.backend resolves to "triton"
@@ -50,9 +69,7 @@ TRITON_ROUTED: dict[str, str] = {
     "beta": "ce + beta, the Beta targets in closed form from the per-row b",
     "kd": "ce + kd (Hinton: KL at T, student scaled, T^2)",
     "sd_generation": "ce + kd (soft CE at T, scale_student / t_squared as configured)",
-    "ls_wrong_classes": "ls (eps/(K-1) per wrong class)",
-    "ls_all_classes": "ls (eps/K on every class)",
-    "label_smoothing": "as ls_wrong_classes / ls_all_classes",
+    "label_smoothing": "ls, in either convention (eps/(K-1) per wrong class, or eps/K on every class)",
     "dsn": "ce_i at every exit, one launch",
     "ce": "ce on the deepest exit",
     "mixup_cskd": "the cskd KL term only; the mixed CE stays on PyTorch",
@@ -64,52 +81,48 @@ TORCH_ONLY: dict[str, str] = {
 }
 
 
-# log(p + eps) in the soft-target cross-entropies of the methods whose official code has it (Beta-smoothing code)
-OFFICIAL_LOG_EPS = {"ls_wrong_classes": 1e-8, "beta": 1e-8, "sd_generation": 1e-8}
-SOFT_TARGET_METHODS = ("ls_wrong_classes", "ls_all_classes", "label_smoothing", "beta", "sd_generation")
-
-
-def smoothing_name(cfg) -> str:
-    """The objective's name, with `label_smoothing` resolved to ls_<objective.label_smoothing.convention>."""
+def objective_class(cfg) -> type[Objective]:
     name = cfg.objective.name
-    return "ls_" + cfg.objective.label_smoothing.convention if name == "label_smoothing" else name
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name: {name!r} is not allowed; allowed values: {', '.join(OBJECTIVES.names())}")
+    return OBJECTIVES.get(name)
 
 
 def log_eps(cfg) -> float:
     """The eps of log(p + eps) in the method's soft-target cross-entropy (0 = exact log-softmax)."""
     value = cfg.objective.log_eps
-    if value is None:
-        return OFFICIAL_LOG_EPS.get(smoothing_name(cfg), 0.0)
-    if value > 0 and cfg.objective.name not in SOFT_TARGET_METHODS:
-        from engine.config import ConfigError
+    return objective_class(cfg).default_log_eps(cfg) if value is None else value
 
+
+def check_config(cfg) -> None:
+    """Raise ConfigError at the first thing objective.name requires that the config does not give."""
+    cls = objective_class(cfg)
+    for r in cls.requires:
+        if r.applies(cfg) and not r.holds(cfg):
+            raise ConfigError(r.message(cfg.objective.name))
+    value = cfg.objective.log_eps
+    if value and not cls.soft_targets:
+        soft = [n for n in OBJECTIVES.names() if OBJECTIVES.get(n).soft_targets]
         raise ConfigError(f"objective.log_eps: {value} applies to soft-target cross-entropies, and objective "
-                          f"{cfg.objective.name!r} has none (only {', '.join(SOFT_TARGET_METHODS)})")
-    return value
+                          f"{cfg.objective.name!r} has none (only {', '.join(soft)})")
 
 
-def sum_terms(terms: dict[str, torch.Tensor]) -> LossOutput:
-    total = torch.stack(list(terms.values())).sum()
-    return LossOutput(total, terms)
+def summed(terms: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """(sum of the terms, the terms): what a fused call returns, for the PyTorch twins."""
+    return torch.stack(list(terms.values())).sum(), terms
 
 
-def combine(*parts: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> LossOutput:
-    """One LossOutput from several (total, terms) pairs, e.g. fused calls: the totals add up, the terms merge."""
+def sum_terms(terms: dict[str, Tensor]) -> LossOutput:
+    return LossOutput(*summed(terms))
+
+
+def combine(*parts: tuple[Tensor, dict[str, Tensor]]) -> LossOutput:
+    """One LossOutput from several (total, terms) pairs: the totals add up, the terms merge."""
     total, terms = parts[0][0], dict(parts[0][1])
     for t, more in parts[1:]:
         total = total + t
         terms.update(more)
     return LossOutput(total, terms)
-
-
-def fused_call(cfg, device: torch.device, names: dict[str, tuple[int, int]], num_exits: int = 1):
-    """The objective's fused call (engine/objectives/fused.py) when objective.backend resolves to triton, else None;
-    `names` maps each logged term to its (exit, column) in the kernel's [E, 3] losses."""
-    if resolve_backend(cfg.objective.backend, device) != "triton":
-        return None
-    from engine.objectives.fused import FusedCall, loss_options  # triton loads with this backend only
-
-    return FusedCall(loss_options(cfg, num_exits), names)
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -119,13 +132,16 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def fused_call(cfg, device: torch.device, names: dict[str, tuple[int, int]], num_exits: int = 1):
+    """The objective's fused call when objective.backend resolves to triton, else None; `names` maps each logged
+    term to its (exit, column) in the kernel's [E, 3] losses."""
+    if resolve_backend(cfg.objective.backend, device) != "triton":
+        return None
+    from engine.objectives.fused import FusedCall, loss_options  # triton is loaded for this backend only
+
+    return FusedCall(loss_options(cfg, num_exits), names)
+
+
 def build_objective(cfg, num_exits: int, device: torch.device) -> Objective:
-    import engine.objectives  # noqa: F401  (registers every method)
-
-    if cfg.objective.name not in OBJECTIVES:
-        from engine.config import ConfigError
-
-        raise ConfigError(f"objective.name: {cfg.objective.name!r} is not allowed; allowed values: "
-                          f"{', '.join(OBJECTIVES.names())}")
-    log_eps(cfg)  # a log_eps the method cannot take is a config error, whichever backend runs
-    return OBJECTIVES.get(cfg.objective.name)(cfg, num_exits=num_exits, device=device)
+    check_config(cfg)
+    return objective_class(cfg)(cfg, num_exits=num_exits, device=device)

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.ema import ModelEMA
-from engine.objectives.base import Objective, fused_call, log_eps, register_objective, sum_terms
-from engine.objectives.baselines import LOG_EPS, soft_target_ce
-from engine.objectives.byot import upcast
+from engine.models import create_model
+from engine.objectives.base import Objective, fused_call, log_eps, register_objective, summed
+from engine.objectives.functional import LOG_EPS, ce, soft_target_ce, upcast
 from engine.types import Batch, ExitOutputs, LossOutput
 
 EMA_SEED_OFFSET = 7_777  # the EMA's own initialisation is drawn from seed + this, off the global RNG stream
@@ -65,25 +65,30 @@ def beta_masses(logits: Tensor, teacher_logits: Tensor, labels: Tensor, beta: fl
     return assign_by_confidence(true_class_confidence(teacher_logits, labels), draws.to(dtype))
 
 
-def beta_smoothing_terms(logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, beta: float,
-                         draws: Tensor | None = None, log_eps: float = LOG_EPS) -> dict[str, Tensor]:
-    """`ce` = (1-alpha)·CE and `beta` = alpha·softCE(Beta targets); `draws` (sorted) may be given for tests."""
-    b = beta_masses(logits, teacher_logits, labels, beta, draws)
+def beta_terms(logits: Tensor, labels: Tensor, b: Tensor, alpha: float, log_eps: float = LOG_EPS) -> dict[str, Tensor]:
+    """`ce` = (1-alpha)·CE and `beta` = alpha·softCE(the Beta targets of true-class masses `b`)."""
     z = upcast(logits)
     target = beta_targets(labels, z.shape[-1], b)
-    return {"ce": (1 - alpha) * F.cross_entropy(z, labels), "beta": alpha * soft_target_ce(z, target, log_eps)}
+    return {"ce": (1 - alpha) * ce(z, labels), "beta": alpha * soft_target_ce(z, target, log_eps)}
+
+
+def beta_smoothing_terms(logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, beta: float,
+                         draws: Tensor | None = None, log_eps: float = LOG_EPS) -> dict[str, Tensor]:
+    """The terms with the masses drawn and assigned here; `draws` (sorted) may be given for tests."""
+    return beta_terms(logits, labels, beta_masses(logits, teacher_logits, labels, beta, draws), alpha, log_eps)
 
 
 @register_objective("beta")
 class BetaSmoothing(Objective):
+    soft_targets = True
+    official_log_eps = LOG_EPS
+
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
-        from engine.models import create_model
-
         b = cfg.objective.beta
         self.alpha, self.beta = b.alpha, b.beta
         self.log_eps = log_eps(cfg)
-        self.fused = fused_call(cfg, device, {"ce": (0, 0), "beta": (0, 1)})
+        self.use_fused(fused_call(cfg, device, {"ce": (0, 0), "beta": (0, 1)}))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + EMA_SEED_OFFSET)
             teacher = create_model(cfg.model, cfg.exits)
@@ -98,11 +103,11 @@ class BetaSmoothing(Objective):
             self.ema.module.train()
         with torch.no_grad():
             zt = self.ema.module(batch.images).logits[-1]
-        if self.fused is not None:
-            b = beta_masses(out.logits[-1], zt, batch.labels, self.beta)
-            return LossOutput(*self.fused(out.logits[-1], batch.labels, soft_b=b)), out
-        terms = beta_smoothing_terms(out.logits[-1], zt, batch.labels, self.alpha, self.beta, log_eps=self.log_eps)
-        return sum_terms(terms), out
+        b = beta_masses(out.logits[-1], zt, batch.labels, self.beta)
+        return LossOutput(*self.compute(out.logits[-1], batch.labels, soft_b=b)), out
+
+    def torch_terms(self, logits: Tensor, labels: Tensor, soft_b: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return summed(beta_terms(logits, labels, soft_b, self.alpha, self.log_eps))
 
     def decay_at(self, step: int) -> float:
         """Decay applied after 0-based optimizer step `step` (the official global_step is step + 1)."""

@@ -26,12 +26,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.checkpoint import unwrap
-from engine.objectives.base import Objective, combine, register_objective, resolve_backend, sum_terms
-from engine.objectives.byot import BYOT, kd_loss, upcast
+from engine.objectives.base import Objective, combine, register_objective, resolve_backend, summed
+from engine.objectives.byot import BYOT, SHALLOW_EXIT
+from engine.objectives.functional import ce, kd_loss
+from engine.objectives.requirements import Requirement
 from engine.types import Batch, ExitOutputs, LossOutput
 
 
@@ -54,7 +55,7 @@ def cskd_terms(logits: list[Tensor], partner_logits: list[Tensor], labels: Tenso
     terms: dict[str, Tensor] = {}
     for i, sfx in chosen_exits(len(logits), exits):
         if with_ce:
-            terms[f"ce{sfx}"] = F.cross_entropy(upcast(logits[i]), labels)
+            terms[f"ce{sfx}"] = ce(logits[i], labels)
         terms[f"cskd{sfx}"] = lam * cskd_kl(logits[i], partner_logits[i], temperature)
         if view_logits is not None:
             terms[f"cskd_sample{sfx}"] = lam * cskd_kl(logits[i], view_logits[i], temperature)
@@ -121,11 +122,11 @@ class PartnerForward:
 
 
 class FusedCSKD:
-    """The fused form of cskd_terms: per chosen exit, one launch for CE + the partner KL (CE left out for
+    """The fused twin of cskd_terms: per chosen exit, one launch for CE + the partner KL (CE left out for
     byot_cskd) and one for the sample-wise KL."""
 
     def __init__(self, cfg, num_exits: int, with_ce: bool):
-        from engine.objectives.fused import FusedCall, cskd_options  # triton loads with this backend only
+        from engine.objectives.fused import FusedCall, cskd_options  # triton is loaded for this backend only
 
         pair, view = cskd_options(cfg, with_ce), cskd_options(cfg, with_ce=False)
         self.calls = []
@@ -133,24 +134,39 @@ class FusedCSKD:
             names = {f"ce{sfx}": (0, 0), f"cskd{sfx}": (0, 1)} if with_ce else {f"cskd{sfx}": (0, 1)}
             self.calls.append((i, FusedCall(pair, names), FusedCall(view, {f"cskd_sample{sfx}": (0, 1)})))
 
-    def __call__(self, logits, partner_logits, labels, view_logits=None) -> list[tuple[Tensor, dict[str, Tensor]]]:
+    def __call__(self, logits: list[Tensor], partner_logits: list[Tensor], labels: Tensor,
+                 view_logits: list[Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         parts = []
         for i, pair, view in self.calls:
             parts.append(pair(logits[i], labels, teacher_logits=partner_logits[i]))
             if view_logits is not None:
                 parts.append(view(logits[i], labels, teacher_logits=view_logits[i]))
-        return parts
+        loss = combine(*parts)
+        return loss.total, loss.terms
+
+
+# the loader's class-pair sampler puts the partners in Batch.extra["partner"]
+PAIRS = Requirement("data.sampler", "==", "class_pair", note="CS-KD anchor/partner batches")
 
 
 @register_objective("cskd")
 class CSKD(Objective):
+    requires = (PAIRS, Requirement("data.extra_view", "==", True, when=("objective.cskd.sample_wise", True),
+                                   note="CS-KD-E takes its sample-wise target from a second view of each anchor"))
+
     def __init__(self, cfg, num_exits: int, device: torch.device, with_ce: bool = True):
         super().__init__()
         c = cfg.objective.cskd
         self.lam, self.temperature, self.exits, self.sample_wise = c.lam, c.temperature, c.exits, c.sample_wise
+        self.with_ce = with_ce
         self.partner = PartnerForward(c.partner_updates_bn)
-        use_kernel = resolve_backend(cfg.objective.backend, device) == "triton"
-        self.fused = FusedCSKD(cfg, num_exits, with_ce) if use_kernel else None
+        on_triton = resolve_backend(cfg.objective.backend, device) == "triton"
+        self.use_fused(FusedCSKD(cfg, num_exits, with_ce) if on_triton else None)
+
+    def torch_terms(self, logits: list[Tensor], partner_logits: list[Tensor], labels: Tensor,
+                    view_logits: list[Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        return summed(cskd_terms(logits, partner_logits, labels, self.lam, self.temperature, self.exits, view_logits,
+                                 self.with_ce))
 
     def _targets(self, model, batch: Batch) -> tuple[list[Tensor], list[Tensor] | None]:
         zp = self.partner(model, partner_images(batch)).logits
@@ -167,14 +183,14 @@ class CSKD(Objective):
 
     def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out, (zp, zv) = self._forward_all(model, batch)
-        if self.fused is not None:
-            return combine(*self.fused(out.logits, zp, batch.labels, zv)), out
-        return sum_terms(cskd_terms(out.logits, zp, batch.labels, self.lam, self.temperature, self.exits, zv)), out
+        return LossOutput(*self.compute(out.logits, zp, batch.labels, zv)), out
 
 
 @register_objective("byot_cskd")
 class BYOTCSKD(CSKD):
-    """BYOT terms (objective.byot.*, any backend) + CS-KD KL terms (objective.cskd.*)."""
+    """BYOT terms (objective.byot.*) + CS-KD KL terms (objective.cskd.*), each on the chosen backend."""
+
+    requires = (*CSKD.requires, SHALLOW_EXIT)
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__(cfg, num_exits, device, with_ce=False)
@@ -183,9 +199,4 @@ class BYOTCSKD(CSKD):
     def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out, (zp, zv) = self._forward_all(model, batch)
         byot = self.byot.loss(out, batch)
-        if self.fused is not None:
-            return combine((byot.total, byot.terms), *self.fused(out.logits, zp, batch.labels, zv)), out
-        terms = dict(byot.terms)
-        terms.update(cskd_terms(out.logits, zp, batch.labels, self.lam, self.temperature, self.exits, zv,
-                                with_ce=False))
-        return sum_terms(terms), out
+        return combine((byot.total, byot.terms), self.compute(out.logits, zp, batch.labels, zv)), out

@@ -1,7 +1,7 @@
 """The objectives' fused-kernel backend (objective.backend = triton, or auto on CUDA).
 
-`loss_options(cfg, num_exits)` turns an objective's config into the kernels.options.LossOptions of its fused call;
-the objectives, the benchmarks and the tests all build their options here. A fused call gives the differentiable
+`loss_options` turns an objective's config into the kernels.options.LossOptions of its fused call; the objectives,
+the benchmarks and the tests all build their options here. A fused call gives the differentiable
 total of its weighted terms and the terms themselves: the objective backpropagates through the total (one sum,
 no per-term selects in the graph) and logs the terms detached.
 
@@ -14,13 +14,14 @@ from typing import Optional
 from torch import Tensor
 
 from engine.config import ConfigError
-from engine.objectives.base import log_eps, smoothing_name
+from engine.objectives.base import log_eps
+from engine.objectives.byot import ByotWeights
 from kernels.multi_exit_loss import fused_loss
 from kernels.options import LossOptions
 
 
-def byot_options(b, weights) -> LossOptions:
-    """b: ByotConfig, weights: ByotWeights."""
+def byot_options(b, weights: ByotWeights) -> LossOptions:
+    """The options of BYOT's one launch, from objective.byot and its resolved per-exit weights."""
     hint = b.hint if b.hint != "none" and any(weights.hint) else "none"
     return LossOptions(teacher="deepest", ce_weight=weights.ce, kd_weight=weights.kd, hint_weight=weights.hint,
                        temperature=b.temperature, kd=b.kd, t_squared=b.t_squared, hint=hint)
@@ -35,17 +36,15 @@ def cskd_options(cfg, with_ce: bool = True) -> LossOptions:
 
 def loss_options(cfg, num_exits: int) -> LossOptions:
     """The options of objective `cfg.objective.name`'s fused call (for CS-KD: the anchor/partner one)."""
-    from engine.objectives.byot import ByotWeights
-
-    o, name = cfg.objective, smoothing_name(cfg)
+    o, name = cfg.objective, cfg.objective.name
     eps = log_eps(cfg)
     if name in ("byot", "byot_cskd"):
         return byot_options(o.byot, ByotWeights.from_config(o.byot, num_exits))
     if name in ("ce", "dsn"):
         return LossOptions(teacher="none")
-    if name in ("ls_wrong_classes", "ls_all_classes"):
+    if name == "label_smoothing":
         return LossOptions(teacher="none", label_smoothing=o.label_smoothing.epsilon,
-                           smoothing_convention=name[3:], log_eps=eps)
+                           smoothing_convention=o.label_smoothing.convention, log_eps=eps)
     if name == "kd":
         t = o.teacher
         return LossOptions(teacher="logits", ce_weight=1 - t.alpha, kd_weight=t.alpha, temperature=t.temperature,
