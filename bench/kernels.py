@@ -529,7 +529,7 @@ def cases(args, device: torch.device) -> list[Case]:
 
 def fused_status(device: torch.device) -> str:
     """Select the interpreter on CPU before the kernels are first imported; say why the kernel cannot run."""
-    if device.type == "cpu" and "kernels.multi_exit_triton" not in sys.modules:
+    if device.type == "cpu" and "kernels.multi_exit_tiles" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "unavailable: CPU needs TRITON_INTERPRET=1"

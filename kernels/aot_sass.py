@@ -194,6 +194,15 @@ def _last_program(fn, test) -> bool:
                and _stored(a) & names for a in ast.walk(fn))
 
 
+def _jitted(fn) -> bool:
+    """Decorated @triton.jit (or @jit, or called with arguments)."""
+    for d in fn.decorator_list:
+        d = d.func if isinstance(d, ast.Call) else d
+        if getattr(d, "attr", getattr(d, "id", None)) == "jit":
+            return True
+    return False
+
+
 def _one_trip(fn, st, ns: dict):
     """(is ==, trip) for an if testing the induction variable of its enclosing range-`for` against a value that
     does not change in the loop (c0 != c_y: every tile but the one holding the true class); else None."""
@@ -269,10 +278,21 @@ class Source:
                     ns[name] = evaluate(expr, caller_ns)
         return ns
 
-    def call_paths(self, file: str, kernel, target, const_ns: dict, globals_ns: dict) -> list[list[int]]:
-        """Call lines (innermost first) of every path from `kernel` to `target` through live code: a call under an
-        if whose constexpr test is false leaves no code."""
-        paths, funcs = [], {f.name: f for f in self.nodes(file, ast.FunctionDef)}
+    def functions(self, file: str) -> dict:
+        """name -> (file, function) of the kernel's file and of the Python files beside it (the kernel's helpers may
+        live in a sibling module); the kernel's own file wins a name clash."""
+        folder, out = os.path.dirname(file), {}
+        for other in sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, other)
+            if path != file:  # only @triton.jit functions of the other files: no host code by the same name
+                out.update((f.name, (path, f)) for f in self.nodes(path, ast.FunctionDef) if _jitted(f))
+        out.update((f.name, (file, f)) for f in self.nodes(file, ast.FunctionDef))
+        return out
+
+    def call_paths(self, file: str, kernel, target, const_ns: dict, globals_ns: dict) -> list[list[tuple]]:
+        """Call sites (file, line), innermost first, of every path from `kernel` to `target` through live code: a
+        call under an if whose constexpr test is false leaves no code."""
+        paths, funcs = [], self.functions(file)
 
         def live_calls(fn, entry, stmts):
             for st in stmts:
@@ -288,27 +308,27 @@ class Source:
                 else:
                     yield from (c for c in ast.walk(st) if isinstance(c, ast.Call))
 
-        def walk(fn, entry, lines):
+        def walk(fn_file, fn, entry, sites):
             if fn is target:
-                paths.append(lines)
+                paths.append(sites)
                 return
             for call in live_calls(fn, entry, fn.body):
-                callee = funcs.get(_name(call))
-                if callee is not None and callee is not fn and len(lines) < 16:
-                    walk(callee, self._bind(callee, (file, fn, entry, call.lineno), globals_ns),
-                         [call.lineno] + lines)
+                callee_file, callee = funcs.get(_name(call), (None, None))
+                if callee is not None and callee is not fn and len(sites) < 16:
+                    walk(callee_file, callee, self._bind(callee, (fn_file, fn, entry, call.lineno), globals_ns),
+                         [(fn_file, call.lineno)] + sites)
 
-        walk(kernel, dict(const_ns), [])
+        walk(file, kernel, dict(const_ns), [])
         return paths
 
     def contexts(self, chain: tuple, env: Env) -> list[tuple]:
         """Full chains (kernel frame last) in which the code at `chain` can run."""
         kernel = next((f for f in self.nodes(env.kernel[0], ast.FunctionDef) if f.name == env.kernel[1]), None)
         outer = self.func_at(*chain[-1]) if chain else None
-        if kernel is None or outer is None or outer is kernel or chain[-1][0] != env.kernel[0]:
+        if kernel is None or outer is None or outer is kernel:
             return [chain]
         paths = self.call_paths(env.kernel[0], kernel, outer, env.consts, env.globals)
-        return [chain + tuple((env.kernel[0], ln) for ln in p) for p in paths] or [chain]
+        return [chain + tuple(p) for p in paths] or [chain]
 
     def if_factor(self, chain: tuple, env: Env) -> tuple[float, list]:
         """(how often the code at `chain` runs per program given its ifs, [(file, if line, side)] of the ifs that

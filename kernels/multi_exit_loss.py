@@ -36,7 +36,8 @@ import torch
 import triton
 from torch import Tensor, nn
 
-from kernels import multi_exit_triton as K
+from kernels import multi_exit_bwd, multi_exit_fwd
+from kernels import multi_exit_tiles as K
 from kernels.options import MAX_EXITS, LossOptions, ce_true_mass, options, resolve_weights
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -234,7 +235,7 @@ def forward(plan: Plan, st: Streams) -> tuple[Tensor, Tensor, Tensor]:
     f32 = dict(dtype=torch.float32, device=plan.device)
     total, losses, stats = torch.empty((), **f32), torch.empty((plan.E, 3), **f32), torch.empty(plan.stats_size, **f32)
     zst, fst, t_stride = st.strides
-    K._fwd_kernel[plan.grid](
+    multi_exit_fwd._fwd_kernel[plan.grid](
         st.zs, zst, st.fs, fst, st.tz, t_stride, st.y, st.brow, plan.weights, stats, plan.part, plan.ticket, total,
         losses, plan.B, plan.C, plan.D, *plan.scalars, plan.inv_bd, ALIGN=st.align, **plan.fwd_meta)
     return total, losses, stats
@@ -245,7 +246,7 @@ def backward(plan: Plan, grad: Tensor, stats: Tensor, st: Streams) -> tuple[Tens
     dz = torch.empty((plan.E, plan.B, plan.C), dtype=st.zs[0].dtype, device=plan.device)
     df = torch.empty((plan.E, plan.B, plan.D), dtype=st.fs[0].dtype, device=plan.device) if plan.D else dz
     zst, fst, t_stride = st.strides
-    K._bwd_kernel[plan.grid](
+    multi_exit_bwd._bwd_kernel[plan.grid](
         st.zs, zst, st.fs, fst, st.tz, t_stride, st.y, st.brow, plan.weights, stats, grad,
         *(grad.stride() if grad.dim() else (0, 0)), dz, df, plan.B, plan.C, plan.D, *plan.scalars, ALIGN=st.align,
         **plan.meta)

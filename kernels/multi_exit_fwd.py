@@ -1,4 +1,5 @@
-"""Triton kernels of the fused multi-exit loss (launcher, autograd and torch.library: kernels/multi_exit_loss.py).
+"""The forward kernel of the fused multi-exit loss (backward: kernels/multi_exit_bwd.py; tiles and constants:
+kernels/multi_exit_tiles.py; launcher, autograd and torch.library: kernels/multi_exit_loss.py).
 
 One program owns BLOCK_B rows and every exit of them, so the teacher's exponentials and statistics are computed once
 per element and shared by all the exits it teaches. The grid is one-dimensional over row blocks.
@@ -26,165 +27,34 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Module constants are tl.constexpr so the kernels can read them.
-LOG2E = tl.constexpr(1.4426950408889634)
-TEACHER_NONE, TEACHER_DEEPEST, TEACHER_LOGITS, TEACHER_CLOSED = (tl.constexpr(i) for i in range(4))
-HINT_NONE, HINT_SSE, HINT_L2, HINT_MSE = (tl.constexpr(i) for i in range(4))
-EPS_NONE, EPS_CE, EPS_KD = (tl.constexpr(i) for i in range(3))  # which soft-target term takes log(q + eps)
-# Saved per-row statistics, STATS[(k * E + e) * B + row]: log-sum-exp and other-class mass at T = 1 and at the
-# student's KD temperature, and the log_eps normaliser; then the teacher's two at T, then per-exit hint factors
-# and the labelled-row count.
-ROW_STATS = tl.constexpr(5)
-ST_LSE1, ST_R1, ST_LSES, ST_RS, ST_WEPS = (tl.constexpr(i) for i in range(5))
+from kernels.multi_exit_tiles import (
+    EPS_CE,
+    EPS_NONE,
+    HINT_L2,
+    HINT_NONE,
+    HINT_SSE,
+    LOG2E,
+    ROW_STATS,
+    ST_LSE1,
+    ST_LSES,
+    ST_R1,
+    ST_RS,
+    ST_WEPS,
+    TEACHER_CLOSED,
+    TEACHER_DEEPEST,
+    TEACHER_LOGITS,
+    _closed_target,
+    _labels,
+    _lanes,
+    _load,
+    _row_off,
+    _row_stats,
+    _sweep,
+    _true_tile,
+)
+
 # Per-program partial sums in the scratch buffer, PART[pid * PART_STRIDE + 3 * e + k] (k: ce, kd, hint), then the
 # program's labelled-row count.
-
-
-# --------------------------------------------------------------------------------------------- element-wise helpers
-
-
-@triton.jit
-def _exp2_fma(x):
-    # 2^x without the special-function unit (FlashAttention-4's trick): 2^(x - n) by a degree-6 polynomial on
-    # [-1/2, 1/2] (max relative error 1.0e-7 in fp32, the accuracy of MUFU.EX2), times 2^n by adding n to the
-    # exponent bits. n = round(x) comes from adding 1.5 * 2^23, which leaves n in the low mantissa bits. Arguments
-    # are clamped at -125 (2^-125 = 2.4e-38 stands in for anything smaller, which no fp32 sum or bf16 value sees).
-    xc = tl.maximum(x, -125.0)
-    t = xc + 12582912.0
-    f = xc - (t - 12582912.0)
-    p = 0.00015353351773228496
-    p = p * f + 0.0013398873852565885
-    p = p * f + 0.00961843691766262
-    p = p * f + 0.055503323674201965
-    p = p * f + 0.24022647738456726
-    p = p * f + 0.6931471824645996
-    p = p * f + 1.0
-    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _ipow(e, P: tl.constexpr):
-    r = e
-    for _ in tl.static_range(P - 1):
-        r = r * e
-    return r
-
-
-@triton.jit
-def _unit_exp(e, d, POW: tl.constexpr):
-    # exp(d) given e = exp(d / T): e^T for an integer T (POW), else the polynomial exp2
-    if POW > 0:
-        return _ipow(e, POW)
-    return _exp2_fma(d * LOG2E)
-
-
-@triton.jit
-def _softmax_1(q, x, lse1, TWO: tl.constexpr):
-    # The softmax at T = 1 of a stream whose softmax at T is q. The gradient needs it to fp32 accuracy (a power of
-    # q would triple q's rounding error), and the special-function unit is spent on q: the polynomial exp2.
-    if not TWO:
-        return q
-    return _exp2_fma(x * LOG2E - (lse1 * LOG2E)[:, None, None])
-
-
-@triton.jit
-def _load(ptr, offs, mask, MASKED: tl.constexpr):
-    """(values with 0 past the last class, values with -inf there), both fp32. Row offsets come from rows clamped
-    to B - 1, so a padded row re-reads the last one and only the class mask is needed."""
-    if MASKED:
-        xz = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        return xz, tl.where(mask, xz, float("-inf"))
-    xz = tl.load(ptr + offs).to(tl.float32)
-    return xz, xz
-
-
-@triton.jit
-def _row_off(rows, stride, ALIGN: tl.constexpr):
-    """[BLOCK_B, 1, 1] element offsets of the rows; ALIGN > 1 vouches that each row starts on a 16-byte vector."""
-    off = rows * stride
-    if ALIGN > 1:
-        off = tl.multiple_of(off, ALIGN)
-    return off[:, None, None]
-
-
-@triton.jit
-def _lanes(NT: tl.constexpr, V: tl.constexpr, ALIGN: tl.constexpr):
-    """[1, NT, V] column offsets of a tile. Aligned rows: lane i owns the V contiguous columns of one 16-byte load.
-    Otherwise lane i owns columns i, i + NT, ...: a warp still reads consecutive addresses, and every thread still
-    reduces its own V columns."""
-    nt = tl.arange(0, NT)[:, None]
-    v = tl.arange(0, V)[None, :]
-    if ALIGN > 1:
-        return (nt * V + v)[None, :, :]
-    return (v * NT + nt)[None, :, :]
-
-
-@triton.jit
-def _sweep(x, m, lo_a, lo_b, not_y, k_a, POW: tl.constexpr, TWO: tl.constexpr, EXCL: tl.constexpr):
-    """One tile of one stream. m [BB, NT]: per-lane running max of the raw logits; lo_a / lo_b: per-lane sums,
-    true class left out, of exp((x - m) / T_a) and (TWO) exp(x - m). Returns the new state, the lanes' rescale
-    factor and e = exp((x - m_new) / T_a) with the true class in. EXCL: the tile may hold a true class."""
-    m_new = tl.maximum(m, tl.max(x, 2))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    d_lane = m - m_ref
-    r = tl.exp2(d_lane * k_a)
-    e = tl.exp2(x * k_a - (m_ref * k_a)[:, :, None])
-    e_out = tl.where(not_y, e, 0.0) if EXCL else e
-    lo_a = lo_a * r + tl.sum(e_out, 2)
-    if TWO:
-        if POW > 0:
-            e1 = _ipow(e_out, POW)
-        else:
-            e1 = _exp2_fma(x * LOG2E - (m_ref * LOG2E)[:, :, None])
-            e1 = tl.where(not_y, e1, 0.0) if EXCL else e1
-        lo_b = lo_b * _unit_exp(r, d_lane, POW) + tl.sum(e1, 2)
-    return m_new, lo_a, lo_b, r, e
-
-
-@triton.jit
-def _row_stats(m, lo_a, lo_b, z_y, has_y, k_a, inv_ta, POW: tl.constexpr, TWO: tl.constexpr):
-    """Combine the lanes of one stream: (lse at T_a, other-class mass at T_a, lse at 1, mass at 1, l at T_a, the
-    lanes' scale to the row max)."""
-    mx = tl.max(m, 1)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    d = m - mx[:, None]
-    s = tl.exp2(d * k_a)
-    oa = tl.sum(lo_a * s, 1)
-    la = oa + tl.where(has_y, tl.exp2((z_y - mx) * k_a), 0.0)
-    lse_a = mx * inv_ta + tl.log(la)
-    if TWO:
-        ob = tl.sum(lo_b * _unit_exp(s, d, POW), 1)
-        lb = ob + tl.where(has_y, tl.exp(z_y - mx), 0.0)
-        return lse_a, oa / la, mx + tl.log(lb), ob / lb, la, s
-    return lse_a, oa / la, lse_a, oa / la, la, s
-
-
-@triton.jit
-def _labels(Y, rows, row_ok, C, ignore_index):
-    y = tl.load(Y + rows, mask=row_ok, other=ignore_index).to(tl.int64)
-    valid = row_ok & (y != ignore_index)
-    in_range = (y >= 0) & (y < C)
-    # int32 (C < 2^31): the per-element compare with the column index stays a 32-bit op
-    return valid, in_range, tl.where(valid & in_range, y, -1).to(tl.int32)  # -1: no column is the true class
-
-
-@triton.jit
-def _true_tile(y_cls, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
-    """With one row per program: the first column of the tile that holds its true class (-1: no true class, or
-    several rows per program, whose loop keeps the per-element exclusion)."""
-    if BLOCK_B > 1:
-        return -1
-    y = tl.sum(y_cls, 0)
-    return tl.where(y >= 0, (y // BLOCK_C) * BLOCK_C, -1)
-
-
-@triton.jit
-def _closed_target(b_row, C):
-    return b_row, (1.0 - b_row) / (C - 1)
-
-
-# --------------------------------------------------------------------------------------------- forward
 
 
 @triton.jit
@@ -485,160 +355,3 @@ def _reduce(PART, W, STATS, TOTAL, LOSSES, TICKET, n_prog, B, D, kd_scale, inv_b
     tl.store(tail + j // 3, fscale, mask=(term == 2) & (j < 3 * N))
     tl.store(tail + N, n_valid)
     tl.atomic_xchg(TICKET, 0)
-
-
-# --------------------------------------------------------------------------------------------- backward
-
-
-@triton.jit
-def _grad_slot(Z, stride_z, DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rstats, coefs, p, rt, b_on, b_off,
-               ce_b, log_eps, inv_tq, inv_ts, TEACHER: tl.constexpr, EPS: tl.constexpr, IS_TEACHER: tl.constexpr,
-               TWO: tl.constexpr, ALIGN: tl.constexpr, EXCL: tl.constexpr, MASKED: tl.constexpr):
-    """Write one exit's gradient tile; return its softmax at its KD temperature (the others' teacher when
-    IS_TEACHER)."""
-    lse1, r1, lse_q, rq, weps = rstats
-    c_ce, c_kd = coefs
-    _, x = _load(Z, _row_off(rows_ld, stride_z, ALIGN) + cols, mask, MASKED)
-    q = tl.exp2((x * inv_tq - lse_q[:, None, None]) * LOG2E)
-    sm = _softmax_1(q, x, lse1, TWO)
-    off_ce = (1.0 - ce_b) / (C - 1)
-    # without EXCL the tile holds no true class: the plain off-class forms, no per-element select
-    if EPS == EPS_CE:
-        tgt = tl.where(is_y, ce_b, off_ce) if EXCL else off_ce
-        g_ce = sm * weps[:, None, None] - tgt * sm / (sm + log_eps)
-    else:
-        g_ce = tl.where(is_y, (1.0 - ce_b) - r1[:, None, None], sm - off_ce) if EXCL else sm - off_ce
-    g = c_ce[:, None, None] * g_ce
-    if not (TEACHER == TEACHER_NONE or IS_TEACHER):
-        if EPS == EPS_KD:
-            tgt = p
-            if TEACHER == TEACHER_CLOSED:
-                tgt = tl.where(is_y, b_on, b_off) if EXCL else b_off
-            g_kd = q * weps[:, None, None] - tgt * q / (q + log_eps)
-        elif TEACHER == TEACHER_CLOSED:
-            g_kd = tl.where(is_y, (1.0 - b_on) - rq[:, None, None], q - b_off) if EXCL else q - b_off
-        elif EXCL:  # q_y - p_y as the difference of the other classes' masses
-            g_kd = tl.where(is_y, (rt - rq)[:, None, None], q - p)
-        else:
-            g_kd = q - p
-        g += (c_kd * inv_ts)[:, None, None] * g_kd
-    out = DZ + (rows[:, None, None] + s * B) * C + cols
-    if MASKED:
-        tl.store(out, g.to(DZ.dtype.element_ty), mask=row_ok[:, None, None] & mask)
-    else:
-        tl.store(out, g.to(DZ.dtype.element_ty), mask=row_ok[:, None, None])
-    return q
-
-
-@triton.jit
-def _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C, y_cls, rs_all, c_all, lse_t, rt,
-               b_row, ce_b, log_eps, inv_t, inv_ts, N: tl.constexpr, TEACHER: tl.constexpr, EPS: tl.constexpr,
-               TWO_S: tl.constexpr, TWO_T: tl.constexpr, ALIGN: tl.constexpr, EXCL: tl.constexpr,
-               MASKED: tl.constexpr):
-    cols = c0 + lanes
-    mask = cols < C
-    is_y = cols == y_cls[:, None, None]
-    p = tl.zeros([1, 1, 1], tl.float32)
-    if TEACHER == TEACHER_LOGITS:
-        _, t = _load(TZ, _row_off(rows_ld, stride_t, ALIGN) + cols, mask, MASKED)
-        p = tl.exp2((t * inv_t - lse_t[:, None, None]) * LOG2E)
-    b_on = tl.zeros([1, 1, 1], tl.float32)
-    b_off = tl.zeros([1, 1, 1], tl.float32)
-    if TEACHER == TEACHER_CLOSED:
-        b_on, b_off = _closed_target(b_row[:, None, None], C)
-    if TEACHER == TEACHER_DEEPEST:  # the deepest exit first: its softmax at T is the others' teacher
-        p = _grad_slot(ZS[N - 1], SZ[N - 1], DZ, N - 1, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[N - 1],
-                       c_all[N - 1], p, rt, b_on, b_off, ce_b, log_eps, inv_t, inv_ts, TEACHER, EPS, True, TWO_T,
-                       ALIGN, EXCL, MASKED)
-        for s in tl.static_range(N - 1):
-            _grad_slot(ZS[s], SZ[s], DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[s], c_all[s], p,
-                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, ALIGN, EXCL, MASKED)
-    else:
-        for s in tl.static_range(N):
-            _grad_slot(ZS[s], SZ[s], DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[s], c_all[s], p,
-                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, ALIGN, EXCL, MASKED)
-
-
-@triton.jit
-def _bwd_kernel(
-    ZS, SZ,  # as in the forward
-    FS, SF,
-    TZ, stride_t,
-    Y, BROW, W,
-    STATS,  # fp32: what the forward saved
-    GL, s_gl0, s_gl1,  # [N, 3] fp32 upstream gradient of the terms (may be an expanded view of one scalar)
-    DZ,  # [N, B, C] out, logits dtype
-    DF,  # [N, B, D] out, features dtype (only the exits with a hint are written)
-    B, C, D, ignore_index, inv_t, inv_ts, kd_scale, ce_b, log_eps,
-    N: tl.constexpr, TEACHER: tl.constexpr, HINT: tl.constexpr, EPS: tl.constexpr, TWO_S: tl.constexpr,
-    TWO_T: tl.constexpr, BLOCK_B: tl.constexpr, NT: tl.constexpr, V: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows_ld = tl.minimum(rows, B - 1)
-    valid, in_range, y_cls = _labels(Y, rows, row_ok, C, ignore_index)
-    lanes = _lanes(NT, V, ALIGN)
-    if ALIGN > 1:  # so the class mask is uniform over each vector
-        C = tl.multiple_of(C, ALIGN)
-    tail = STATS + (ROW_STATS * N + 2) * B
-    n_valid = tl.load(tail + N)
-    lse_t = tl.load(STATS + (ROW_STATS * N) * B + rows, mask=row_ok, other=0.0)
-    rt = tl.load(STATS + (ROW_STATS * N + 1) * B + rows, mask=row_ok, other=0.0)
-    b_row = tl.zeros([BLOCK_B], tl.float32)
-    if TEACHER == TEACHER_CLOSED:
-        b_row = tl.load(BROW + rows, mask=row_ok, other=1.0).to(tl.float32)
-    rs_all = ()
-    c_all = ()
-    st = STATS + rows
-    for s in tl.static_range(N):
-        weps = tl.zeros([BLOCK_B], tl.float32)
-        if EPS != EPS_NONE:
-            weps = tl.load(st + (ST_WEPS * N + s) * B, mask=row_ok, other=0.0)
-        rs_all = rs_all + ((tl.load(st + (ST_LSE1 * N + s) * B, mask=row_ok, other=0.0),
-                            tl.load(st + (ST_R1 * N + s) * B, mask=row_ok, other=0.0),
-                            tl.load(st + (ST_LSES * N + s) * B, mask=row_ok, other=0.0),
-                            tl.load(st + (ST_RS * N + s) * B, mask=row_ok, other=0.0), weps),)
-        w_ce = tl.load(W + 3 * s)
-        w_kd = tl.load(W + 3 * s + 1)
-        g_ce = tl.load(GL + s * s_gl0)
-        g_kd = tl.load(GL + s * s_gl0 + s_gl1)
-        # a weight of 0 drops the term even when nothing is labelled (no 0 / 0)
-        c_ce = tl.where(valid & in_range, tl.where(w_ce != 0.0, g_ce * w_ce / n_valid, 0.0), 0.0)
-        if TEACHER == TEACHER_CLOSED:
-            c_kd = tl.where(valid & in_range, tl.where(w_kd != 0.0, g_kd * w_kd * kd_scale / n_valid, 0.0), 0.0)
-        else:
-            c_kd = tl.where(row_ok, g_kd * w_kd * kd_scale / B, 0.0)
-        c_all = c_all + ((c_ce, c_kd),)
-
-    BLOCK_C: tl.constexpr = NT * V  # tiles as in the forward: the true class's tile out of the loop
-    c_full = (C // BLOCK_C) * BLOCK_C
-    c_y = _true_tile(y_cls, BLOCK_C, BLOCK_B)
-    for c0 in range(0, c_full, BLOCK_C):
-        if c0 != c_y:
-            _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C, y_cls, rs_all, c_all,
-                       lse_t, rt, b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN,
-                       BLOCK_B > 1, False)
-    if c_full > 0 and (c_y >= 0) & (c_y < c_full):
-        _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c_y, B, C, y_cls, rs_all, c_all, lse_t,
-                   rt, b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN, True, False)
-    if c_full < C:
-        _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c_full, B, C, y_cls, rs_all, c_all,
-                   lse_t, rt, b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN, True, True)
-
-    if HINT != HINT_NONE:
-        for d0 in range(0, D, BLOCK_D):
-            dc = d0 + tl.arange(0, BLOCK_D)
-            mask = row_ok[:, None] & (dc < D)[None, :]
-            ft = tl.load(FS[N - 1] + rows[:, None] * SF[N - 1] + dc[None, :], mask=mask, other=0.0).to(tl.float32)
-            for s in tl.static_range(N - 1):
-                w_h = tl.load(W + 3 * s + 2)
-                if w_h != 0.0:
-                    scale = tl.load(GL + s * s_gl0 + 2 * s_gl1) * tl.load(tail + s)
-                    f = tl.load(FS[s] + rows[:, None] * SF[s] + dc[None, :], mask=mask, other=0.0).to(tl.float32)
-                    diff = f - ft
-                    if HINT == HINT_SSE:
-                        diff = tl.where((f > 0.0) | (ft > 0.0), diff, 0.0)
-                    tl.store(DF + (rows[:, None] + s * B) * D + dc[None, :],
-                             (diff * scale).to(DF.dtype.element_ty), mask=mask)
