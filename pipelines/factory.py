@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pipelines.base import DataBundle, DataError
+from pipelines.base import DataBundle
 from pipelines.datasets import FASHION_MNIST_CLASSES, load_digits_split, load_fashion_mnist
 from pipelines.folder_splits import carve, folder_splits
 from pipelines.synthetic import SyntheticLoader
@@ -32,14 +32,12 @@ def build_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> Data
         return build_dali_data(cfg, device, rank, world)
     mf = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
     if d.backend == "synthetic" or d.dataset == "synthetic":
-        if d.sampler == "class_pair" or d.extra_view:
-            raise DataError("the synthetic loader yields no class-pair partners or second views; "
-                            "use data.sampler=random and data.extra_view=false with synthetic data")
         k, c, s = cfg.model.num_classes, cfg.model.in_chans, d.image_size
         n = d.limit_train or 100 * d.batch_size
-        mk = lambda bs, num: SyntheticLoader(num, bs, k, c, s, device, memory_format=mf, seed=cfg.seed)  # noqa: E731
-        return DataBundle(mk(d.batch_size, n), mk(d.eval_batch_size, d.eval_batch_size),
-                          None, k, c, [str(i) for i in range(k)])
+        train = SyntheticLoader(n, d.batch_size, k, c, s, device, memory_format=mf, seed=cfg.seed,
+                                partners=d.sampler == "class_pair", extra_view=d.extra_view)
+        val = SyntheticLoader(d.eval_batch_size, d.eval_batch_size, k, c, s, device, memory_format=mf, seed=cfg.seed)
+        return DataBundle(train, val, None, k, c, [str(i) for i in range(k)])
     if d.dataset in ("fashion_mnist", "digits"):
         return _in_memory(cfg, device, rank, world, mf)
     return _folder(cfg, device, rank, world, mf)

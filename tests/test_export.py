@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import export as export_cmd
+from engine import export as export_cmd
 from engine.checkpoint import atomic_save
 from engine.config import load_config, to_dict
 from engine.models import create_model

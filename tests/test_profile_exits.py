@@ -151,12 +151,13 @@ def test_compiled_latency_mode():
     from engine.models import create_model
     from engine.models.early_exit import TruncatedModel
 
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, [*TINY, "precision.compile_backend=eager"])
     model = create_model(cfg.model, cfg.exits).eval()
-    args = Namespace(compile_backend="eager", compile_mode=None, warmup=1, iters=2, repeats=2, amp="fp32")
-    st = profile.latency(TruncatedModel(model, 1).eval(), torch.randn(2, 1, 8, 8), "compiled", args,
-                         torch.device("cpu"))
-    assert len(st.values) == 2 and st.mean > 0
+    args = Namespace(warmup=1, iters=2, repeats=2)
+    fn = profile.prepare(TruncatedModel(model, 1).eval(), "compiled", cfg.precision)
+    assert isinstance(fn, torch._dynamo.eval_frame.OptimizedModule)
+    ms = profile.latency(fn, torch.randn(2, 1, 8, 8), "compiled", args, torch.device("cpu"), "fp32")
+    assert len(ms) == 2 and min(ms) > 0
 
 
 def test_profile_exits_from_a_checkpoint(tmp_path):
