@@ -1,18 +1,9 @@
 """`selfdistill profile exits`: per-exit parameters, FLOPs, latency and accuracy, and the early-exit policy curve.
 
-The model comes from --checkpoint (its config and weights, overrides on top) or, without one, is randomly
-initialised from the config: latency and FLOPs are real, accuracy is computed only when data is given. The config's
-`precision.amp`, `precision.channels_last` and `precision.compile_*` say how it runs. For every exit k the deployed
-model is `TruncatedModel(model, k)` (stem + stages up to exit k + exit k's head; engine/models/early_exit.py):
-- params and FLOPs per image (FlopCounterMode), the backbone's part and the head's part;
-- latency per batch size and mode: eager, compiled (torch.compile), cudagraph (the eager model captured in a CUDA
-  graph; GPU only), after warm-up, mean ± std over repeats;
-- speed-up over the full model (the deepest exit = the single-exit network) next to the FLOP ratio and to BYOT's
-  claims (../shared/reference/performance-anchors.md §4);
-- accuracy per exit and of the two ensembles on the validation (else test) split, when data is available.
-The confidence policy (exit at the first head whose max-softmax >= threshold) is simulated on the collected logits
-for accuracy, exit mix and mean FLOPs, and measured with `EarlyExitModel` (eager: its batch shrinks as samples exit)
-for mean latency per image.
+The model comes from --checkpoint (its config and weights, overrides on top) or is randomly initialised from the
+config (accuracy then needs data); its `precision.*` keys say how it runs. Exit k is deployed as
+`TruncatedModel(model, k)`; the confidence policy is simulated on the collected logits and measured with
+`EarlyExitModel`. bench/README.md says what each figure is.
 """
 from __future__ import annotations
 

@@ -1,14 +1,10 @@
 """Host time and device operations of one fused-loss forward + backward, with the Triton launches stubbed out.
 
-`selfdistill bench kernels --host-overhead` reports, for the BYOT objective's fused path at the headline shape:
-    host_us    our own host code per forward + backward (median), the two Triton launches replaced by no-ops
-    launches   device operations that read or write memory: the Triton launches plus every other aten op
-               (views, allocations and metadata are free), e.g. the fill of `total.backward()`
-and the eager PyTorch objective's device-op count, for scale (its host time needs a GPU to be told apart from its
-compute). The stubs make the figures independent of the device and of the interpreter; on a GPU machine the
-launches' own host cost (Triton's launcher) comes on top.
-tests/test_kernels_launches.py asserts the launch count with the same counters; bench/benchmarks_host.py times the
-same calls under pytest-benchmark (`pytest bench/benchmarks_host.py --benchmark-only`).
+`host_us` is our own host code per forward + backward with the two launches replaced by no-ops; `launches` counts
+the device operations that read or write memory (the Triton launches plus every other aten op; views, allocations
+and metadata are free). The stubs make both independent of the device and of the interpreter; on a GPU, Triton's
+launcher comes on top. tests/test_kernels_launches.py and bench/benchmarks_host.py (pytest-benchmark) use the same
+counters and calls.
 """
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
 """`selfdistill bench kernels`: the fused multi-exit loss against eager PyTorch, torch.compile and Liger-Kernel.
 
-The loss is BYOT's with the engine's defaults (engine.objectives.fused.loss_options) on E exits of [B, C] logits and
-[B, D] features. Providers, on the same inputs: eager (kernels.reference in fp32), compile (torch.compile of it;
-compile-ro with mode="reduce-overhead"), liger (Liger-Kernel's CE and KL-div per exit; CUDA only), fused
-(kernels.multi_exit_loss). Modes: fwd, bwd (a retained graph's backward), fwd+bwd. GPU: do_bench median and p20/p80;
---graphs adds CUDA-graph replays. CPU: perf_counter, and the fused kernel in the Triton interpreter (a smoke test,
-not a measurement). --host-overhead reports the host side instead (bench/host_overhead.py). bench/README.md: how
-bandwidth, peak memory and the targets are measured.
+BYOT's loss with the engine's defaults on E exits of [B, C] logits and [B, D] features; providers eager
+(kernels.reference in fp32), compile and compile-ro (torch.compile of it, the second with reduce-overhead), liger
+(CUDA only) and fused; modes fwd, bwd and fwd+bwd. On CPU the fused kernel runs in the Triton interpreter: a smoke
+test, not a measurement. --host-overhead reports the host side instead. bench/README.md: what is measured.
 """
 from __future__ import annotations
 
@@ -40,9 +37,8 @@ from engine.objectives.fused import loss_options
 PROVIDERS = ("eager", "compile", "compile-ro", "liger", "fused")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SWEEPS = {"gpu": dict(exits="2,4", batch="64,256,1024", classes="10,100,1000,32000", dtypes="fp32,bf16",
-                      extra="4x4096x32000"),
-          "quick": dict(exits="4", batch="256,1024", classes="1000,32000", dtypes="bf16", extra="4x4096x32000"),
+SWEEPS = {"cuda": dict(exits="2,4", batch="64,256,1024", classes="10,100,1000,32000", dtypes="fp32,bf16",
+                       extra="4x4096x32000"),
           "cpu": dict(exits="2", batch="8", classes="10,1000", dtypes="fp32", extra="")}
 # The targets, judged from measured rows only: (E, B, C, dtype, mode) -> minimum speed-ups over each baseline.
 TARGET_SHAPE = (4, 256, 1000, "bf16", "fwd+bwd")
@@ -65,13 +61,10 @@ class Case:
         """Logits and features once, in the input dtype: what a forward must read and a backward must write."""
         return self.E * self.B * (self.C + self.D) * DTYPES[self.dtype].itemsize
 
-    def useful_bytes(self, mode: str) -> int:
-        return self.io_bytes() * (2 if mode == "fwd+bwd" else 1)
 
-    def kernel_bytes(self, mode: str) -> int:
-        """The fused kernels' compulsory traffic: fwd reads the inputs once (the per-row statistics it keeps are
-        negligible), bwd reads them again and writes their gradients. The deepest exit's rows are read once."""
-        return self.io_bytes() * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+# Bytes moved, in units of io_bytes: `useful` is what any implementation must read (fwd) and write (bwd); `kernel`
+# is the fused kernels' compulsory traffic, the backward reading the inputs again to recompute the gradients.
+TRAFFIC = {"useful": {"fwd": 1, "bwd": 1, "fwd+bwd": 2}, "kernel": {"fwd": 1, "bwd": 2, "fwd+bwd": 3}}
 
 
 def make_inputs(case: Case, device: torch.device) -> tuple[list, list, torch.Tensor]:
@@ -111,7 +104,8 @@ def liger_loss(opts) -> Callable | str:
 
 
 def loss_fns(providers: list[str], device: torch.device, compile_backend: str) -> dict[str, Callable | str]:
-    """provider -> factory(opts) -> loss(logits, feats, y) -> scalar, or a status string."""
+    """For each provider, a factory from loss options to a loss function of (logits, features, labels), or a
+    status string saying why it cannot run."""
     from kernels.reference import multi_exit_loss_reference
 
     def eager(opts):
@@ -239,13 +233,13 @@ def measure_case(case: Case, device: torch.device, args, fns: dict, copy_gbps: f
             except Exception as e:  # noqa: BLE001
                 rows.append(dict(base, mode=mode, status=_error(e)))
                 continue
-            gbps = case.useful_bytes(mode) / (med * 1e-3) / 1e9
+            gbps = case.io_bytes() * TRAFFIC["useful"][mode] / (med * 1e-3) / 1e9
             row = dict(base, mode=mode, status="ok", ms_p50=med, ms_p20=p20, ms_p80=p80, gbps=gbps,
                        copy_fraction=gbps / copy_gbps, peak_mem_gib=None if mem is None else mem / 2**30,
                        peak_mem_over_grads=None if mem is None else mem / case.io_bytes(), loss=value.item(),
                        abs_diff_vs_eager=None if ref_loss is None else abs(value - ref_loss).item())
             if provider == "fused":
-                kgbps = case.kernel_bytes(mode) / (med * 1e-3) / 1e9
+                kgbps = case.io_bytes() * TRAFFIC["kernel"][mode] / (med * 1e-3) / 1e9
                 row.update(kernel_gbps=kgbps, kernel_copy_fraction=kgbps / copy_gbps)
             if args.graphs:
                 row.update(graph_fields(provider, mode, mode_fn(mode, loss, z, f, y), device, args, z + f, med))
@@ -374,8 +368,6 @@ def parse_args(argv: list[str]):
     p.add_argument("--classes", help="classes C (default GPU 10,100,1000,32000; CPU 10,1000)")
     p.add_argument("--dtypes", help="fp32,bf16,fp16 (default GPU fp32,bf16; CPU fp32)")
     p.add_argument("--extra", help="extra ExBxC shapes (default GPU 4x4096x32000, the bandwidth target; CPU none)")
-    p.add_argument("--quick", action="store_true", help="GPU: E=4, B=256,1024, C=1000,32000, bf16 + the target "
-                   "shape (both targets covered, a few minutes)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--feature-dim", type=int, default=512, help="pooled feature width D for the hints; 0 = none")
@@ -394,8 +386,7 @@ def parse_args(argv: list[str]):
 
 
 def cases(args, device: torch.device) -> list[Case]:
-    sweep = SWEEPS["cpu" if device.type != "cuda" else "quick" if args.quick else "gpu"]
-    pick = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in sweep.items()}
+    pick = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in SWEEPS[device.type].items()}
     dtypes = csv_list(pick["dtypes"], str, tuple(DTYPES), "--dtypes")
     shapes = [(e, b, c) for e in csv_list(pick["exits"], int) for b in csv_list(pick["batch"], int)
               for c in csv_list(pick["classes"], int)]

@@ -53,7 +53,7 @@ def test_flops_of_an_exit_head_match_the_hand_count():
 ])
 def test_flops_reproduce_the_anchor_counts(name, stem, size, gmacs, ratios, heads_pct):
     """performance-anchors.md §4: GMACs and ideal backbone-only speed-ups at exits 1/4, 2/4, 3/4 (counted on the
-    meta device: no compute). The issue's "ICCV heads add roughly 45% FLOPs to ResNet-50, a few % to ResNet-18"."""
+    meta device: no compute), and the ICCV heads' share: roughly 45% more FLOPs on ResNet-50, a few % on ResNet-18."""
     from engine.config import load_config
     from engine.models import create_model
     from engine.models.early_exit import TruncatedModel
