@@ -14,7 +14,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ def base_parser(prog: str, doc: str, repeats: int = 3) -> argparse.ArgumentParse
 def start(args: argparse.Namespace, name: str) -> tuple[torch.device, Path]:
     """The device and the report folder of a parsed command line; sets the CPU threads."""
     if args.repeats < 1:
-        raise SystemExit("--repeats must be >= 1")
+        fail("--repeats must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -53,7 +53,7 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(name).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
+        fail("--device cuda was asked for but torch.cuda.is_available() is False")
     return torch.device(name)
 
 
@@ -354,10 +354,16 @@ def csv_list(text: str, kind: type = str, allowed: Sequence = (), flag: str = ""
     values = [kind(t.strip()) for t in text.split(",") if t.strip()]
     bad = [str(v) for v in values if allowed and v not in allowed]
     if bad or (flag and not values):
-        raise SystemExit(f"{flag}: {', '.join(bad)} not allowed; choose from {', '.join(allowed)}" if bad else
-                         f"{flag}: give at least one value")
+        fail(f"{flag}: {', '.join(bad)} not allowed; choose from {', '.join(allowed)}" if bad else
+             f"{flag}: give at least one value")
     return values
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def fail(msg: str) -> NoReturn:
+    """A bad command line: one line, exit code 2, as argparse does."""
+    log(f"error: {msg}")
+    raise SystemExit(2)

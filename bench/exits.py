@@ -21,6 +21,7 @@ from bench.common import (
     count_params,
     csv_list,
     cuda_graph_fn,
+    fail,
     fmt,
     lines,
     log,
@@ -354,8 +355,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         modes.remove("cudagraph")
     batch_sizes, thresholds = csv_list(args.batch_sizes, int, flag="--batch-sizes"), csv_list(args.thresholds, float)
     if not modes or min(batch_sizes) < 1:
-        raise SystemExit("--modes: nothing left to measure on this device" if not modes else
-                         "--batch-sizes: positive integers, e.g. 1,32,256")
+        fail("--modes: nothing left to measure on this device" if not modes else
+             "--batch-sizes: positive integers, e.g. 1,32,256")
     model, cfg, source = load_model(args)
     mf = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=mf)

@@ -100,10 +100,9 @@ def count(step: Callable[[], None]) -> dict:
             "allocated_bytes": ops.allocated}
 
 
-def host_us(step: Callable[[], None], reps: int = 200, stub: bool = True) -> dict:
-    """Median and p20/p80 host microseconds per call (launches stubbed unless stub=False)."""
-    ctx = stubbed_launches() if stub else contextlib.nullcontext()
-    with ctx:
+def host_us(step: Callable[[], None], reps: int = 200) -> dict:
+    """Median and p20/p80 host microseconds per call, the launches stubbed."""
+    with stubbed_launches():
         for _ in range(max(3, reps // 10)):
             step()
         times = []

@@ -21,6 +21,7 @@ from bench.common import (
     base_parser,
     csv_list,
     cuda_graph_fn,
+    fail,
     fmt,
     lines,
     log,
@@ -400,7 +401,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     device, out_dir = start(args, "kernels-host" if args.host_overhead else "kernels")
     if args.host_overhead:
         if not fused_runs(device):
-            raise SystemExit("bench kernels --host-overhead: the fused kernel needs TRITON_INTERPRET=1 on CPU")
+            fail("--host-overhead: the fused kernel needs TRITON_INTERPRET=1 on CPU")
         from bench.host_overhead import host_report  # imports the kernels: after the interpreter is chosen
 
         return host_report(device, args.host_reps, out_dir)

@@ -20,6 +20,7 @@ from bench.common import (
     Timer,
     base_parser,
     csv_list,
+    fail,
     md_table,
     provenance,
     provenance_md,
@@ -129,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     root = Path(args.root) if args.root else make_photo_folder(cache, args.per_class)
     folder = folder_stats(root)
     if folder["train_images"] == 0:
-        raise SystemExit(f"no JPEGs under {root / 'train'}")
+        fail(f"no JPEGs under {root / 'train'}")
     settings = {k: getattr(args, k) for k in ("size", "batch_size", "workers", "batches", "warmup", "repeats", "amp")}
     rows = [bench_backend(root, b, args, folder["classes"]) for b in backends]
     payload = {"kind": "bench-loader", "provenance": provenance(device), "settings": settings, "folder": folder,

@@ -28,6 +28,7 @@ from bench.common import (
     base_parser,
     count_flops,
     csv_list,
+    fail,
     fmt,
     log,
     md_table,
@@ -147,11 +148,6 @@ def unavailable_reason(spec: RunSpec, cfg, args, device: torch.device) -> Option
             return "DALI is not installed (nvidia-dali-cuda130; gpu_suite.sh installs .whl/ wheels)"
         if spec.loader == "dali" and device.type != "cuda":
             return "loader 'dali' decodes on the GPU; this is a CPU run"
-    if cfg.precision.compile and device.type == "cpu" and cfg.precision.compile_backend == "inductor":
-        import shutil
-
-        if shutil.which("g++") is None and shutil.which("c++") is None:
-            return "torch.compile (inductor) on CPU needs a C++ compiler"
     return None
 
 
@@ -371,7 +367,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     lists = {a: csv_list(getattr(args, "loaders" if a == "loader" else a), str, AXIS_CHOICES[a], f"--{a}")
              for a in AXES}
     if min(args.batch, args.steps, args.warmup + 1) < 1:
-        raise SystemExit("--batch and --steps must be >= 1, --warmup >= 0")
+        fail("--batch and --steps must be >= 1, --warmup >= 0")
     runs = plan_runs(models, sizes, variants, lists, args.design, csv_list(args.ablate))
     log(f"[bench train] {len(runs)} runs on {device}; report -> {out_dir}")
     rows, flop_cache = [], {}

@@ -121,7 +121,8 @@ def verify(loaded: Any, model: nn.Module, x: Tensor, exit_k: Optional[int], thre
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     ck = load_checkpoint(args.checkpoint, "cpu")
     try:
         model, cfg = model_from_checkpoint(ck, list(args.overrides), args.weights, str(args.checkpoint))
@@ -129,8 +130,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise CheckpointError(f"{args.checkpoint}: {e}") from None
     model.eval()
     if args.exit is not None and not -model.num_exits <= args.exit < model.num_exits:
-        raise SystemExit(f"--exit {args.exit}: the model has {model.num_exits} exits (0..{model.num_exits - 1}, "
-                         "-1 = the last)")
+        parser.error(f"--exit {args.exit}: the model has {model.num_exits} exits (0..{model.num_exits - 1}, "
+                     "-1 = the last)")
     exit_k = None if args.exit is None else args.exit % model.num_exits
     module = deploy_module(model, exit_k, args.early_exit)
     shape = (cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)

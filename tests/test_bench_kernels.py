@@ -70,6 +70,7 @@ def test_host_overhead_report(tmp_path):
     assert "host us" in (tmp_path / "host" / "report.md").read_text()
 
 
-def test_bad_arguments_are_refused(tmp_path):
-    with pytest.raises(SystemExit):
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         main(["--device", "cpu", "--providers", "eager,magic", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--providers: magic not allowed" in capsys.readouterr().err

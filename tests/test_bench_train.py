@@ -86,9 +86,16 @@ def test_bench_train_cpu_report(tmp_path):
     assert (out / "throughput.png").stat().st_size > 1000
 
 
-def test_bench_train_real_loader_and_compiled_path(tmp_path):
+def test_bench_train_real_loader_and_compiled_path(tmp_path, monkeypatch):
     out = tmp_path / "rep"
     args = [a if a != "eager" else "eager,compiled" for a in TINY]  # --compile eager,compiled
+    compiled, real_compile = [], torch.compile
+
+    def spy(model, **kw):  # the compiled run compiles through the config, as training does
+        compiled.append(kw)
+        return real_compile(model, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
     rc = bench_train.main([*args, "--variants", "plain", "--loaders",
                            "synthetic,torch,dali", "--dataset", "digits", "--no-plots", "--out", str(out)])
     assert rc == 0
@@ -108,6 +115,7 @@ def test_bench_train_real_loader_and_compiled_path(tmp_path):
     lv = rep["ratios"]["loader_vs_synthetic"]
     assert len(lv) == 1 and lv[0]["loader"] == "torch" and lv[0]["ratio"] > 0
     assert any(g["axis"] == "compile" for g in rep["ratios"]["optimisation_gains"])
+    assert compiled == [{"mode": None, "backend": "eager"}]  # once: the compiled synthetic run
     assert rep["files"]["plots"] == []
 
 
@@ -130,9 +138,10 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     assert bench_train.unavailable_reason(spec, cfg, args, torch.device("cpu")) is None
 
 
-def test_unknown_axis_value_is_rejected():
-    with pytest.raises(SystemExit, match="not allowed"):
+def test_unknown_axis_value_is_rejected(capsys):
+    with pytest.raises(SystemExit) as e:
         bench_train.main([*TINY, "--amp", "fp8"])
+    assert e.value.code == 2 and "--amp: fp8 not allowed" in capsys.readouterr().err
 
 
 def test_train_step_flops_hand_count():
