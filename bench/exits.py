@@ -73,7 +73,6 @@ def build_parser():
     p.add_argument("--thresholds", default="0,0.3,0.5,0.6,0.7,0.8,0.9,0.95,0.99,1.01")
     p.add_argument("--ee-batch-size", type=int, default=1, help="batch size of the measured early-exit latency")
     p.add_argument("--ee-samples", type=int, default=256, help="images run through EarlyExitModel per threshold")
-    p.add_argument("--name", default="exits", help="report folder prefix")
     return p
 
 
@@ -347,7 +346,7 @@ def figures(p: dict) -> dict[str, Callable]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    device, out_dir = start(args, args.name)
+    device, out_dir = start(args, "exits")
     modes = csv_list(args.modes, str, MODES, "--modes") if args.modes else (
         list(MODES) if device.type == "cuda" else ["eager", "compiled"])
     if "cudagraph" in modes and device.type != "cuda":
