@@ -379,11 +379,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             kept = torch.cat(kept)[: args.ee_samples]
             policy_source = acc_source
         else:
-            kept = torch.cat([make_input(64, cfg, torch.device("cpu"), seed=s).contiguous()
-                              for s in range(-(-args.ee_samples // 64))])[: args.ee_samples]
+            kept = make_input(args.ee_samples, cfg, torch.device("cpu")).contiguous()
             with torch.no_grad(), autocast(device, cfg.precision.amp):
-                logits = [torch.cat(z) for z in zip(*[[z.float().cpu() for z in model(kept[i:i + 64].to(
-                    device).contiguous(memory_format=mf)).logits] for i in range(0, len(kept), 64)])]
+                outs = [model(x.to(device).contiguous(memory_format=mf)).logits for x in kept.split(64)]
+            logits = [torch.cat([z.float().cpu() for z in zs]) for zs in zip(*outs)]
             labels, policy_source = None, f"{len(kept)} random inputs (no labels: exit mix and FLOPs only)"
         curve = policy_curve(logits, labels, thresholds, static["exits"])
         measured = measure_policy(model, kept, thresholds, args, cfg, device)
