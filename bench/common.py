@@ -1,17 +1,8 @@
-"""Shared measurement and reporting helpers of `bench/`: timing, FLOP counting, device/NVML info, report folders.
-
-Timing. On CUDA every figure comes from CUDA events recorded on the current stream after warm-up (which absorbs
-torch.compile, cudnn.benchmark autotuning and CUDA-graph capture), read after one synchronize per repeat. On CPU
-`time.perf_counter`. Each repeat gives one value; reports show mean ± std over repeats (airbench, DLE habits).
-
-FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per multiply-add; matmuls and convolutions only,
-forward and backward as run). GMACs = FLOPs / 2e9, the unit timm and the papers use.
-
-Reports go to `bench/results/<name>-<date>-<device>/` (or --out): report.json (with provenance: commit, versions,
-date, argv, device), report.md, PNG plots. JSON numbers are finite or null, never NaN.
-"""
+"""What every bench command shares: the base parser, the timer, FLOP counting, the NVML sampler, the provenance
+block and the report writer (bench/README.md says how things are measured)."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -21,27 +12,49 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
 
 import torch
 from torch import nn
 
+from engine.rundir import git_commit
+from engine.rundir import provenance as run_provenance
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Written by `make gpu-prep` before the tree travels to a machine where it arrives without .git (bench/GPU.md).
+COMMIT_STAMP = Path(__file__).resolve().parents[1] / ".whl" / "COMMIT"
 
 
-# --------------------------------------------------------------------------------------------- devices
+def base_parser(prog: str, doc: str, repeats: int = 3) -> argparse.ArgumentParser:
+    """The options every bench command has; each command adds its own."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 avoids OpenMP "
+                                               "spinning on a shared machine")
+    p.add_argument("--repeats", type=int, default=repeats, help="timed repeats (reports: mean ± std over them)")
+    p.add_argument("--out", help="report folder (default: a new bench/results/<name>-<date>-<device>/)")
+    p.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def start(args: argparse.Namespace, name: str) -> tuple[torch.device, Path]:
+    """The device and the report folder of a parsed command line; sets the CPU threads."""
+    if args.repeats < 1:
+        fail("--repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    return device, Path(args.out) if args.out else default_out_dir(name, device)
 
 
 def resolve_device(name: Optional[str] = None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
-    return dev
+    if torch.device(name).type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but torch.cuda.is_available() is False")
+    return torch.device(name)
 
 
 def synchronize(device: torch.device) -> None:
@@ -49,123 +62,51 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def device_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"type": device.type, "torch": torch.__version__, "cpu": platform.processor() or
-                            platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        p = torch.cuda.get_device_properties(idx)
-        info.update(name=p.name, index=idx, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,
-                    memory_gib=round(p.total_memory / 2**30, 2), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version(), tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-                    tf32_cudnn=torch.backends.cudnn.allow_tf32)
-    else:
-        info["name"] = f"cpu ({info['cpu']}, {info['cpu_count']} cores)"
-    return info
+def stats(values: list[float], digits: int = 6) -> dict[str, Any]:
+    """mean ± std (sample std; 0 for one value) over repeats, with every repeat's value."""
+    r = lambda v: round(v, digits)  # noqa: E731
+    return {"mean": r(statistics.fmean(values)), "std": r(statistics.stdev(values) if len(values) > 1 else 0.0),
+            "min": r(min(values)), "max": r(max(values)), "n": len(values), "values": [r(v) for v in values]}
 
 
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device.index if device.index is not None else torch.cuda.current_device())
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cuda"
-
-
-# --------------------------------------------------------------------------------------------- statistics
-
-
-@dataclass
-class Stats:
-    """mean ± std (sample std, 0 for one value) over repeats; `values` keeps every repeat."""
-
-    values: list[float]
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values) if self.values else float("nan")
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
-
-    def to_dict(self, digits: int = 6) -> dict[str, Any]:
-        r = lambda v: round(v, digits)  # noqa: E731
-        return {"mean": r(self.mean), "std": r(self.std), "min": r(min(self.values)), "max": r(max(self.values)),
-                "n": len(self.values), "values": [r(v) for v in self.values]}
-
-    def fmt(self, digits: int = 1) -> str:
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
-
-
-def fmt_num(v: Any, digits: int = 2) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return f"{v:,.{digits}f}"
-
-
-# --------------------------------------------------------------------------------------------- timing
-
-
-class StepTimer:
-    """Elapsed time of a code region: CUDA events on GPU (read later, no sync inside), perf_counter on CPU."""
+class Timer:
+    """Durations of code regions, each between two `mark()`s: CUDA events on GPU (nothing waits until `seconds()`),
+    perf_counter on CPU."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self._pairs: list[tuple[Any, Any]] = []
-        self._open: Any = None
+        self.cuda, self.marks = device.type == "cuda", []
 
-    def start(self) -> None:
+    def mark(self) -> None:
+        self.marks.append(torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter())
         if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self._open = ev
-        else:
-            self._open = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-        else:
-            ev = time.perf_counter()
-        self._pairs.append((self._open, ev))
-        self._open = None
+            self.marks[-1].record()
 
     def seconds(self) -> list[float]:
-        """Every region's duration; on GPU this synchronizes on the last event."""
-        if self.cuda:
-            if self._pairs:
-                self._pairs[-1][1].synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in self._pairs]
-        return [b - a for a, b in self._pairs]
-
-    def reset(self) -> None:
-        self._pairs.clear()
+        pairs = list(zip(self.marks[::2], self.marks[1::2]))
+        if self.cuda and pairs:
+            pairs[-1][1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in pairs]
+        return [b - a for a, b in pairs]
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 3, iters: int = 10, repeats: int = 3
-            ) -> Stats:
-    """Milliseconds per call of `fn`: `warmup` untimed calls, then `repeats` x `iters` timed calls."""
+def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int, repeats: int) -> list[float]:
+    """Milliseconds per call of `fn`, one value per repeat of `iters` calls, after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    per_call = []
+    timer = Timer(device)
     for _ in range(repeats):
-        timer = StepTimer(device)
-        timer.start()
+        timer.mark()
         for _ in range(iters):
             fn()
-        timer.stop()
-        per_call.append(timer.seconds()[0] * 1e3 / iters)
-    return Stats(per_call)
+        timer.mark()
+    return [s * 1e3 / iters for s in timer.seconds()]
 
 
 def cuda_graph_fn(fn: Callable[[], Any], warmup: int = 3, before_capture: Callable[[], Any] = lambda: None
                   ) -> Callable[[], Any]:
-    """Capture `fn` (static inputs it closes over) into a CUDA graph; returns a replay callable.
-    Warm-up runs on a side stream first, as the CUDA-graphs recipe requires."""
+    """`fn` (with the static inputs it closes over) captured in a CUDA graph; returns the replay. The warm-up runs
+    on a side stream first, as the CUDA-graphs recipe requires."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -179,15 +120,13 @@ def cuda_graph_fn(fn: Callable[[], Any], warmup: int = 3, before_capture: Callab
     return graph.replay
 
 
-# --------------------------------------------------------------------------------------------- FLOPs / params
-
-
-def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
-    """FLOPs of everything `fn(*args, **kwargs)` runs (including a backward it calls), via FlopCounterMode."""
+def count_flops(fn: Callable[..., Any], *args: Any) -> int:
+    """FLOPs of everything `fn(*args)` runs, a backward it calls included: 2 per multiply-add, matmuls and
+    convolutions."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        fn(*args, **kwargs)
+        fn(*args)
     return int(counter.get_total_flops())
 
 
@@ -196,97 +135,61 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def gmacs(flops: Optional[int]) -> Optional[float]:
-    return None if flops is None else flops / 2e9
-
-
-# --------------------------------------------------------------------------------------------- NVML
-
-
 class NvmlSampler:
-    """Samples SM/memory clocks, power, memory used, utilisation and temperature in a background thread.
+    """SM/memory clocks, power, memory used, utilisation and temperature, sampled every 0.1 s in a thread.
 
-    Never raises: without pynvml, without an NVIDIA driver, or on a CPU device, `status` says why and every summary
-    is empty. Use `mark()` before and after a measurement and `summary(t0, t1)` for that window.
+    Never raises: without pynvml, without a driver or on a CPU device, `status` says why and summaries are empty.
+    `summary(t0, t1)` covers the samples between two `time.perf_counter()` readings.
     """
 
-    FIELDS = ("sm_clock_mhz", "mem_clock_mhz", "power_w", "memory_used_gib", "gpu_util_pct", "temp_c")
+    FIELDS = {"sm_clock_mhz": lambda n, h: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM),
+              "mem_clock_mhz": lambda n, h: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_MEM),
+              "power_w": lambda n, h: n.nvmlDeviceGetPowerUsage(h) / 1000,
+              "memory_used_gib": lambda n, h: n.nvmlDeviceGetMemoryInfo(h).used / 2**30,
+              "gpu_util_pct": lambda n, h: n.nvmlDeviceGetUtilizationRates(h).gpu,
+              "temp_c": lambda n, h: n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)}
+    STATIC = {"name": lambda n, h: n.nvmlDeviceGetName(h), "driver": lambda n, h: n.nvmlSystemGetDriverVersion(),
+              "max_sm_clock_mhz": lambda n, h: n.nvmlDeviceGetMaxClockInfo(h, n.NVML_CLOCK_SM),
+              "max_mem_clock_mhz": lambda n, h: n.nvmlDeviceGetMaxClockInfo(h, n.NVML_CLOCK_MEM),
+              "power_limit_w": lambda n, h: n.nvmlDeviceGetPowerManagementLimit(h) / 1000,
+              "memory_total_gib": lambda n, h: n.nvmlDeviceGetMemoryInfo(h).total / 2**30}
 
-    def __init__(self, device: torch.device, interval_s: float = 0.1):
-        self.interval_s = interval_s
-        self.samples: list[dict[str, Any]] = []
-        self.static: dict[str, Any] = {}
-        self.status = "not started"
-        self._nvml: Any = None
-        self._handle: Any = None
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+    def __init__(self, device: torch.device):
+        self.samples, self.static, self._stop = [], {}, threading.Event()
+        self._nvml = self._handle = self._thread = None
+        self.status = "unavailable: not a CUDA device"
         if device.type != "cuda":
-            self.status = "unavailable: not a CUDA device"
             return
         try:
-            import pynvml
+            import pynvml  # optional dependency (nvidia-ml-py)
         except ImportError:
             self.status = "unavailable: pynvml is not installed (pip install nvidia-ml-py)"
             return
         try:
             pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handle = self._find_handle(pynvml, device)
-            self.static = self._static_info()
-            self.status = "ok"
-        except Exception as e:  # noqa: BLE001 - NVMLError_* and friends: report, never crash a benchmark
-            self.status = f"unavailable: NVML failed: {type(e).__name__}: {e}"
-            self._nvml = None
-
-    @staticmethod
-    def _find_handle(pynvml: Any, device: torch.device) -> Any:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(idx)
-        bus = getattr(props, "pci_bus_id", None)
-        if bus is not None:  # robust to CUDA_VISIBLE_DEVICES reordering
-            dom, dev = getattr(props, "pci_domain_id", 0), getattr(props, "pci_device_id", 0)
-            try:
-                return pynvml.nvmlDeviceGetHandleByPciBusId(f"{dom:08x}:{bus:02x}:{dev:02x}.0".encode())
+            index = device.index or torch.cuda.current_device()
+            p = torch.cuda.get_device_properties(index)
+            try:  # by PCI bus, whatever order CUDA_VISIBLE_DEVICES gives
+                bus = f"{p.pci_domain_id:08x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0"
+                self._handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus.encode())
             except Exception:  # noqa: BLE001
-                pass
-        return pynvml.nvmlDeviceGetHandleByIndex(idx)
+                self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._nvml, self.status = pynvml, "ok"
+            self.static = {k: self._read(f) for k, f in self.STATIC.items()}
+        except Exception as e:  # noqa: BLE001 - NVMLError_* and friends: reported, never a crash
+            self.status = f"unavailable: NVML failed: {type(e).__name__}: {e}"
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
+    def _read(self, field: Callable) -> Any:
         try:
-            return fn()
-        except Exception:  # noqa: BLE001 - a field a GPU/driver/MIG mode does not support
-            return None
-
-    def _static_info(self) -> dict[str, Any]:
-        n, h = self._nvml, self._handle
-
-        def dec(v: Any) -> Any:
+            v = field(self._nvml, self._handle)
             return v.decode() if isinstance(v, bytes) else v
-
-        limit = self._call(lambda: n.nvmlDeviceGetPowerManagementLimit(h))
-        return {"name": dec(self._call(lambda: n.nvmlDeviceGetName(h))),
-                "driver": dec(self._call(n.nvmlSystemGetDriverVersion)),
-                "max_sm_clock_mhz": self._call(lambda: n.nvmlDeviceGetMaxClockInfo(h, n.NVML_CLOCK_SM)),
-                "max_mem_clock_mhz": self._call(lambda: n.nvmlDeviceGetMaxClockInfo(h, n.NVML_CLOCK_MEM)),
-                "power_limit_w": None if limit is None else limit / 1000,
-                "memory_total_gib": self._call(lambda: n.nvmlDeviceGetMemoryInfo(h).total / 2**30)}
-
-    def _sample(self) -> dict[str, Any]:
-        n, h = self._nvml, self._handle
-        power = self._call(lambda: n.nvmlDeviceGetPowerUsage(h))
-        return {"t": time.perf_counter(),
-                "sm_clock_mhz": self._call(lambda: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM)),
-                "mem_clock_mhz": self._call(lambda: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_MEM)),
-                "power_w": None if power is None else power / 1000,
-                "memory_used_gib": self._call(lambda: n.nvmlDeviceGetMemoryInfo(h).used / 2**30),
-                "gpu_util_pct": self._call(lambda: n.nvmlDeviceGetUtilizationRates(h).gpu),
-                "temp_c": self._call(lambda: n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU))}
+        except Exception:  # noqa: BLE001 - a field this GPU, driver or MIG mode does not report
+            return None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.samples.append(self._sample())
-            self._stop.wait(self.interval_s)
+            self.samples.append({"t": time.perf_counter(), **{k: self._read(f) for k, f in self.FIELDS.items()}})
+            self._stop.wait(0.1)
 
     def __enter__(self) -> "NvmlSampler":
         if self._nvml is not None:
@@ -298,80 +201,55 @@ class NvmlSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            except Exception:  # noqa: BLE001
-                pass
-
-    @staticmethod
-    def mark() -> float:
-        return time.perf_counter()
+            self._read(lambda n, h: n.nvmlShutdown())
 
     def summary(self, t0: float = -math.inf, t1: float = math.inf) -> dict[str, Any]:
         rows = [s for s in list(self.samples) if t0 <= s["t"] <= t1]
         out: dict[str, Any] = {"status": self.status, "samples": len(rows)}
         for f in self.FIELDS:
-            vals = [r[f] for r in rows if r.get(f) is not None]
-            out[f] = {"mean": round(statistics.fmean(vals), 2), "min": round(min(vals), 2),
-                      "max": round(max(vals), 2)} if vals else None
+            vals = [r[f] for r in rows if r[f] is not None]
+            out[f] = {k: round(g(vals), 2) for k, g in (("mean", statistics.fmean), ("min", min), ("max", max))} \
+                if vals else None
         return out
-
-
-# --------------------------------------------------------------------------------------------- model loading
-
-
-def build_bench_model(checkpoint: Optional[str], config: Optional[str], overrides: Sequence[str] = (),
-                      weights: str = "model") -> tuple[nn.Module, Any, dict[str, Any]]:
-    """(MultiExitModel on CPU in eval mode, Config, source info). From a checkpoint (its config + weights, with
-    `overrides` on top; weights='ema' picks the EMA weights) or, without one, random init from YAML + overrides."""
-    from engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from engine.config import load_config
-    from engine.models import create_model
-
-    if checkpoint:
-        ck = load_checkpoint(checkpoint, "cpu")
-        try:
-            model, cfg = model_from_checkpoint(ck, list(overrides), weights)
-        except ValueError as e:
-            raise ValueError(f"{checkpoint}: {e}") from None
-        source = {"mode": "checkpoint", "checkpoint": str(checkpoint), "weights": weights,
-                  "class_names": ck.get("class_names")}
-    else:
-        cfg = load_config(config, list(overrides))
-        torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model, cfg.exits)
-        source = {"mode": "random-init", "config": config, "overrides": list(overrides)}
-    return model.eval(), cfg, source
-
-
-# --------------------------------------------------------------------------------------------- reports
-
-
-# Written by `make gpu-prep` before the tree travels to a machine where it arrives without .git (bench/GPU.md).
-COMMIT_STAMP = Path(__file__).resolve().parents[1] / ".whl" / "COMMIT"
 
 
 def commit(stamp: Path = COMMIT_STAMP) -> str:
     """git's commit where there is a .git; else the stamp, marked as such; else "unknown"."""
-    from engine.rundir import git_commit
-
     found = git_commit()
     if found == "unknown" and stamp.is_file() and stamp.read_text().strip():
         return f"{stamp.read_text().strip()} (stamped by make gpu-prep)"
     return found
 
 
-def provenance(device: torch.device, extra: Optional[dict] = None) -> dict[str, Any]:
-    from engine.rundir import provenance as run_provenance
+def provenance(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"type": device.type, "cpu": platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+    if device.type == "cuda":
+        index = device.index or torch.cuda.current_device()
+        p = torch.cuda.get_device_properties(index)
+        info.update(name=p.name, index=index, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,
+                    memory_gib=round(p.total_memory / 2**30, 2), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(), tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                    tf32_cudnn=torch.backends.cudnn.allow_tf32)
+    else:
+        info["name"] = f"cpu ({info['cpu']}, {info['cpu_count']} cores)"
+    return {**run_provenance({"device": info}), "commit": commit()}
 
-    return {**run_provenance({"device": device_info(device), **(extra or {})}), "commit": commit()}
+
+def provenance_md(prov: dict[str, Any]) -> str:
+    d = prov["device"]
+    note = ("" if d["type"] == "cuda" else "> **CPU run.** These figures measure this CPU only. They are no estimate "
+            "of GPU performance, and the GPU targets are not evaluated.\n\n")
+    vers = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
+    return (f"{note}- device: {d['name']}, 1-min load average {d['load_avg_1min']}\n- commit: `{prov['commit']}`\n"
+            f"- date (UTC): {prov['date']}\n- versions: {vers}\n- command: `{' '.join(prov['argv'])}`\n")
 
 
 def default_out_dir(name: str, device: torch.device, root: Path = RESULTS_DIR) -> Path:
     """bench/results/<name>-<UTC date>-<device>/; a second run the same day gets -2, -3, ... (never overwrites)."""
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    base = root / f"{name}-{date}-{device_slug(device)}"
+    slug = "cpu" if device.type != "cuda" else re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower())
+    base = root / f"{name}-{datetime.now(timezone.utc):%Y-%m-%d}-{slug.strip('-')}"
     path, i = base, 2
     while path.exists():
         path, i = base.with_name(f"{base.name}-{i}"), i + 1
@@ -379,108 +257,113 @@ def default_out_dir(name: str, device: torch.device, root: Path = RESULTS_DIR) -
 
 
 def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, tuples -> lists, Paths/devices/dtypes -> str."""
+    """JSON-safe: NaN/inf -> None, tuples -> lists, anything else unknown -> str."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    if isinstance(obj, Stats):
-        return _clean(obj.to_dict())
-    return str(obj)
+    return obj if isinstance(obj, (str, int, bool)) or obj is None else str(obj)
 
 
-@dataclass
-class Report:
-    """One report folder: `payload` -> report.json, `markdown` -> report.md, `figures` name -> draw(fig)."""
+def write_report(out_dir: Path, payload: dict[str, Any], markdown: str,
+                 figures: Optional[dict[str, Callable[[Any], None]]] = None) -> dict[str, str]:
+    """report.json, report.md and the figures (file name -> draw(fig)); a plot that fails loses no number."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, errors = [], {}
+    for name, draw in (figures or {}).items():
+        try:
+            import matplotlib  # optional dependency: only the plots need it
 
-    name: str
-    payload: dict[str, Any]
-    markdown: str
-    figures: dict[str, Callable[[Any], None]] = field(default_factory=dict)
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
 
-    def write(self, out_dir: Path) -> dict[str, str]:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written, plot_errors = {}, {}
-        for fname, draw in self.figures.items():
+            fig = plt.figure(figsize=(8, 4.5), dpi=110)
             try:
-                written[fname] = str(save_figure(draw, out_dir / fname))
-            except Exception as e:  # noqa: BLE001 - a missing matplotlib must not lose the numbers
-                plot_errors[fname] = f"{type(e).__name__}: {e}"
-        payload = dict(self.payload, files={"json": "report.json", "markdown": "report.md",
-                                            "plots": sorted(Path(p).name for p in written.values())})
-        if plot_errors:
-            payload["plot_errors"] = plot_errors
-        (out_dir / "report.json").write_text(json.dumps(_clean(payload), indent=2, allow_nan=False) + "\n")
-        md = self.markdown
-        if written:
-            md += "\n## Plots\n\n" + "\n".join(f"![{Path(p).stem}]({Path(p).name})" for p in written.values()) + "\n"
-        if plot_errors:
-            md += "\nPlots not drawn: " + "; ".join(f"{k}: {v}" for k, v in plot_errors.items()) + "\n"
-        (out_dir / "report.md").write_text(md)
-        return {"dir": str(out_dir), "json": str(out_dir / "report.json"), "markdown": str(out_dir / "report.md"),
-                **written}
+                draw(fig)
+                fig.tight_layout()
+                fig.savefig(out_dir / name)
+                written.append(name)
+            finally:
+                plt.close(fig)
+        except Exception as e:  # noqa: BLE001
+            errors[name] = f"{type(e).__name__}: {e}"
+    payload = dict(payload, files={"json": "report.json", "markdown": "report.md", "plots": sorted(written)},
+                   **({"plot_errors": errors} if errors else {}))
+    (out_dir / "report.json").write_text(json.dumps(_clean(payload), indent=2, allow_nan=False) + "\n")
+    (out_dir / "report.md").write_text(markdown + "".join(f"\n![{Path(n).stem}]({n})\n" for n in written) +
+                                       "".join(f"\nPlot {k} not drawn: {v}\n" for k, v in errors.items()))
+    return {"dir": str(out_dir), "json": str(out_dir / "report.json"), "markdown": str(out_dir / "report.md")}
 
 
-def save_figure(draw: Callable[[Any], None], path: Path) -> Path:
-    import matplotlib
+def lines(series: dict[str, list[tuple]], xlabel: str, ylabel: str, title: str = "", log: str = "",
+          hline: Optional[float] = None) -> Callable[[Any], None]:
+    """A figure of one line per named series of (x, y) points; `log` names the log-scaled axes ("x", "xy")."""
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot(111)
+        for label, pts in series.items():
+            if pts:
+                ax.plot(*zip(*sorted(pts)), marker="o", label=label)
+        if hline is not None:
+            ax.axhline(hline, ls="--", color="grey")
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xscale="log" if "x" in log else "linear",
+               yscale="log" if "y" in log else "linear")
+        ax.legend(fontsize=7)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=(8, 4.5), dpi=110)
-    try:
-        draw(fig)
-        fig.tight_layout()
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
-
-
-def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(str(c) for c in row) + " |")
-    return "\n".join(lines) + "\n"
+    return draw
 
 
-def provenance_md(prov: dict[str, Any]) -> str:
-    d = prov.get("device", {})
-    vers = ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items())
-    return (f"- device: {d.get('name', d.get('type'))}\n- commit: `{prov.get('commit')}`\n- date (UTC): "
-            f"{prov.get('date')}\n- versions: {vers}\n- command: `{' '.join(prov.get('argv', []))}`\n")
+def bars(labels: list[str], groups: dict[str, list[float]], ylabel: str, title: str = "") -> Callable[[Any], None]:
+    """A figure of grouped bars: one group of len(groups) bars per label."""
+    def draw(fig: Any) -> None:
+        fig.set_size_inches(max(8, 0.4 * len(labels) * len(groups)), 4.5)
+        ax, width = fig.add_subplot(111), 0.8 / len(groups)
+        for i, (name, values) in enumerate(groups.items()):
+            ax.bar([x + (i - (len(groups) - 1) / 2) * width for x in range(len(labels))], values, width, label=name)
+        ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=30 if len(labels) > 6 else 0, ha="right")
+        ax.axhline(1.0, color="k", lw=0.5)
+        ax.set(ylabel=ylabel, title=title)
+        ax.legend(fontsize=7)
+
+    return draw
 
 
-# --------------------------------------------------------------------------------------------- CLI helpers
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], empty: str = "(none)") -> str:
+    body = ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    head = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(head + body) + "\n" if body else empty + "\n"
 
 
-def csv_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+def fmt(v: Any) -> str:
+    """A table cell: n/a for a missing value, 4 significant digits for a float."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def int_list(text: str) -> list[int]:
-    return [int(t) for t in csv_list(text)]
+def target(name: str, value: Optional[float], met: bool, device: torch.device) -> dict[str, Any]:
+    """One of the performance targets: judged on a GPU only, and only from a value this run measured."""
+    status = ("not evaluated: CPU run (the targets are for one GPU; nothing is extrapolated)"
+              if device.type != "cuda" else "not measured in this run" if value is None else "pass" if met else "fail")
+    return {"target": name, "value": value, "status": status}
 
 
-def float_list(text: str) -> list[float]:
-    return [float(t) for t in csv_list(text)]
-
-
-def check_choices(flag: str, values: Sequence[str], allowed: Sequence[str]) -> None:
-    bad = [v for v in values if v not in allowed]
-    if bad:
-        raise SystemExit(f"{flag}: {', '.join(bad)} not allowed; choose from {', '.join(allowed)}")
-
-
-def cpu_note(device: torch.device) -> str:
-    return ("" if device.type == "cuda" else
-            "> **CPU run.** These figures measure this CPU only. They are no estimate of GPU performance, and the "
-            "GPU targets of the issue are not evaluated.\n\n")
+def csv_list(text: str, kind: type = str, allowed: Sequence = (), flag: str = "") -> list:
+    """A comma list; with `flag`, an empty list is refused, and with `allowed` any other value."""
+    values = [kind(t.strip()) for t in text.split(",") if t.strip()]
+    bad = [str(v) for v in values if allowed and v not in allowed]
+    if bad or (flag and not values):
+        fail(f"{flag}: {', '.join(bad)} not allowed; choose from {', '.join(allowed)}" if bad else
+             f"{flag}: give at least one value")
+    return values
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def fail(msg: str) -> NoReturn:
+    """A bad command line: one line, exit code 2, as argparse does."""
+    log(f"error: {msg}")
+    raise SystemExit(2)

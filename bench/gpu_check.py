@@ -4,7 +4,7 @@
     python3 -m bench.gpu_check summary WORK DEST STEPS  after every step: DEST/summary.json and DEST/summary.md
 
 The summary lists every planned step (comma list STEPS) with its status from WORK/steps.tsv, and embeds each finished
-step's own report (report.json / results.json, pytest's junit.xml), so the numbers travel in two small files.
+step's own report (report.json, or pytest's junit.xml), so the numbers travel in two small files.
 """
 from __future__ import annotations
 
@@ -24,25 +24,23 @@ NOT_RUN = "not reached (the command stopped before this step, or it is still run
 def env(out: Path) -> int:
     import torch
 
-    from bench.common import Report, device_info, log, provenance, provenance_md, resolve_device
+    from bench.common import log, provenance, provenance_md, resolve_device, write_report
     from bench.kernels import copy_bandwidth
 
     device = resolve_device("auto")
-    out.mkdir(parents=True, exist_ok=True)
     smi = _run(["nvidia-smi", "-q"])
+    out.mkdir(parents=True, exist_ok=True)
     (out / "nvidia-smi.txt").write_text(smi or "nvidia-smi: not available\n")
     driver = re.search(r"Driver Version\s*:\s*(\S+)", smi or "")
-    copy = copy_bandwidth(device, Namespace(warmup_ms=25, rep_ms=200, cpu_reps=5, copy_gbps=None))
-    info = device_info(device)
-    payload = {"gpu": info.get("name"), "driver": driver.group(1) if driver else None,
-               "torch_cuda": torch.version.cuda, "copy_gbps": copy,
-               "copy": "a 256 MiB device tensor copy (CPU: 32 MiB), bytes read + written, do_bench median",
-               "provenance": provenance(device)}
-    md = (f"# Environment\n\n{provenance_md(payload['provenance'])}- driver: {payload['driver']}, CUDA (torch): "
+    copy = copy_bandwidth(device, Namespace(warmup_ms=25, rep_ms=200, repeats=5, copy_gbps=None))
+    prov = provenance(device)
+    payload = {"gpu": prov["device"]["name"], "driver": driver and driver.group(1), "torch_cuda": torch.version.cuda,
+               "copy_gbps": copy, "copy": "a 256 MiB device tensor copy (CPU: 32 MiB), bytes read + written, "
+                                         "do_bench median", "provenance": prov}
+    md = (f"# Environment\n\n{provenance_md(prov)}- driver: {payload['driver']}, CUDA (torch): "
           f"{payload['torch_cuda']}\n- copy bandwidth: **{copy:.1f} GB/s** ({payload['copy']})\n")
-    Report("env", payload, md).write(out)
-    log(f"env: {payload['gpu']}, driver {payload['driver']}, copy {copy:.1f} GB/s, commit "
-        f"{payload['provenance']['commit']}")
+    write_report(out, payload, md)
+    log(f"env: {payload['gpu']}, driver {payload['driver']}, copy {copy:.1f} GB/s, commit {prov['commit']}")
     return 0
 
 
@@ -70,10 +68,8 @@ def junit_counts(path: Path) -> Optional[dict[str, Any]]:
 
 def _step_report(d: Path) -> tuple[Optional[Any], str]:
     """(numbers, markdown) that a step left in its folder."""
-    for js, md in (("report.json", "report.md"), ("results.json", "results.md")):
-        if (d / js).is_file():
-            text = (d / md).read_text() if (d / md).is_file() else ""
-            return json.loads((d / js).read_text()), text
+    if (d / "report.json").is_file():
+        return json.loads((d / "report.json").read_text()), (d / "report.md").read_text()
     counts = junit_counts(d / "junit.xml")
     if counts is None:
         return None, ""

@@ -112,22 +112,22 @@ ARGS=${ARGS% }
 pack
 
 if [ $REHEARSE -eq 1 ]; then
-  LOSS=(--exits 4 --batch 16 --classes 100 --feature-dim 16 --compile-backend eager --cpu-reps 3)
-  LARGE=(--exits 4 --batch 64 --classes 2000 --feature-dim 16 --cpu-reps 2)  # E*B = 256 rows
-  TRAIN=(--models resnet18 --sizes 8 --batch 8 --steps 2 --warmup 1 --repeats 2 --width 0.25 --depths 1,1,1,1
-         --num-classes 10 --compile-backend eager --threads 1)
+  LOSS=(--exits 4 --batch 16 --classes 100 --feature-dim 16 --compile-backend eager --repeats 3)
+  LARGE=(--exits 4 --batch 64 --classes 2000 --feature-dim 16 --repeats 2)  # E*B = 256 rows
+  TRAIN=(--models resnet18 --sizes 8 --batch 8 --steps 2 --warmup 1 --repeats 2 --threads 1 model.width=0.25
+         "model.depths=[1,1,1,1]" model.num_classes=10 precision.compile_backend=eager)
   EXITS=(model.name=resnet18 model.stem=cifar model.width=0.25 "model.depths=[1,1,1,1]" model.num_classes=10
-         data.image_size=8 --batch-sizes 1,8 --modes eager --warmup 1 --iters 2 --repeats 2 --ee-samples 8
-         --threads 1)
+         data.image_size=8 precision.amp=bf16 precision.channels_last=true --batch-sizes 1,8 --modes eager
+         --warmup 1 --iters 2 --repeats 2 --ee-samples 8 --threads 1)
   TESTS=(tests/test_gpu_suite.py -k "not rehearsal")
-  DALI=(--backends dali,dali-cpu --threads 1 --size 32 --batch-size 4 --batches 2 --warmup 1 --repeats 1
-        --per-class 2 --cache "$SITE/photos")
+  DALI=(--backends dali,dali-cpu --workers 1 --threads 1 --size 32 --batch-size 4 --batches 2 --warmup 1
+        --repeats 1 --per-class 2 --cache "$SITE/photos")
 else
   LOSS=(--exits 4 --batch 256 --classes 1000 --feature-dim 512)
   LARGE=(--exits 4 --batch 4096 --classes 32000 --feature-dim 512)  # E*B = 16384 rows
   TRAIN=(--models resnet50 --sizes 224 --batch 256 --steps 20 --warmup 3 --repeats 2)
-  EXITS=(model.name=resnet50 model.stem=imagenet model.num_classes=1000 data.image_size=224 --batch-sizes 1,256
-         --modes cudagraph --ee-samples 64)
+  EXITS=(model.name=resnet50 model.stem=imagenet model.num_classes=1000 data.image_size=224 precision.amp=bf16
+         precision.channels_last=true --batch-sizes 1,256 --modes cudagraph --ee-samples 64)
   TESTS=(tests/test_kernels.py tests/test_kernels_methods.py tests/test_kernels_objective.py
          tests/test_methods_nosync.py tests/test_gpu_suite.py -k "not rehearsal")
   python3 -c "import xdist" 2> /dev/null && TESTS=(-n 8 "${TESTS[@]}")  # 8 workers share the GPU
@@ -141,8 +141,7 @@ step loss python3 -m bench.kernels "${LOSS[@]}" ${COPY:+--copy-gbps "$COPY"} --d
   --providers eager,fused,liger,compile,compile-ro --graphs --out "$WORK/loss"
 step train python3 -m bench.train "${TRAIN[@]}" --variants plain,byot --backend torch,triton --ablate byot \
   --compile compiled --amp bf16 --layout channels_last --loaders synthetic --no-plots --out "$WORK/train"
-step exits python3 -m bench.exits "${EXITS[@]}" --amp bf16 --channels-last --thresholds 0,0.5,0.9,1.01 --no-plots \
-  --out "$WORK/exits"
+step exits python3 -m bench.exits "${EXITS[@]}" --thresholds 0,0.5,0.9,1.01 --no-plots --out "$WORK/exits"
 step large python3 -m bench.kernels "${LARGE[@]}" ${COPY:+--copy-gbps "$COPY"} --dtypes bf16 --modes fwd+bwd \
   --providers eager,fused --out "$WORK/large"
 step tests python3 -m pytest -q -p no:cacheprovider --junitxml "$WORK/tests/junit.xml" "${TESTS[@]}"

@@ -1,24 +1,23 @@
 """Host time and device operations of one fused-loss forward + backward, with the Triton launches stubbed out.
 
-`selfdistill bench kernels --host-overhead` reports, for the BYOT objective's fused path at the headline shape:
-    host_us    our own host code per forward + backward (median), the two Triton launches replaced by no-ops
-    launches   device operations that read or write memory: the Triton launches plus every other aten op
-               (views, allocations and metadata are free), e.g. the fill of `total.backward()`
-and the eager PyTorch objective's device-op count, for scale (its host time needs a GPU to be told apart from its
-compute). The stubs make the figures independent of the device and of the interpreter; on a GPU machine the
-launches' own host cost (Triton's launcher) comes on top.
-tests/test_kernels_launches.py asserts the launch count with the same counters; bench/benchmarks_host.py times the
-same calls under pytest-benchmark (`pytest bench/benchmarks_host.py --benchmark-only`).
+`host_us` is our own host code per forward + backward with the two launches replaced by no-ops; `launches` counts
+the device operations that read or write memory (the Triton launches plus every other aten op; views, allocations
+and metadata are free). The stubs make both independent of the device and of the interpreter; on a GPU, Triton's
+launcher comes on top. tests/test_kernels_launches.py and bench/benchmarks_host.py (pytest-benchmark) use the same
+counters and calls.
 """
 from __future__ import annotations
 
 import contextlib
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.common import log, md_table, provenance, provenance_md, write_report
 
 # aten ops that move no data: allocation without initialisation, views, metadata
 FREE_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view", "select",
@@ -103,10 +102,9 @@ def count(step: Callable[[], None]) -> dict:
             "allocated_bytes": ops.allocated}
 
 
-def host_us(step: Callable[[], None], reps: int = 200, stub: bool = True) -> dict:
-    """Median and p20/p80 host microseconds per call (launches stubbed unless stub=False)."""
-    ctx = stubbed_launches() if stub else contextlib.nullcontext()
-    with ctx:
+def host_us(step: Callable[[], None], reps: int = 200) -> dict:
+    """Median and p20/p80 host microseconds per call, the launches stubbed."""
+    with stubbed_launches():
         for _ in range(max(3, reps // 10)):
             step()
         times = []
@@ -118,11 +116,23 @@ def host_us(step: Callable[[], None], reps: int = 200, stub: bool = True) -> dic
     return {"median": statistics.median(times), "p20": q[1], "p80": q[7], "reps": reps}
 
 
-def report(device: torch.device, reps: int = 200) -> dict:
-    """The --host-overhead figures: fused BYOT objective vs the eager reference, same shape and inputs."""
-    fused = byot_step(device=device)
-    counts, eager_counts = count(fused), count(byot_step(device=device, backend="torch"))
-    return {"shape": "E=4 B=256 C=1000 D=512 bf16, BYOT defaults", "device": str(device),
-            "host_us": host_us(fused, reps), "launches": counts["launches"], "triton_launches": counts["triton"],
-            "other_ops": counts["aten"], "eager_launches": eager_counts["launches"],
-            "target": {"host_us": 60.0, "launches": 3}}
+def host_report(device: torch.device, reps: int, out_dir: Path) -> dict:
+    """The --host-overhead report: the fused BYOT objective against the eager one, same shape and inputs."""
+    fused, eager = byot_step(device=device), byot_step(device=device, backend="torch")
+    counts, host = count(fused), host_us(fused, reps)
+    payload = {"provenance": provenance(device), "rows": [], "shape": "E=4 B=256 C=1000 D=512 bf16, BYOT defaults",
+               "host_us": host, "launches": counts["launches"], "triton_launches": counts["triton"],
+               "other_ops": counts["aten"], "eager_launches": count(eager)["launches"],
+               "target": {"host_us": 60.0, "launches": 3}}
+    md = "\n".join([
+        "# Fused multi-exit loss: host overhead", "", provenance_md(payload["provenance"]),
+        f"BYOT objective, {payload['shape']}, one forward + backward (`total.backward()`), the two Triton launches "
+        f"stubbed; {reps} calls.", "",
+        md_table(["path", "host us (median)", "p20 / p80", "device ops that touch memory", "target"],
+                 [["fused", f"{host['median']:.1f}", f"{host['p20']:.1f} / {host['p80']:.1f}",
+                   f"{counts['launches']} ({counts['triton']} Triton + {', '.join(counts['aten']) or 'none'})",
+                   "<= 60 us, <= 3"], ["eager PyTorch objective", "-", "-", payload["eager_launches"], "-"]])])
+    payload["written"] = write_report(out_dir, payload, md)
+    log(f"host overhead: {host['median']:.1f} us per fwd+bwd, {counts['launches']} device ops; "
+        f"report: {payload['written']['markdown']}")
+    return payload

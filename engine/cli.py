@@ -96,7 +96,7 @@ SUBTOOLS = {
     "bench loader": "bench.loader",
     "bench train": "bench.train",
     "profile exits": "bench.exits",
-    "export": "bench.export",
+    "export": "engine.export",
 }
 
 

@@ -177,6 +177,7 @@ class PrecisionConfig:
     channels_last: bool = False
     compile: bool = False
     compile_mode: Optional[str] = None
+    compile_backend: str = _f("inductor", doc="torch.compile backend; `eager` only traces (CPU tests, rehearsals)")
     deterministic: bool = False
 
 

@@ -11,10 +11,11 @@ from engine.distributed import DistInfo, all_gather_cat
 from engine.metrics import exit_metrics
 
 
-def autocast(device: torch.device, amp: str):
+def autocast(device: torch.device, amp: str, cache: bool = True):
+    """`cache=False` drops autocast's weight-cast cache, which a CUDA-graph capture must not hold."""
     if amp == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, cache_enabled=cache)
 
 
 @torch.no_grad()

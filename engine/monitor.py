@@ -3,13 +3,16 @@
 Each step adds its loss terms and gradient norm to sums kept on the device (no sync). Every `logging.log_every`
 steps, at the end of each epoch and before any checkpoint, one host read returns the window's means, whether a
 loss, gradient norm or parameter is non-finite, and, in the same all-reduce under DDP, whether any rank was asked
-to stop: every rank then sees the same values and stops at the same step.
+to stop: every rank then sees the same values and stops at the same step. `StopFlag` turns SIGTERM / Ctrl-C into
+that request; `raise_if_diverged` names the last good checkpoint.
 """
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,6 +24,31 @@ from engine.types import LossOutput
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class StopFlag:
+    """SIGTERM / Ctrl-C request a clean stop (a host flag, no sync); a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 @dataclass
@@ -80,3 +108,14 @@ class Window:
         self.names, self.n = list(state["names"]), state["n"]
         self.sum = None if state["sum"] is None else state["sum"].to(device)
         self.t0 = time.perf_counter()
+
+
+def raise_if_diverged(reading: Reading, state, run_dir: str) -> None:
+    """`state` has the loop's epoch, step and `saved` checkpoints. Every checkpoint is written right after a healthy
+    reading, so each one written so far is good."""
+    if not reading.problems:
+        return
+    good = "; ".join(f"{Path(run_dir) / name} (epoch {e}, step {s})" for name, (e, s) in sorted(state.saved.items()))
+    raise TrainingDiverged(f"non-finite {', '.join(reading.problems)} at epoch {state.epoch}, step {state.step}; "
+                           + (f"the last good checkpoint: {good}" if good else "no checkpoint was written yet")
+                           + ". Lower optim.lr, set optim.clip_grad_norm, or use precision.amp=bf16.")

@@ -74,5 +74,6 @@ def build_components(cfg: Config, device: str | None = None) -> Components:
     if cfg.precision.compile:
         # DDP inside compile: dynamo splits the graph at DDP's gradient buckets, so each bucket's all-reduce
         # overlaps the rest of the backward; DDP around a compiled module waits for the whole backward
-        train_model = torch.compile(train_model, mode=cfg.precision.compile_mode)
+        train_model = torch.compile(train_model, mode=cfg.precision.compile_mode,
+                                    backend=cfg.precision.compile_backend)
     return Components(info, data, model, train_model, objective, optimizer, scaler, ema)

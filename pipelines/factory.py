@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from pipelines.base import DataBundle
-from pipelines.batch import DataError
 from pipelines.dali import build_dali_data
 from pipelines.datasets import FASHION_MNIST_CLASSES, load_digits_split, load_fashion_mnist
 from pipelines.folder_splits import carve, folder_splits
@@ -35,18 +34,13 @@ def build_data(d, device: torch.device, rank: int = 0, world: int = 1, *, seed: 
     synthetic batches and image-folder images; `amp` sets DALI's output dtype; `allow_self_partner` lets the CS-KD
     class-pair sampler pick the anchor itself."""
     mf = torch.channels_last if channels_last else torch.contiguous_format
-    if d.dataset == "synthetic":
-        if d.sampler == "class_pair" or d.extra_view:
-            raise DataError("the synthetic loader yields no class-pair partners or second views; "
-                            "use data.sampler=random and data.extra_view=false with synthetic data")
-
-        def mk(batch_size: int, num_samples: int) -> SyntheticLoader:
-            return SyntheticLoader(num_samples, batch_size, num_classes, in_chans, d.image_size, device,
-                                   memory_format=mf, seed=seed)
-
-        return DataBundle(mk(d.batch_size, d.limit_train or 100 * d.batch_size),
-                          mk(d.eval_batch_size, d.eval_batch_size), None, num_classes, in_chans,
-                          [str(i) for i in range(num_classes)])
+    if d.dataset == "synthetic":  # random batches on the device; partners and views too when asked for
+        n = d.limit_train or 100 * d.batch_size
+        train = SyntheticLoader(n, d.batch_size, num_classes, in_chans, d.image_size, device, memory_format=mf,
+                                seed=seed, partners=d.sampler == "class_pair", extra_view=d.extra_view)
+        val = SyntheticLoader(d.eval_batch_size, d.eval_batch_size, num_classes, in_chans, d.image_size, device,
+                              memory_format=mf, seed=seed)
+        return DataBundle(train, val, None, num_classes, in_chans, [str(i) for i in range(num_classes)])
     if d.backend in ("dali", "dali-cpu"):
         return build_dali_data(d, device, rank, world, seed=seed, in_chans=in_chans, channels_last=channels_last,
                                amp=amp, allow_self_partner=allow_self_partner)

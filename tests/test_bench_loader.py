@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from bench.loader import NO_GPU, main, make_photo_folder
@@ -20,20 +21,23 @@ def test_photo_folder_is_full_size_jpegs_and_cached(tmp_path):
 def test_bench_writes_json_and_markdown(tmp_path):
     out = tmp_path / "out"
     rc = main(["--cache", str(tmp_path / "cache"), "--per-class", "2", "--backends", "dali-cpu,torch,dali",
-               "--threads", "1", "--size", "32", "--batch-size", "4", "--batches", "2", "--warmup", "1",
-               "--repeats", "1", "--out", str(out)])
+               "--workers", "1", "--threads", "1", "--size", "32", "--batch-size", "4", "--batches", "2",
+               "--warmup", "1", "--repeats", "2", "--out", str(out)])
     assert rc == 0
-    report = json.loads((out / "results.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     by_name = {r["backend"]: r for r in report["results"]}
-    assert by_name["dali-cpu"]["img_per_s"] > 0 and by_name["torch (DataLoader + PIL)"]["img_per_s"] > 0
+    for name in ("dali-cpu", "torch (DataLoader + PIL)"):
+        rate = by_name[name]["img_s"]
+        assert rate["n"] == 2 and rate["mean"] > 0 and min(rate["values"]) > 0, name
     assert by_name["dali-cpu"]["dtype"] == "float16"  # precision.amp=fp16 by default
+    assert report["folder"]["train_images"] == 16 and report["folder"]["classes"] == 8
     if not torch.cuda.is_available():
         assert by_name["dali (mixed)"]["status"] == NO_GPU
-        assert NO_GPU in (out / "results.md").read_text()
-    env = report["environment"]
-    assert {"git_commit", "torch", "nvidia_dali", "cpu_count", "date"} <= set(env)
+        assert NO_GPU in (out / "report.md").read_text()
+    assert report["provenance"]["commit"] and {"torch", "nvidia-dali-cuda130"} <= set(report["provenance"]["versions"])
 
 
 def test_bench_rejects_unknown_backend(tmp_path, capsys):
-    assert main(["--backends", "dali-gpu", "--cache", str(tmp_path)]) == 2
-    assert "dali-gpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--backends", "dali-gpu", "--cache", str(tmp_path)])
+    assert e.value.code == 2 and "--backends: dali-gpu not allowed" in capsys.readouterr().err

@@ -46,11 +46,11 @@ def _worker(rank: int, tmp: str, port: int) -> None:
 def _cli_worker(rank: int, tmp: str, port: int, argv: list, signalled_rank: int) -> None:
     """`selfdistill train` on one rank; SIGTERM reaches `signalled_rank` alone, during the process's first step."""
     _env(rank, port)
-    import engine.train as engine_train
+    import engine.step as engine_step
     from engine.cli import main
 
     if rank == signalled_rank:
-        real, calls = engine_train.lr_at, []
+        real, calls = engine_step.lr_at, []
 
         def lr_at(step, *args):
             if not calls:  # this process's first step
@@ -58,7 +58,7 @@ def _cli_worker(rank: int, tmp: str, port: int, argv: list, signalled_rank: int)
             calls.append(step)
             return real(step, *args)
 
-        engine_train.lr_at = lr_at
+        engine_step.lr_at = lr_at
     with open(Path(tmp) / f"rank{rank}.out", "w") as f, contextlib.redirect_stdout(f):
         rc = main(argv)
     (Path(tmp) / f"rank{rank}.rc").write_text(str(rc))
@@ -142,7 +142,7 @@ def test_ddp_wraps_the_model_before_compile(tmp_path, monkeypatch):
             self.kind, self.inner = kind, inner
 
     monkeypatch.setattr(engine.setup_run, "wrap_ddp", lambda m, info, find_unused: Tag("ddp", m))
-    monkeypatch.setattr(torch, "compile", lambda m, mode=None: Tag("compile", m))
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None, backend=None: Tag("compile", m))
     c = build_components(tiny_config(tmp_path, *OVERRIDES, "precision.compile=true"), "cpu")
     assert c.train_model.kind == "compile" and c.train_model.inner.kind == "ddp"
     assert c.train_model.inner.inner is c.model and not isinstance(c.model, Tag)

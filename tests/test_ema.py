@@ -21,16 +21,16 @@ def test_ema_follows_the_recurrence(tmp_path, monkeypatch):
     import engine.train as engine_train
 
     decay = 0.6
-    real, live = engine_train._step, []
+    real, live = engine_train.train_step, []
 
-    def probe(cfg, c, batch, step, per_epoch):
+    def probe(cfg, c, batch, step, per_epoch, window):
         if not live:
             live.append({k: v.clone() for k, v in c.model.state_dict().items()})  # w0: the EMA's starting point
-        out = real(cfg, c, batch, step, per_epoch)
+        out = real(cfg, c, batch, step, per_epoch, window)
         live.append({k: v.clone() for k, v in c.model.state_dict().items()})
         return out
 
-    monkeypatch.setattr(engine_train, "_step", probe)
+    monkeypatch.setattr(engine_train, "train_step", probe)
     train(tiny_config(tmp_path, *BASE, "schedule.epochs=1", "ema.enabled=true", f"ema.decay={decay}"), device="cpu")
     ema = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["ema"]
     assert len(live) == 4

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import export as export_cmd
+from engine import export as export_cmd
 from engine.checkpoint import atomic_save
 from engine.config import load_config, to_dict
 from engine.models import create_model
@@ -84,7 +84,8 @@ def test_early_exit_artefacts_match_training_model(checkpoint, tmp_path):
             torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_export_rejects_an_exit_out_of_range(checkpoint, tmp_path):
+def test_export_rejects_an_exit_out_of_range(checkpoint, tmp_path, capsys):
     ck, _, _ = checkpoint
-    with pytest.raises(SystemExit, match="2 exits"):
+    with pytest.raises(SystemExit) as e:
         export_cmd.main(["--checkpoint", str(ck), "--exit", "2", "--out", str(tmp_path / "x.pt2")])
+    assert e.value.code == 2 and "the model has 2 exits" in capsys.readouterr().err

@@ -231,16 +231,16 @@ def test_read_only_directory(tmp_path):
 
 
 def test_stop_exit_code_is_3(tmp_path, capsys, monkeypatch):
-    import engine.train as engine_train
+    import engine.step as engine_step
 
-    real = engine_train.lr_at
+    real = engine_step.lr_at
 
     def lr_at(step, *args):
         if step == 2:  # SIGTERM arrives during the third step
             os.kill(os.getpid(), signal.SIGTERM)
         return real(step, *args)
 
-    monkeypatch.setattr(engine_train, "lr_at", lr_at)
+    monkeypatch.setattr(engine_step, "lr_at", lr_at)
     run = tmp_path / "run"
     assert _train(run) == 3
     out = capsys.readouterr().out
@@ -249,9 +249,9 @@ def test_stop_exit_code_is_3(tmp_path, capsys, monkeypatch):
 
 
 def test_stopped_generation_chain_exits_3_and_resumes(tmp_path, capsys, monkeypatch):
-    import engine.train as engine_train
+    import engine.step as engine_step
 
-    real, calls = engine_train.lr_at, []
+    real, calls = engine_step.lr_at, []
 
     def lr_at(step, *args):
         calls.append(step)
@@ -259,7 +259,7 @@ def test_stopped_generation_chain_exits_3_and_resumes(tmp_path, capsys, monkeypa
             os.kill(os.getpid(), signal.SIGTERM)
         return real(step, *args)
 
-    monkeypatch.setattr(engine_train, "lr_at", lr_at)
+    monkeypatch.setattr(engine_step, "lr_at", lr_at)
     run = tmp_path / "run"
     chain = ["--generations", "2", "objective.name=sd_generation", "exits.stages=[]"]
     assert _train(run, *chain) == 3

@@ -97,7 +97,7 @@ def test_commit_stamp_is_read_where_there_is_no_git(tmp_path, monkeypatch):
     stamp = tmp_path / "COMMIT"
     stamp.write_text("0123abcd\n")
     assert common.commit(stamp) != "0123abcd (stamped by make gpu-prep)"  # git wins where there is a .git
-    monkeypatch.setattr("engine.rundir.git_commit", lambda: "unknown")
+    monkeypatch.setattr("bench.common.git_commit", lambda: "unknown")
     assert common.commit(stamp) == "0123abcd (stamped by make gpu-prep)"
     assert common.commit(tmp_path / "missing") == "unknown"
 
@@ -147,7 +147,7 @@ def test_rehearsal_runs_every_step_and_returns_at_most_8_files(tmp_path):
     tests = steps["tests"]["report"]
     assert tests["passed"] >= 2 and tests["failures"] == tests["errors"] == 0
     if dali:
-        assert {r["backend"]: r for r in steps["dali"]["report"]["results"]}["dali-cpu"]["img_per_s"] > 0
+        assert {r["backend"]: r for r in steps["dali"]["report"]["results"]}["dali-cpu"]["img_s"]["mean"] > 0
     md = (out / "summary.md").read_text()
     for i, name in enumerate(STEPS, 1):
         assert f"| {i} {name} | {steps[name]['status']} |" in md

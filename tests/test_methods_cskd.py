@@ -94,12 +94,13 @@ def test_folder_loader_pairs_and_views(tmp_path):
         assert not torch.equal(b.images, b.extra["view"])  # own random-resized crop per view
 
 
-def test_synthetic_backend_refuses_pairs(tmp_path):
-    from pipelines.batch import DataError
-
-    cfg = tiny_config(tmp_path, "objective.name=cskd", "data.sampler=class_pair", "data.dataset=synthetic")
-    with pytest.raises(DataError, match="class-pair"):
-        data_from_config(cfg, CPU)
+def test_synthetic_data_carries_partners_and_views(tmp_path):
+    cfg = tiny_config(tmp_path, "objective.name=cskd", "data.sampler=class_pair", "data.extra_view=true",
+                      "data.dataset=synthetic")
+    batch = next(iter(data_from_config(cfg, CPU).train))
+    assert set(batch.extra) == {"partner", "view"}
+    for images in batch.extra.values():  # the anchors' shape, other images
+        assert images.shape == batch.images.shape and not torch.equal(images, batch.images)
 
 
 # ------------------------------------------------------------------------------------- objectives

@@ -92,16 +92,16 @@ def test_clipping_sees_unscaled_gradients(tmp_path, monkeypatch):
     import engine.train as engine_train
 
     lr, clip = 0.1, 1e-3
-    real, seen = engine_train._step, []
+    real, seen = engine_train.train_step, []
 
-    def probe(cfg, c, batch, step, per_epoch):
+    def probe(cfg, c, batch, step, per_epoch, window):
         flat = lambda: torch.cat([p.detach().flatten() for p in c.model.parameters()]).clone()  # noqa: E731
         before, scale = flat(), c.scaler.get_scale()
-        out = real(cfg, c, batch, step, per_epoch)
+        out = real(cfg, c, batch, step, per_epoch, window)
         seen.append(((flat() - before).double().norm().item(), scale, c.scaler.get_scale(), out[1].item()))
         return out
 
-    monkeypatch.setattr(engine_train, "_step", probe)
+    monkeypatch.setattr(engine_train, "train_step", probe)
     train(tiny_config(tmp_path, *BASE, "precision.amp=fp16", f"optim.lr={lr}", f"optim.clip_grad_norm={clip}",
                       "optim.momentum=0", "optim.weight_decay=0", "schedule.epochs=1"), device="cpu")
     assert len(seen) == 4

@@ -68,12 +68,12 @@ def test_resume_gives_identical_records_and_weights(tmp_path):
 
 
 def test_divergence_is_caught_before_any_checkpoint_holds_it(tmp_path, monkeypatch):
-    import engine.train as engine_train
+    import engine.step as engine_step
 
-    real = engine_train.lr_at
+    real = engine_step.lr_at
     # One step per epoch. Step 2 is taken at an infinite LR: its loss (computed before the update) is finite, the
     # weights it leaves are not, and the end of epoch 2 would checkpoint them.
-    monkeypatch.setattr(engine_train, "lr_at", lambda step, *a: float("inf") if step == 1 else real(step, *a))
+    monkeypatch.setattr(engine_step, "lr_at", lambda step, *a: float("inf") if step == 1 else real(step, *a))
     cfg = tiny_config(tmp_path, "schedule.epochs=3", "data.limit_train=64")
     with pytest.raises(TrainingDiverged, match="non-finite parameters at epoch 1, step 2") as e:
         train(cfg, device="cpu")

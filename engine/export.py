@@ -1,8 +1,5 @@
 """`selfdistill export`: a deployable model from a training checkpoint, truncated at one exit or early-exiting.
 
-    selfdistill export --checkpoint CKPT --exit K            [--format export|torchscript] --out FILE
-    selfdistill export --checkpoint CKPT --early-exit THRESH [--format export|torchscript] --out FILE
-
 --exit K: `TruncatedModel` (stem + stages up to exit K + exit K's head; K = 0 shallowest, -1 = the last = the full
 single-exit network); the artefact maps images [B, C, H, W] (float32, normalised like the training data) to
 logits [B, num_classes]. --early-exit T: `EarlyExitModel` (per sample: the first exit whose max-softmax >= T); the
@@ -25,9 +22,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from bench.common import build_bench_model, log, provenance
-from engine.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from engine.models.early_exit import EarlyExitModel, TruncatedModel, exit_index_for_threshold
+from engine.rundir import provenance
 
 FORMATS = ("export", "torchscript")
 ATOL, RTOL = 1e-4, 1e-4
@@ -123,23 +120,23 @@ def verify(loaded: Any, model: nn.Module, x: Tensor, exit_k: Optional[int], thre
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ck = load_checkpoint(args.checkpoint, "cpu")
     try:
-        model, cfg, source = build_bench_model(args.checkpoint, None, args.overrides, args.weights)
-    except (ValueError, CheckpointError) as e:  # a bad override or weights name: one line, exit 2 (engine.cli)
-        msg = str(e)
-        raise CheckpointError(msg if args.checkpoint in msg else f"{args.checkpoint}: {msg}") from None
+        model, cfg = model_from_checkpoint(ck, list(args.overrides), args.weights, str(args.checkpoint))
+    except ValueError as e:  # a bad override: one line naming the checkpoint, exit 2 (engine.cli)
+        raise CheckpointError(f"{args.checkpoint}: {e}") from None
+    model.eval()
     if args.exit is not None and not -model.num_exits <= args.exit < model.num_exits:
-        raise SystemExit(f"--exit {args.exit}: the model has {model.num_exits} exits (0..{model.num_exits - 1}, "
-                         "-1 = the last)")
+        parser.error(f"--exit {args.exit}: the model has {model.num_exits} exits (0..{model.num_exits - 1}, "
+                     "-1 = the last)")
     exit_k = None if args.exit is None else args.exit % model.num_exits
     module = deploy_module(model, exit_k, args.early_exit)
     shape = (cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)
     g = torch.Generator().manual_seed(0)
     example = torch.randn(EXAMPLE_BATCH, *shape, generator=g)
     out = Path(args.out)
-    log(f"[export] {'early exit at threshold ' + str(args.early_exit) if exit_k is None else f'exit {exit_k}'} "
-        f"as {args.format} -> {out}")
     artifact = export_artifact(module, example, args.format, args.max_batch)
     save_artifact(artifact, args.format, out)
     meta: dict[str, Any] = {
@@ -149,14 +146,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         "exit_stages": [int(i["stage"]) for i in model.exit_info], "input_shape": ["batch", *shape],
         "input_dtype": "float32", "outputs": (["logits [B, C] float32", "exit_index [B] int64"] if exit_k is None
                                               else ["logits [B, C]"]),
-        "num_classes": cfg.model.num_classes, "class_names": source.get("class_names"),
+        "num_classes": cfg.model.num_classes, "class_names": ck.get("class_names"),
         "normalisation": {"mean": cfg.data.mean, "std": cfg.data.std,
                           "note": "null = the training loader's default (dataset statistics / ImageNet)"},
         "model": {"name": cfg.model.name, "stem": cfg.model.stem, "width": cfg.model.width,
                   "depths": cfg.model.depths, "head": cfg.exits.head},
         "checkpoint": str(args.checkpoint), "weights": args.weights,
         "load": ("torch.export.load(FILE).module()" if args.format == "export" else "torch.jit.load(FILE)"),
-        "provenance": provenance(torch.device("cpu")),
+        "provenance": provenance(),
     }
     if not args.no_verify:
         x = torch.randn(CHECK_BATCH, *shape, generator=g)
