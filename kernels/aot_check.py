@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import hashlib
 import inspect
 import json
@@ -42,7 +41,8 @@ import tempfile
 from collections import Counter, namedtuple
 from types import SimpleNamespace
 
-from kernels import aot_sass
+from kernels import aot_sass, aot_source
+from kernels.aot_report import markdown, render
 
 BYOT = dict(teacher="deepest", ce_weight=0.9, kd_weight=0.1, hint_weight=1e-6, temperature=3.0, kd="kl",
             t_squared=True)
@@ -63,7 +63,6 @@ FULL = QUICK + [(lbl, shape, 512, dt, BYOT_SSE) for shape in (LARGE, HEADLINE) f
     ("byot+l2", HEADLINE, 512, "bf16", dict(BYOT, hint="l2")),
     ("byot+mse", HEADLINE, 512, "bf16", dict(BYOT, hint="mse")),
     ("byot T=1 soft_ce", HEADLINE, 0, "bf16", dict(BYOT, temperature=1.0, kd="soft_ce"))]
-TARGETS = dict(spill_bytes=0, mufu_per_elem=2.5)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -249,7 +248,7 @@ def _used_pointers(ttir: str, bound: dict, spec: dict) -> list[Arg]:
     return used
 
 
-def analyse(launch: Launch, arch: int, src: aot_sass.Source) -> dict:
+def analyse(launch: Launch, arch: int, src: aot_source.Source) -> dict:
     import triton.language as tl
 
     kernel, bound, spec = compile_launch(launch, arch)
@@ -260,8 +259,8 @@ def analyse(launch: Launch, arch: int, src: aot_sass.Source) -> dict:
     values = {k: v for k, v in bound.items() if isinstance(v, (int, float))}
     consts = {k: s[1] for k, s in spec.items() if s[0] == "constexpr"}
     programs = math.prod(launch.grid)
-    env = aot_sass.Env((launch.fn.fn.__code__.co_filename, launch.fn.fn.__name__),
-                       {**glob, **values, aot_sass.GRID: tuple(launch.grid) + (1, 1)}, {**glob, **consts}, glob,
+    env = aot_source.Env((launch.fn.fn.__code__.co_filename, launch.fn.fn.__name__),
+                       {**glob, **values, aot_source.GRID: tuple(launch.grid) + (1, 1)}, {**glob, **consts}, glob,
                        programs)
     sass = _run_tool("nvdisasm", cubin, "-c", "-gi")
     dyn = aot_sass.count(sass, env, src)
@@ -319,7 +318,7 @@ def summarize(kernels: list[dict], shape: tuple, hw: dict, teacher_logits: bool 
 def run(arch: int, quick: bool, hw: dict) -> dict:
     import triton
 
-    src, variants, failures = aot_sass.Source(), [], 0
+    src, variants, failures = aot_source.Source(), [], 0
     for label, shape, D, dtype, options in QUICK if quick else FULL:
         name = f"{label} E={shape[0]} B={shape[1]} C={shape[2]} {dtype}" + (f" D={D}" if D else "")
         kernels = []
@@ -344,80 +343,6 @@ def run(arch: int, quick: bool, hw: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- output
-
-def _table(head: list[str], rows: list[list]) -> str:
-    return "\n".join("|" + "|".join(f" {c} " for c in r) + "|" for r in [head, ["---"] * len(head), *rows])
-
-
-def _g(x: float) -> str:
-    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
-
-
-def _na(x) -> str:
-    return "n/a" if x is None else str(x)
-
-
-def _targets(v: dict) -> list[str]:
-    if tuple(v["shape"][2:]) != (32000,) or v["dtype"] != "bf16":
-        return []
-    p, ok = v["passes"], {True: "met", False: "MISSED", None: "unknown (no ptxas report)"}
-    spill = None if None in [q["spill"] for q in p.values()] else max(q["spill"] for q in p.values())
-    mufu = p["forward"]["mufu"] + p["backward"]["mufu"]
-    lines = [f"spills (ptxas): {spill} B (target 0): {ok[None if spill is None else spill <= TARGETS['spill_bytes']]}",
-             f"MUFU per logit element, forward + backward: {mufu:.2f} (target <= {TARGETS['mufu_per_elem']}): "
-             f"{ok[mufu <= TARGETS['mufu_per_elem']]}"]
-    lines += [f"{ph}: issue {_g(p[ph]['issue_us'])} us vs DRAM {_g(p[ph]['dram_us'])} us (target issue <= DRAM): "
-              f"{ok[p[ph]['issue_le_dram']]}" for ph in ("forward", "backward")]
-    return [f"- {v['name']}: " + "; ".join(lines)]
-
-
-def render(results: list[dict]) -> str:
-    out, per_elem = [], lambda k, v: k["grid"] * k["warps"] * 32 / math.prod(v["shape"])  # threads per element
-    for r in results:
-        out += [f"## Triton {r['triton']} (ptxas {r['ptxas']}, sm_{r['arch']})", ""]
-        rows = [[v["name"], ph[:3], p["launches"], p["main"], p["regs"], p["shared"], p["stack"], _na(p["spill"]),
-                 p["stl_ldl"], _g(p["instr"]), _g(p["mufu"]),
-                 " ".join(f"{k} {_g(n)}" for k, n in p["mufu_kinds"].items()), _g(p["lmem"]), _g(p["issue_us"]),
-                 _g(p["mufu_us"]), _g(p["bytes"] / 1e6), _g(p["dram_us"]), "yes" if p["issue_le_dram"] else "**no**"]
-                for v in r["variants"] for ph, p in v["passes"].items()]
-        out += [_table(["variant", "pass", "launches", "main kernel", "regs", "smem B", "stack B", "spill B (ptxas)",
-                        "STL+LDL (static)", "instr/elem", "MUFU/elem", "MUFU kinds /elem", "LDL+STL /elem", "issue us",
-                        "MUFU us", "DRAM MB", "DRAM us", "issue <= DRAM"], rows), ""]
-        targets = [t for v in r["variants"] for t in _targets(v)]
-        out += ["Targets at C=32000, bf16:", "", *targets, ""] if targets else []
-        rows = [[v["name"], k["phase"][:3], k["kernel"], f"{k['grid']} x {k['warps']}w", k["reg"], k["stack"],
-                 k["local"], "/".join(str(k["ptxas"][x]) for x in ("spill_st", "spill_ld")) if k["ptxas"] else "n/a",
-                 k["stl_ldl"], k["shared"], _g(k["per_thread"]), _g(k["per_thread"] * per_elem(k, v)),
-                 _g(sum(n for op, n in k["ops"].items() if op.startswith("MUFU")) * per_elem(k, v)),
-                 "; ".join(f"{lp['where']} {_na(lp['trip'])} x {lp['body']}"
-                           + ("" if lp["counted"] else " (not counted)") for lp in k["loops"]) or "-",
-                 "; ".join(k["notes"]) or "-"]
-                for v in r["variants"] for k in v["kernels"]]
-        out += ["Per kernel (loops: source `for`, trip x static body instructions; instr/thread: averaged over the "
-                "grid):", "", _table(["variant", "pass", "kernel", "grid x warps", "regs", "stack B", "local B",
-                                      "spill st/ld B (ptxas)", "STL+LDL (static)", "smem B", "instr/thread",
-                                      "instr/elem", "MUFU/elem", "loops", "notes"], rows), ""]
-    return "\n".join(out)
-
-
-def _commit() -> str:
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + (" (kernels/ modified)" if git(
-        "status", "--porcelain", "kernels") else "")
-
-
-def markdown(results: list[dict], argv: list[str], hw: dict) -> str:
-    model = __doc__.split("Per kernel:")[1].split("Exit status")[0].rstrip()
-    model += "\nSASS model (kernels/aot_sass.py):\n" + aot_sass.__doc__.split("\n", 2)[2].rstrip()
-    head = [f"# Fused-loss kernels compiled offline: SASS counts and the performance proxy ({datetime.date.today()})",
-            "", f"Command: `python -m kernels.aot_check {' '.join(argv)}` at commit {_commit()}. No GPU was used: "
-            "every figure below is a compiler output or a prediction of the model, not a measurement.", "",
-            f"Model parameters: {hw['sms']} SMs, {hw['clock_ghz']} GHz, {hw['dram_tbs']} TB/s copy bandwidth "
-            "(read + written).", "", "```text", "Per kernel:" + model, "```", ""]
-    return "\n".join(head) + "\n" + render(results)
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv

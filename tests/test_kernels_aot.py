@@ -160,7 +160,7 @@ def _probe() -> dict:
     import re
 
     from kernels import aot_check
-    from kernels.aot_sass import Source
+    from kernels.aot_source import Source
 
     def launch(kernel, grid, *args, **kwargs):
         launches = []
