@@ -1,9 +1,8 @@
 """The fused multi-exit loss: every CE / KD / hint term of up to 8 exits, forward in one launch, backward in one.
 
-    total, losses = fused_loss(logits, targets, opts, features=None, teacher_logits=None, soft_b=None)
-
-`opts` is a kernels.options.LossOptions (the terms are defined there). `total` is the differentiable sum of every
-weighted term, `losses` [E, 3] fp32 the terms themselves (ce, kd, hint per exit; differentiable too). An objective
+`fused_loss` takes the exits' logits, the labels and a kernels.options.LossOptions (the terms are defined there),
+plus the features, teacher logits or per-row targets its options call for. It returns the differentiable sum of
+every weighted term and the [E, 3] fp32 terms themselves (ce, kd, hint per exit; differentiable too). An objective
 backpropagates through `total` and logs `losses` detached: then forward + backward is two Triton launches plus the
 one fill of `total.backward()`. `multi_exit_loss(logits, targets, **options)` returns `losses` only, and
 `MultiExitLoss(**options)` is the nn.Module form.
