@@ -3,8 +3,8 @@
 `fused_loss` takes the exits' logits, the labels and a kernels.options.LossOptions (the terms are defined there),
 plus the features, teacher logits or per-row targets its options call for. It returns the differentiable sum of
 every weighted term and the [E, 3] fp32 terms themselves (ce, kd, hint per exit; differentiable too). An objective
-backpropagates through `total` and logs `losses` detached: then forward + backward is two Triton launches plus the
-one fill of `total.backward()`. `multi_exit_loss(logits, targets, **options)` returns `losses` only, and
+backpropagates through the sum and logs the terms detached: then forward + backward is two Triton launches plus the
+one fill of the sum's `backward()`. `multi_exit_loss(logits, targets, **options)` returns the terms only, and
 `MultiExitLoss(**options)` is the nn.Module form.
 
 Inputs: `logits` is a list of E tensors [B, C] (or one [E, B, C] tensor, unbound into views); the kernels take the
