@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.common import count_params
 from engine.config import load_config
 from engine.models import create_model
 from engine.models.early_exit import EarlyExitModel, TruncatedModel, exit_index_for_threshold
+from engine.models.exit_flops import count_params
 
 TINY = ["model.width=0.25", "model.depths=[1,1,1,1]", "model.num_classes=7"]
 MODELS = {  # name -> (overrides, image size)
