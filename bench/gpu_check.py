@@ -24,8 +24,8 @@ NOT_RUN = "not reached (the command stopped before this step, or it is still run
 def env(out: Path) -> int:
     import torch
 
-    from bench.common import log, provenance, provenance_md, resolve_device, write_report
     from bench.kernels import copy_bandwidth
+    from engine.report import log, provenance, provenance_md, resolve_device, write_report
 
     device = resolve_device("auto")
     smi = _run(["nvidia-smi", "-q"])

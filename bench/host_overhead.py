@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.common import log, md_table, provenance, provenance_md, write_report
+from engine.report import log, md_table, provenance, provenance_md, write_report
 
 # aten ops that move no data: allocation without initialisation, views, metadata
 FREE_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view", "select",

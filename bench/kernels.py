@@ -17,10 +17,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from bench.common import (
+from bench.targets import target
+from engine.config import load_config
+from engine.measure import cuda_graph_fn
+from engine.objectives.fused import loss_options
+from engine.report import (
     base_parser,
     csv_list,
-    cuda_graph_fn,
     fail,
     fmt,
     lines,
@@ -29,11 +32,8 @@ from bench.common import (
     provenance,
     provenance_md,
     start,
-    target,
     write_report,
 )
-from engine.config import load_config
-from engine.objectives.fused import loss_options
 
 PROVIDERS = ("eager", "compile", "compile-ro", "liger", "fused")
 MODES = ("fwd", "bwd", "fwd+bwd")

@@ -16,20 +16,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from bench.common import (
-    Timer,
-    base_parser,
-    csv_list,
-    fail,
-    md_table,
-    provenance,
-    provenance_md,
-    start,
-    stats,
-    synchronize,
-    write_report,
-)
 from engine.config import load_config
+from engine.measure import Timer, stats, synchronize
+from engine.report import base_parser, csv_list, fail, md_table, provenance, provenance_md, start, write_report
 from engine.setup_run import data_from_config
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",

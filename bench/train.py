@@ -21,12 +21,14 @@ from typing import Any, Optional
 
 import torch
 
-from bench.common import (
-    NvmlSampler,
-    Timer,
+from bench.targets import target
+from engine.config import load_config
+from engine.measure import NvmlSampler, Timer, stats, synchronize
+from engine.models.exit_flops import count_flops
+from engine.monitor import Window
+from engine.report import (
     bars,
     base_parser,
-    count_flops,
     csv_list,
     fail,
     fmt,
@@ -35,13 +37,8 @@ from bench.common import (
     provenance,
     provenance_md,
     start,
-    stats,
-    synchronize,
-    target,
     write_report,
 )
-from engine.config import load_config
-from engine.monitor import Window
 from engine.setup_run import build_components
 from engine.step import train_step
 from engine.types import Batch

@@ -95,7 +95,7 @@ SUBTOOLS = {
     "bench kernels": "bench.kernels",
     "bench loader": "bench.loader",
     "bench train": "bench.train",
-    "profile exits": "bench.exits",
+    "profile exits": "engine.profile",
     "export": "engine.export",
 }
 

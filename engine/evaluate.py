@@ -3,6 +3,7 @@ ranks, then compute the metrics."""
 from __future__ import annotations
 
 import contextlib
+from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,14 @@ def collect_outputs(model: nn.Module, loader, device: torch.device, amp: str = "
         feats = [all_gather_cat(f, info) for f in feats] if feats is not None else None
         y = all_gather_cat(y, info)
     return logits, feats, y
+
+
+@torch.no_grad()
+def exit_logits(model: nn.Module, batches: Iterable[Tensor], device: torch.device, amp: str = "fp32") -> list[Tensor]:
+    """Every exit's logits (fp32, on the CPU) over image batches already on `device`, concatenated in order."""
+    with autocast(device, amp):
+        outs = [model(x).logits for x in batches]
+    return [torch.cat([z.float().cpu() for z in zs]) for zs in zip(*outs)]
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "fp32", n_bins: int = 15,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,14 +13,21 @@ from engine.evaluate import evaluate
 from engine.setup_run import check_data_matches, data_from_config
 
 
+def split_loader(cfg, split: str | None, device: torch.device, rank: int = 0, world: int = 1) -> tuple[Any, str]:
+    """(loader, split) of one split of the config's data, checked against the model's config; split None = val where
+    the data has one, else test. The loader is None where the data has no such split."""
+    data = data_from_config(cfg, device, rank, world)
+    check_data_matches(cfg, data)
+    split = split or ("val" if data.val is not None else "test")
+    return (data.test if split == "test" else data.val), split
+
+
 def evaluate_checkpoint(path: str, split: str = "test", overrides: list[str] = (), bins: int | None = None,
                         out: str | None = None, device: str | None = None) -> dict:
     info = init_distributed("auto", device)
     ck = load_checkpoint(path, info.device)
     model, cfg = model_from_checkpoint(ck, list(overrides), path=str(path))
-    data = data_from_config(cfg, info.device, info.rank, info.world)
-    check_data_matches(cfg, data)
-    loader = data.test if split == "test" else data.val
+    loader, _ = split_loader(cfg, split, info.device, info.rank, info.world)
     if loader is None:
         raise FileNotFoundError(f"the run's data has no {split} split (data.dataset={cfg.data.dataset}, "
                                 f"data.val_split={cfg.data.val_split})")

@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.common import count_params
 from engine.config import load_config
 from engine.models import create_model
-from engine.models.early_exit import EarlyExitModel, TruncatedModel, exit_index_for_threshold
+from engine.models.early_exit import EarlyExitModel, TruncatedModel, exit_index_for_threshold, policy_curve
+from engine.models.exit_flops import count_params
 
 TINY = ["model.width=0.25", "model.depths=[1,1,1,1]", "model.num_classes=7"]
 MODELS = {  # name -> (overrides, image size)
@@ -112,6 +112,28 @@ def test_reference_policy_edge_cases():
     assert exit_index_for_threshold(logits, 0.0).tolist() == [0, 0]
     assert exit_index_for_threshold(logits, 1.5).tolist() == [1, 1]
     assert exit_index_for_threshold(logits[:1], 0.9).tolist() == [0, 0]  # a single exit is always taken
+
+
+def test_policy_curve_by_hand():
+    """Three samples, two exits. Exit 0's max-softmax: 0.5 (two equal logits), 0.88 (softmax of [2, 0]: e^2/(e^2+1))
+    and 1/3 (three equal logits); exit 1 is right on every sample, exit 0 only on the second."""
+    shallow = torch.tensor([[1.0, 1.0, -1e9], [2.0, 0.0, -1e9], [0.0, 0.0, 0.0]])
+    deep = torch.tensor([[0.0, 5.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    labels = torch.tensor([1, 0, 2])
+    rows = {r["threshold"]: r for r in policy_curve([shallow, deep], labels, [0.0, 0.4, 0.6, 0.9], [10.0, 40.0],
+                                                    30.0)}
+    # threshold 0: all leave at exit 0, whose argmax is 0, 0, 0 -> only sample 2 (label 0) right
+    assert rows[0.0]["exit_fraction"] == [1.0, 0.0] and rows[0.0]["top1"] == pytest.approx(100 / 3, abs=1e-4)
+    assert rows[0.0]["mean_flops_per_image"] == 10.0 and rows[0.0]["flop_speedup_vs_full"] == 3.0
+    # 0.4: samples 1 and 2 leave at exit 0 (0.5, 0.88), sample 3 (1/3) goes on -> right: 2 and 3
+    assert rows[0.4]["exit_fraction"] == [round(2 / 3, 6), round(1 / 3, 6)]
+    assert rows[0.4]["top1"] == pytest.approx(200 / 3, abs=1e-4)
+    assert rows[0.4]["mean_flops_per_image"] == pytest.approx(2 / 3 * 10 + 1 / 3 * 40)
+    # 0.6: only sample 2 (0.88) leaves early; 0.9: nobody -> the deep exit, right on all
+    assert rows[0.6]["exit_fraction"] == [round(1 / 3, 6), round(2 / 3, 6)] and rows[0.6]["top1"] == 100.0
+    assert rows[0.9]["exit_fraction"] == [0.0, 1.0] and rows[0.9]["top1"] == 100.0
+    assert rows[0.9]["flop_speedup_vs_full"] == 0.75
+    assert policy_curve([shallow, deep], None, [0.5], [10.0, 40.0], 30.0)[0]["top1"] is None
 
 
 def test_early_exit_torchscript_matches_eager():

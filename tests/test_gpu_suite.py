@@ -92,14 +92,14 @@ def test_timm_backbone_with_byot_exits_forward_backward(tmp_path):
 
 
 def test_commit_stamp_is_read_where_there_is_no_git(tmp_path, monkeypatch):
-    from bench import common
+    from engine import report
 
     stamp = tmp_path / "COMMIT"
     stamp.write_text("0123abcd\n")
-    assert common.commit(stamp) != "0123abcd (stamped by make gpu-prep)"  # git wins where there is a .git
-    monkeypatch.setattr("bench.common.git_commit", lambda: "unknown")
-    assert common.commit(stamp) == "0123abcd (stamped by make gpu-prep)"
-    assert common.commit(tmp_path / "missing") == "unknown"
+    assert report.commit(stamp) != "0123abcd (stamped by make gpu-prep)"  # git wins where there is a .git
+    monkeypatch.setattr("engine.report.git_commit", lambda: "unknown")
+    assert report.commit(stamp) == "0123abcd (stamped by make gpu-prep)"
+    assert report.commit(tmp_path / "missing") == "unknown"
 
 
 def _suite(out: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, dict]:

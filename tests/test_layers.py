@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("kernels", "pipelines", "engine", "bench")
 # What each layer must not import.
 FORBIDDEN = {"kernels": {"pipelines", "engine", "bench"}, "pipelines": {"engine", "bench"}, "engine": {"bench"}}
-# The `selfdistill` command sits above every layer: it runs `selfdistill bench ...` and `profile ...` by importing
-# the bench module named in its table, only when that subcommand is called.
+# The `selfdistill` command sits above every layer: it runs `selfdistill bench ...` by importing the bench module
+# named in its table, only when that subcommand is called.
 DISPATCH_BY_NAME = {"engine.cli"}
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench import exits as profile
-from bench.common import count_flops, resolve_device
+from engine import profile
+from engine.models.exit_flops import count_flops
 from engine.models.heads import BottleneckHead
+from engine.report import resolve_device
 
 DEVICE = resolve_device("auto").type  # what the profiler picks without --device
 

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TruncatedModel", "EarlyExitModel", "ExitStep", "exit_steps", "exit_index_for_threshold"]
+__all__ = ["TruncatedModel", "EarlyExitModel", "ExitStep", "exit_steps", "exit_index_for_threshold",
+           "policy_curve"]
 
 
 def _check_backbone(backbone: nn.Module) -> None:
@@ -173,6 +174,25 @@ def exit_index_for_threshold(logits: list[Tensor], threshold: float) -> Tensor:
     hit = conf >= threshold
     first = torch.where(hit.any(1), hit.float().argmax(1), torch.full((batch,), n - 1, device=hit.device))
     return first.long()
+
+
+def policy_curve(logits: list[Tensor], labels: Optional[Tensor], thresholds: list[float], path_flops: list[float],
+                 full_flops: float) -> list[dict]:
+    """The policy simulated on collected per-exit logits, one row per threshold: the fraction of samples leaving at
+    each exit, the top-1 of the exits they leave at (None without labels), and the mean FLOPs per image, where a
+    sample leaving at exit k costs `path_flops[k]` (every stage and head up to k), with its speed-up over the full
+    model's `full_flops`."""
+    rows = []
+    for thr in thresholds:
+        idx = exit_index_for_threshold(logits, thr)
+        frac = (torch.bincount(idx, minlength=len(logits)).double() / len(idx)).tolist()
+        chosen = torch.stack(logits)[idx, torch.arange(len(idx))]
+        mean_flops = sum(f * p for f, p in zip(frac, path_flops))
+        rows.append({"threshold": thr, "exit_fraction": [round(f, 6) for f in frac], "mean_flops_per_image": mean_flops,
+                     "flop_speedup_vs_full": round(full_flops / mean_flops, 4),
+                     "top1": None if labels is None else round(100.0 * (chosen.argmax(1) == labels).double().mean()
+                                                                .item(), 4)})
+    return rows
 
 
 class EarlyExitModel(nn.Module):

@@ -13,45 +13,19 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from bench.common import (
-    NvmlSampler,
-    bars,
-    base_parser,
-    count_flops,
-    count_params,
-    csv_list,
-    cuda_graph_fn,
-    fail,
-    fmt,
-    lines,
-    log,
-    md_table,
-    provenance,
-    provenance_md,
-    start,
-    stats,
-    time_fn,
-    write_report,
-)
 from engine.checkpoint import load_checkpoint, model_from_checkpoint
 from engine.config import config_from_dict, load_config, to_dict
-from engine.evaluate import autocast, collect_outputs
+from engine.evaluate import autocast, collect_outputs, exit_logits
+from engine.evaluate_cli import split_loader
+from engine.measure import NvmlSampler, cuda_graph_fn, stats, time_fn
 from engine.metrics import exit_metrics
 from engine.models import create_model
-from engine.models.early_exit import EarlyExitModel, TruncatedModel, exit_index_for_threshold, exit_steps
-from engine.setup_run import check_data_matches, data_from_config
+from engine.models.early_exit import EarlyExitModel, TruncatedModel, exit_index_for_threshold, policy_curve
+from engine.models.exit_flops import exit_costs
+from engine.profile_report import add_claims, figures, render_markdown, speedup_checks
+from engine.report import base_parser, csv_list, fail, log, provenance, start, write_report
 
 MODES = ("eager", "compiled", "cudagraph")
-SPEEDUP_TOLERANCE = 0.15  # target: measured per-exit speed-ups at batch 256 within 15% of the FLOP ratio
-# BYOT's claims (Zhang et al. 2019, as summarised in performance-anchors.md §4), by the stages an exit runs (of 4).
-BYOT_CLAIMS = {3: {"speedup": 1.2, "text": "~1.2x average acceleration at the 3/4 classifier (3 of 4 nets beat the "
-                                           "baseline)"},
-               2: {"speedup": 3.16, "text": "3.16x average acceleration at 2/4 with 3.3% accuracy loss (the anchors' "
-                                            "FLOP count says 3.16x fits the 1/4 exit, not 2/4)"}}
-# Ideal backbone-only speed-ups (MACs through k stages vs the whole net), performance-anchors.md §4.
-ANCHOR_IDEAL = {("resnet18", "cifar"): {1: 3.64, 2: 1.94, 3: 1.32},
-                ("resnet18", "imagenet"): {1: 3.13, 2: 1.83, 3: 1.29},
-                ("resnet50", "imagenet"): {1: 5.20, 2: 2.25, 3: 1.25}}
 
 
 def build_parser():
@@ -127,12 +101,9 @@ def eval_loader(cfg, args, source: dict, device: torch.device) -> tuple[Optional
     d["data"].update(eval_batch_size=args.eval_batch_size, limit_eval=args.limit_eval)
     try:
         dcfg = config_from_dict(d)
-        bundle = data_from_config(dcfg, device)
-        check_data_matches(dcfg, bundle)
+        loader, split = split_loader(dcfg, args.split, device)
     except Exception as e:  # noqa: BLE001 - missing data is a report line, not a crash
         return None, f"no data: {type(e).__name__}: {e}"
-    split = args.split or ("val" if bundle.val is not None else "test")
-    loader = bundle.val if split == "val" else bundle.test
     if loader is None:
         return None, f"no data: the dataset has no {split} split"
     return loader, f"{dcfg.data.dataset} {split} split ({loader.num_samples} images)"
@@ -151,29 +122,13 @@ class AllExits(nn.Module):
 
 def profile_static(model: nn.Module, cfg, args, device: torch.device, modes: list[str], batch_sizes: list[int],
                    sampler: NvmlSampler) -> dict[str, Any]:
-    n, n_stages, x1 = model.num_exits, len(model.backbone.stages), make_input(1, cfg, device)
-    ideal = ANCHOR_IDEAL.get((cfg.model.name, cfg.model.stem), {})
-    exits, h, path = [], x1, 0
-    with torch.no_grad():
-        for k, step in enumerate(exit_steps(model)):  # exit k's path: every stage and head up to k
-            path += count_flops(step, h)
-            out = step.stages(step.stem(h))
-            trunc = TruncatedModel(model, k).eval()
-            depth = len(trunc.body.stages)
-            shallow = k < n - 1
-            exits.append({"exit": k, "stage": int(model.exit_info[k]["stage"]), "depth": f"{depth}/{n_stages}",
-                          "params": count_params(trunc), "head_params": count_params(model.heads[k]) if shallow else 0,
-                          "flops_per_image": count_flops(trunc, x1), "early_exit_path_flops_per_image": path,
-                          "head_flops_per_image": count_flops(step.head, out) if shallow else 0,
-                          "byot_claim": BYOT_CLAIMS.get(depth) if shallow else None,
-                          "anchor_ideal_backbone_speedup": ideal.get(depth) if shallow else None, "module": trunc})
-            h = out
-        all_flops = count_flops(model, x1)
-    for e in exits:
-        e["backbone_flops_per_image"] = e["flops_per_image"] - e["head_flops_per_image"]
+    """Parameters and FLOPs of every exit, and the latency of each alone and of all at once, per mode and batch."""
+    exits, all_exits = exit_costs(model, make_input(1, cfg, device))
+    add_claims(exits, cfg.model.name, cfg.model.stem)
     lat: dict[str, dict[str, dict[int, Any]]] = {}
     nvml: dict[str, Any] = {}
-    targets = {f"exit{e['exit']}": e.pop("module") for e in exits} | {"all_exits": AllExits(model)}
+    targets = {f"exit{e['exit']}": TruncatedModel(model, e["exit"]).eval() for e in exits} | {
+        "all_exits": AllExits(model)}
     for mode in modes:
         t0 = time.perf_counter()
         for name, module in targets.items():
@@ -191,48 +146,13 @@ def profile_static(model: nn.Module, cfg, args, device: torch.device, modes: lis
         nvml[mode] = sampler.summary(t0, time.perf_counter())
         if mode == "compiled":
             torch._dynamo.reset()
-    full = exits[-1]
+    full = lat[f"exit{exits[-1]['exit']}"]
     for e in exits:
-        e["latency"] = lat[f"exit{e['exit']}"]
-        e["flop_ratio_vs_full"] = round(full["flops_per_image"] / e["flops_per_image"], 4)
-        e["backbone_flop_ratio_vs_full"] = round(full["backbone_flops_per_image"] / e["backbone_flops_per_image"], 4)
-    for e in exits:
-        e["speedup_vs_full"] = {m: {bs: round(full["latency"][m][bs]["ms"]["mean"] / e["latency"][m][bs]["ms"]["mean"],
-                                              4) if "ms" in e["latency"][m][bs] and "ms" in full["latency"][m][bs]
-                                    else None for bs in batch_sizes} for m in modes}
-    return {"exits": exits, "nvml": nvml, "all_exits": {
-        "params": count_params(model), "flops_per_image": all_flops, "latency": lat["all_exits"],
-        "extra_flops_over_full_pct": round((all_flops / full["flops_per_image"] - 1) * 100, 3)}}
-
-
-def speedup_checks(exits: list[dict], modes: list[str], batch_sizes: list[int]) -> list[dict]:
-    """Measured speed-up at batch 256 (else the largest batch) within 15% of the FLOP ratio."""
-    bs, out = 256 if 256 in batch_sizes else max(batch_sizes), []
-    for e in exits[:-1]:
-        for m in modes:
-            s = e["speedup_vs_full"][m][bs]
-            if s is not None:
-                rel = s / e["flop_ratio_vs_full"] - 1
-                out.append({"exit": e["exit"], "depth": e["depth"], "mode": m, "batch": bs, "measured_speedup": s,
-                            "flop_ratio": e["flop_ratio_vs_full"], "deviation_pct": round(rel * 100, 2),
-                            "within_15pct": abs(rel) <= SPEEDUP_TOLERANCE})
-    return out
-
-
-def policy_curve(logits: list[Tensor], labels: Optional[Tensor], thresholds: list[float], exits: list[dict]
-                 ) -> list[dict]:
-    """The policy simulated on collected logits: exit mix, accuracy and mean FLOPs per image for each threshold."""
-    path, full, rows = [e["early_exit_path_flops_per_image"] for e in exits], exits[-1]["flops_per_image"], []
-    for thr in thresholds:
-        idx = exit_index_for_threshold(logits, thr)
-        frac = (torch.bincount(idx, minlength=len(logits)).double() / len(idx)).tolist()
-        chosen = torch.stack(logits)[idx, torch.arange(len(idx))]
-        mean_flops = sum(f * p for f, p in zip(frac, path))
-        rows.append({"threshold": thr, "exit_fraction": [round(f, 6) for f in frac], "mean_flops_per_image": mean_flops,
-                     "flop_speedup_vs_full": round(full / mean_flops, 4),
-                     "top1": None if labels is None else round(100.0 * (chosen.argmax(1) == labels).double().mean()
-                                                                .item(), 4)})
-    return rows
+        mine = e["latency"] = lat[f"exit{e['exit']}"]
+        e["speedup_vs_full"] = {m: {bs: round(full[m][bs]["ms"]["mean"] / mine[m][bs]["ms"]["mean"], 4)
+                                    if "ms" in mine[m][bs] and "ms" in full[m][bs] else None for bs in batch_sizes}
+                                for m in modes}
+    return {"exits": exits, "nvml": nvml, "all_exits": {**all_exits, "latency": lat["all_exits"]}}
 
 
 @torch.no_grad()
@@ -252,8 +172,7 @@ def measure_policy(model: nn.Module, images: Tensor, thresholds: list[float], ar
             ms = time_fn(lambda: [module(b) for b in batches], device, 0, 1, args.repeats)
         return stats([t / (len(batches) * bs) for t in ms]), outs
 
-    with autocast(device, amp):
-        ref_logits = [torch.cat([z.float().cpu() for z in zs]) for zs in zip(*[model(b).logits for b in batches])]
+    ref_logits = exit_logits(model, batches, device, amp)
     full, _ = run(TruncatedModel(model, -1).eval())
     res: dict[str, Any] = {"status": "ok", "batch_size": bs, "images": len(batches) * bs, "mode": "eager",
                            "full_ms_per_image": full, "per_threshold": []}
@@ -266,80 +185,6 @@ def measure_policy(model: nn.Module, images: Tensor, thresholds: list[float], ar
             "agreement_with_simulation": round((got == exit_index_for_threshold(ref_logits, thr)).double().mean()
                                                .item(), 6)})
     return res
-
-
-def render_markdown(p: dict) -> str:
-    s, exits, ae = p["settings"], p["exits"], p["all_exits"]
-    m0, bss = "compiled" if "compiled" in s["modes"] else s["modes"][0], s["batch_sizes"]
-    acc = {e["exit"]: p["accuracy"].get(f"exit{e['exit']}", {}).get("top1") for e in exits}
-    meas = {r["threshold"]: r for r in p["policy_measured"].get("per_threshold", [])}
-    ms = lambda r: f"{r['ms']['mean']:.4f} ± {r['ms']['std']:.4f}" if r["status"] == "ok" else r["status"]  # noqa
-    md = [f"# Per-exit profile: `selfdistill profile exits`\n\n{provenance_md(p['provenance'])}",
-          f"- model: {p['model']['name']} ({p['model']['stem']} stem), {p['model']['image_size']} px, "
-          f"{p['model']['num_classes']} classes, exits after stages {p['model']['exit_stages']}, {p['model']['head']} "
-          f"heads; source: {p['source']['mode']} {p['source'].get('checkpoint', '')}\n- latency: {s['amp']}, "
-          f"{'channels-last' if s['channels_last'] else 'NCHW'}, {s['warmup']} warm-up + {s['repeats']} x "
-          f"{s['iters']} timed calls; modes {', '.join(s['modes'])}\n- accuracy: {p['accuracy_source']}\n"
-          f"- NVML: {p['nvml_status']}\n", f"\n## Exits (speed-up = full-model latency / exit latency, {m0})\n\n"
-          "full = the deepest exit alone (the single-exit network). FLOP ratio = full FLOPs / exit FLOPs (heads "
-          "included); backbone-only = without the exit head; anchors = the ideal backbone-only ratio counted in "
-          "performance-anchors.md.\n\n",
-          md_table(["exit", "depth", "params (M)", "GFLOPs/img", "FLOP ratio", "backbone-only ratio", "anchors",
-                    *[f"speed-up bs{b}" for b in bss], "BYOT claim", "top-1"],
-                   [[e["exit"], e["depth"], fmt(e["params"] / 1e6), fmt(e["flops_per_image"] / 1e9),
-                     e["flop_ratio_vs_full"], e["backbone_flop_ratio_vs_full"], fmt(e["anchor_ideal_backbone_speedup"]),
-                     *[fmt(e["speedup_vs_full"][m0][b]) for b in bss],
-                     f"{e['byot_claim']['speedup']}x" if e["byot_claim"] else "", fmt(acc[e["exit"]])] for e in exits]),
-          "".join(f"\nBYOT claim: {t}.\n" for t in dict.fromkeys(e["byot_claim"]["text"] for e in exits
-                                                                   if e["byot_claim"])),
-          f"\nAll exits at once (the training forward): {fmt(ae['params'] / 1e6)} M params, "
-          f"{fmt(ae['flops_per_image'] / 1e9)} GFLOPs/img, +{ae['extra_flops_over_full_pct']}% FLOPs over the full "
-          "model.\n\n## Latency (ms per batch, mean ± std)\n\n",
-          md_table(["model", "mode", *[f"bs{b}" for b in bss]],
-                   [[name, m, *[ms(lat[m][b]) for b in bss]] for name, lat in
-                    [(f"exit{e['exit']} ({e['depth']})", e["latency"]) for e in exits] + [("all exits", ae["latency"])]
-                    for m in s["modes"]]),
-          f"\n## Speed-up vs FLOP ratio (target: within {SPEEDUP_TOLERANCE:.0%} at batch 256; on a CPU run this "
-          "describes this CPU only)\n\n",
-          md_table(["exit", "depth", "mode", "batch", "measured", "FLOP ratio", "deviation %", "within 15%"],
-                   [list(c.values()) for c in p["speedup_checks"]], "(no shallow exit measured)"),
-          "\n## Accuracy (%)\n\n" + md_table(["predictor", "top-1", "top-5", "NLL", "ECE"], [
-              [k, fmt(v["top1"]), fmt(v["top5"]), fmt(v["nll"]), fmt(v["ece"])] for k, v in p["accuracy"].items()
-              if not k.startswith("_")]) if p["accuracy"] else "",
-          f"\n## Early-exit policy (first exit with max-softmax >= threshold)\n\nSimulated on {p['policy_source']}; "
-          f"measured with EarlyExitModel (eager) at batch {p['policy_measured'].get('batch_size', 'n/a')}: "
-          f"{p['policy_measured']['status']}.\n\n",
-          md_table(["threshold", "exit mix % (shallow->deep)", "top-1", "mean GFLOPs/img", "FLOP speed-up",
-                    "measured ms/img", "measured speed-up", "agreement"],
-                   [[r["threshold"], " / ".join(f"{100 * f:.1f}" for f in r["exit_fraction"]), fmt(r["top1"]),
-                     fmt(r["mean_flops_per_image"] / 1e9), fmt(r["flop_speedup_vs_full"]),
-                     *([fmt(m["ms_per_image"]["mean"]), fmt(m["speedup_vs_full"]), fmt(m["agreement_with_simulation"])]
-                       if (m := meas.get(r["threshold"])) else ["n/a"] * 3)] for r in p["policy"]])]
-    if p["policy_measured"]["status"] == "ok":
-        md.append(f"\nFull model alone on the same images: {fmt(p['policy_measured']['full_ms_per_image']['mean'])} "
-                  "ms/img (eager).\n")
-    return "".join(md)
-
-
-def figures(p: dict) -> dict[str, Callable]:
-    modes, bss, exits, policy = p["settings"]["modes"], p["settings"]["batch_sizes"], p["exits"], p["policy"]
-    m0, shallow = "compiled" if "compiled" in modes else modes[0], exits[:-1]
-    bs = 256 if 256 in bss else max(bss)
-    figs = {"latency.png": lines({f"exit{e['exit']} ({e['depth']})": [
-        (b, e["latency"][m0][b]["ms_per_image"]) for b in bss if e["latency"][m0][b]["status"] == "ok"] for e in exits},
-        "batch size", f"ms per image ({m0})", log="xy")}
-    if shallow:
-        figs["speedup.png"] = bars([f"exit{e['exit']} ({e['depth']})" for e in shallow], {
-            f"measured ({m0}, bs{bs})": [e["speedup_vs_full"][m0][bs] or 0 for e in shallow],
-            "FLOP ratio": [e["flop_ratio_vs_full"] for e in shallow],
-            "BYOT claim": [(e["byot_claim"] or {}).get("speedup", 0) for e in shallow]}, "speed-up over the full model")
-    if policy[0]["top1"] is not None:
-        figs["early_exit.png"] = lines({"confidence early exit": [(r["mean_flops_per_image"] / 1e9, r["top1"])
-                                                                  for r in policy]}, "mean GFLOPs / image", "top-1 (%)")
-    else:
-        figs["early_exit.png"] = lines({f"exit{k}": [(r["threshold"], r["exit_fraction"][k]) for r in policy]
-                                        for k in range(len(exits))}, "threshold", "fraction exiting (no labels)")
-    return figs
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -378,11 +223,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             policy_source = acc_source
         else:
             kept = make_input(args.ee_samples, cfg, torch.device("cpu")).contiguous()
-            with torch.no_grad(), autocast(device, cfg.precision.amp):
-                outs = [model(x.to(device).contiguous(memory_format=mf)).logits for x in kept.split(64)]
-            logits = [torch.cat([z.float().cpu() for z in zs]) for zs in zip(*outs)]
+            logits = exit_logits(model, (x.to(device).contiguous(memory_format=mf) for x in kept.split(64)), device,
+                                 cfg.precision.amp)
             labels, policy_source = None, f"{len(kept)} random inputs (no labels: exit mix and FLOPs only)"
-        curve = policy_curve(logits, labels, thresholds, static["exits"])
+        exits = static["exits"]
+        curve = policy_curve(logits, labels, thresholds, [e["early_exit_path_flops_per_image"] for e in exits],
+                             exits[-1]["flops_per_image"])
         measured = measure_policy(model, kept, thresholds, args, cfg, device)
     payload = {"kind": "profile-exits", "provenance": provenance(device), "source": source,
                "model": {"name": cfg.model.name, "stem": cfg.model.stem, "image_size": cfg.data.image_size,
@@ -394,7 +240,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             "repeats": args.repeats, "compile_backend": cfg.precision.compile_backend,
                             "compile_mode": cfg.precision.compile_mode, "thresholds": thresholds,
                             "ee_batch_size": args.ee_batch_size, "ee_samples": args.ee_samples},
-               **static, "speedup_checks": speedup_checks(static["exits"], modes, batch_sizes),
+               **static, "speedup_checks": speedup_checks(exits, modes, batch_sizes),
                "accuracy_source": acc_source, "accuracy": accuracy, "policy_source": policy_source, "policy": curve,
                "policy_measured": measured, "nvml_status": sampler.status,
                "elapsed_s": round(time.perf_counter() - t0, 2)}

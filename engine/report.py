@@ -1,5 +1,6 @@
-"""What every bench command shares: the base parser, the timer, FLOP counting, the NVML sampler, the provenance
-block and the report writer (bench/README.md says how things are measured)."""
+"""What every report command shares (`selfdistill profile exits` and `selfdistill bench ...`): the base parser, the
+report folder, the provenance block and the report writer with its tables and figures. bench/README.md describes the
+report folders."""
 from __future__ import annotations
 
 import argparse
@@ -8,27 +9,25 @@ import math
 import os
 import platform
 import re
-import statistics
 import sys
-import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
 
 import torch
-from torch import nn
 
 from engine.rundir import git_commit
 from engine.rundir import provenance as run_provenance
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_REPO = Path(__file__).resolve().parents[1]
+# The committed results folder (bench/README.md lists what it holds): every report command writes there by default.
+RESULTS_DIR = _REPO / "bench" / "results"
 # Written by `make gpu-prep` before the tree travels to a machine where it arrives without .git (bench/GPU.md).
-COMMIT_STAMP = Path(__file__).resolve().parents[1] / ".whl" / "COMMIT"
+COMMIT_STAMP = _REPO / ".whl" / "COMMIT"
 
 
 def base_parser(prog: str, doc: str, repeats: int = 3) -> argparse.ArgumentParser:
-    """The options every bench command has; each command adds its own."""
+    """The options every report command has; each command adds its own."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 avoids OpenMP "
@@ -55,162 +54,6 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
     if torch.device(name).type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but torch.cuda.is_available() is False")
     return torch.device(name)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def stats(values: list[float], digits: int = 6) -> dict[str, Any]:
-    """mean ± std (sample std; 0 for one value) over repeats, with every repeat's value."""
-    r = lambda v: round(v, digits)  # noqa: E731
-    return {"mean": r(statistics.fmean(values)), "std": r(statistics.stdev(values) if len(values) > 1 else 0.0),
-            "min": r(min(values)), "max": r(max(values)), "n": len(values), "values": [r(v) for v in values]}
-
-
-class Timer:
-    """Durations of code regions, each between two `mark()`s: CUDA events on GPU (nothing waits until `seconds()`),
-    perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda, self.marks = device.type == "cuda", []
-
-    def mark(self) -> None:
-        self.marks.append(torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter())
-        if self.cuda:
-            self.marks[-1].record()
-
-    def seconds(self) -> list[float]:
-        pairs = list(zip(self.marks[::2], self.marks[1::2]))
-        if self.cuda and pairs:
-            pairs[-1][1].synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in pairs]
-        return [b - a for a, b in pairs]
-
-
-def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int, repeats: int) -> list[float]:
-    """Milliseconds per call of `fn`, one value per repeat of `iters` calls, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    timer = Timer(device)
-    for _ in range(repeats):
-        timer.mark()
-        for _ in range(iters):
-            fn()
-        timer.mark()
-    return [s * 1e3 / iters for s in timer.seconds()]
-
-
-def cuda_graph_fn(fn: Callable[[], Any], warmup: int = 3, before_capture: Callable[[], Any] = lambda: None
-                  ) -> Callable[[], Any]:
-    """`fn` (with the static inputs it closes over) captured in a CUDA graph; returns the replay. The warm-up runs
-    on a side stream first, as the CUDA-graphs recipe requires."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    before_capture()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def count_flops(fn: Callable[..., Any], *args: Any) -> int:
-    """FLOPs of everything `fn(*args)` runs, a backward it calls included: 2 per multiply-add, matmuls and
-    convolutions."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn(*args)
-    return int(counter.get_total_flops())
-
-
-def count_params(module: nn.Module) -> int:
-    """Distinct parameters: `parameters()` yields a tensor shared under two names (an alias) once."""
-    return sum(p.numel() for p in module.parameters())
-
-
-class NvmlSampler:
-    """SM/memory clocks, power, memory used, utilisation and temperature, sampled every 0.1 s in a thread.
-
-    Never raises: without pynvml, without a driver or on a CPU device, `status` says why and summaries are empty.
-    `summary(t0, t1)` covers the samples between two `time.perf_counter()` readings.
-    """
-
-    FIELDS = {"sm_clock_mhz": lambda n, h: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM),
-              "mem_clock_mhz": lambda n, h: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_MEM),
-              "power_w": lambda n, h: n.nvmlDeviceGetPowerUsage(h) / 1000,
-              "memory_used_gib": lambda n, h: n.nvmlDeviceGetMemoryInfo(h).used / 2**30,
-              "gpu_util_pct": lambda n, h: n.nvmlDeviceGetUtilizationRates(h).gpu,
-              "temp_c": lambda n, h: n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)}
-    STATIC = {"name": lambda n, h: n.nvmlDeviceGetName(h), "driver": lambda n, h: n.nvmlSystemGetDriverVersion(),
-              "max_sm_clock_mhz": lambda n, h: n.nvmlDeviceGetMaxClockInfo(h, n.NVML_CLOCK_SM),
-              "max_mem_clock_mhz": lambda n, h: n.nvmlDeviceGetMaxClockInfo(h, n.NVML_CLOCK_MEM),
-              "power_limit_w": lambda n, h: n.nvmlDeviceGetPowerManagementLimit(h) / 1000,
-              "memory_total_gib": lambda n, h: n.nvmlDeviceGetMemoryInfo(h).total / 2**30}
-
-    def __init__(self, device: torch.device):
-        self.samples, self.static, self._stop = [], {}, threading.Event()
-        self._nvml = self._handle = self._thread = None
-        self.status = "unavailable: not a CUDA device"
-        if device.type != "cuda":
-            return
-        try:
-            import pynvml  # optional dependency (nvidia-ml-py)
-        except ImportError:
-            self.status = "unavailable: pynvml is not installed (pip install nvidia-ml-py)"
-            return
-        try:
-            pynvml.nvmlInit()
-            index = device.index or torch.cuda.current_device()
-            p = torch.cuda.get_device_properties(index)
-            try:  # by PCI bus, whatever order CUDA_VISIBLE_DEVICES gives
-                bus = f"{p.pci_domain_id:08x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0"
-                self._handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus.encode())
-            except Exception:  # noqa: BLE001
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            self._nvml, self.status = pynvml, "ok"
-            self.static = {k: self._read(f) for k, f in self.STATIC.items()}
-        except Exception as e:  # noqa: BLE001 - NVMLError_* and friends: reported, never a crash
-            self.status = f"unavailable: NVML failed: {type(e).__name__}: {e}"
-
-    def _read(self, field: Callable) -> Any:
-        try:
-            v = field(self._nvml, self._handle)
-            return v.decode() if isinstance(v, bytes) else v
-        except Exception:  # noqa: BLE001 - a field this GPU, driver or MIG mode does not report
-            return None
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append({"t": time.perf_counter(), **{k: self._read(f) for k, f in self.FIELDS.items()}})
-            self._stop.wait(0.1)
-
-    def __enter__(self) -> "NvmlSampler":
-        if self._nvml is not None:
-            self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._read(lambda n, h: n.nvmlShutdown())
-
-    def summary(self, t0: float = -math.inf, t1: float = math.inf) -> dict[str, Any]:
-        rows = [s for s in list(self.samples) if t0 <= s["t"] <= t1]
-        out: dict[str, Any] = {"status": self.status, "samples": len(rows)}
-        for f in self.FIELDS:
-            vals = [r[f] for r in rows if r[f] is not None]
-            out[f] = {k: round(g(vals), 2) for k, g in (("mean", statistics.fmean), ("min", min), ("max", max))} \
-                if vals else None
-        return out
 
 
 def commit(stamp: Path = COMMIT_STAMP) -> str:
@@ -340,13 +183,6 @@ def fmt(v: Any) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def target(name: str, value: Optional[float], met: bool, device: torch.device) -> dict[str, Any]:
-    """One of the performance targets: judged on a GPU only, and only from a value this run measured."""
-    status = ("not evaluated: CPU run (the targets are for one GPU; nothing is extrapolated)"
-              if device.type != "cuda" else "not measured in this run" if value is None else "pass" if met else "fail")
-    return {"target": name, "value": value, "status": status}
 
 
 def csv_list(text: str, kind: type = str, allowed: Sequence = (), flag: str = "") -> list:
