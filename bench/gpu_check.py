@@ -22,6 +22,7 @@ NOT_RUN = "not reached (the command stopped before this step, or it is still run
 
 
 def env(out: Path) -> int:
+    # torch and the bench only for this step: the summary step runs without them
     import torch
 
     from bench.kernels import copy_bandwidth

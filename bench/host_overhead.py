@@ -47,6 +47,7 @@ class OpCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def stubbed_launches() -> Iterator[list[str]]:
     """Replace the fused kernels' launches by no-ops that record the kernel's name."""
+    # loads triton: after bench.kernels has chosen the interpreter on CPU (TRITON_INTERPRET before triton)
     from kernels import multi_exit_bwd, multi_exit_fwd
 
     launched: list[str] = []
@@ -70,6 +71,7 @@ def byot_step(num_exits: int = 4, batch: int = 256, classes: int = 1000, dim: in
               dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", backend: str = "triton"
               ) -> Callable[[], None]:
     """One forward + backward of the BYOT objective's loss (engine defaults) on fixed exit tensors."""
+    # the objectives load the kernels (triton): after the interpreter is chosen, as above
     from engine.config import load_config
     from engine.objectives import build_objective
     from engine.types import Batch, ExitOutputs

@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 from bench.targets import target
 from engine.config import load_config
 from engine.measure import cuda_graph_fn
-from engine.objectives.fused import loss_options
+from engine.objectives.functional import hint_loss
 from engine.report import (
     base_parser,
     csv_list,
@@ -34,6 +35,7 @@ from engine.report import (
     start,
     write_report,
 )
+from kernels.reference import multi_exit_loss_reference
 
 PROVIDERS = ("eager", "compile", "compile-ro", "liger", "fused")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -84,8 +86,6 @@ def liger_loss(opts) -> Callable | str:
         from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss  # optional dependency
     except ImportError:
         return "not installed"
-    from engine.objectives.functional import hint_loss
-
     ce, kl = LigerCrossEntropyLoss(ignore_index=-100), LigerKLDIVLoss(reduction="batchmean")
     T, scale = opts.temperature, opts.temperature ** 2 if opts.t_squared else 1.0
 
@@ -107,8 +107,6 @@ def liger_loss(opts) -> Callable | str:
 def loss_fns(providers: list[str], device: torch.device, compile_backend: str) -> dict[str, Callable | str]:
     """For each provider, a factory from loss options to a loss function of (logits, features, labels), or a
     status string saying why it cannot run."""
-    from kernels.reference import multi_exit_loss_reference
-
     def eager(opts):
         return lambda z, f, y: multi_exit_loss_reference(z, y, features=f or None, dtype=torch.float32,
                                                          **opts.as_kwargs()).sum()
@@ -117,8 +115,6 @@ def loss_fns(providers: list[str], device: torch.device, compile_backend: str) -
 
     def compiled_fn(mode: Optional[str]):
         def factory(opts):
-            import torch._functorch.config as functorch_config
-
             functorch_config.donated_buffer = False  # the bwd mode replays one graph's retained backward
             if (mode, opts) not in compiled:
                 compiled[mode, opts] = torch.compile(eager(opts), dynamic=False, mode=mode, backend=compile_backend)
@@ -131,7 +127,7 @@ def loss_fns(providers: list[str], device: torch.device, compile_backend: str) -
         return factory
 
     def fused(opts):
-        from kernels.multi_exit_loss import fused_loss
+        from kernels.multi_exit_loss import fused_loss  # loads triton: after fused_status chose the interpreter
 
         return lambda z, f, y: fused_loss(z, y, opts, features=f or None)[0]
 
@@ -152,7 +148,7 @@ def fused_runs(device: torch.device) -> bool:
 def bench(fn: Callable[[], Any], device: torch.device, args, grads: list[torch.Tensor]) -> list[float]:
     """[median, p20, p80] ms per call; `grads` are reset before every call."""
     if device.type == "cuda":
-        import triton.testing
+        import triton.testing  # loads triton: after fused_status chose the interpreter
 
         return list(triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, grad_to_none=grads,
                                             quantiles=[0.5, 0.2, 0.8]))
@@ -208,6 +204,8 @@ def _error(e: Exception) -> str:
 def measure_case(case: Case, device: torch.device, args, fns: dict, copy_gbps: float,
                  flush: Callable[[list], None]) -> list[dict[str, Any]]:
     """Every provider x mode on one shape; `flush(rows so far)` after each provider."""
+    from engine.objectives.fused import loss_options  # loads triton: after fused_status chose the interpreter
+
     opts = loss_options(load_config(None, [] if case.D else ["objective.byot.hint=none"]), case.E)
     logits, feats, y = make_inputs(case, device)
     rows, ref_loss = [], None

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from engine.config import load_config
 from engine.measure import Timer, stats, synchronize
@@ -30,7 +31,6 @@ NO_GPU = "not available (no GPU)"
 
 def make_photo_folder(root: Path, per_class: int, seed: int = 0) -> Path:
     """root/train/<photo>/<NNN>.jpg; kept when it already holds per_class images of every photo."""
-    from PIL import Image
     from skimage import data  # scikit-image: only for the generated folder
 
     rng = np.random.default_rng(seed)
@@ -101,8 +101,6 @@ def bench_backend(root: Path, backend: str, args, classes: int) -> dict[str, Any
 
 
 def folder_stats(root: Path) -> dict[str, Any]:
-    from PIL import Image
-
     files = sorted((root / "train").rglob("*.jpg"))
     sizes = [Image.open(f).size for f in files[:: max(1, len(files) // 64)]] or [(0, 0)]  # a sample is enough
     return {"root": str(root), "train_images": len(files), "classes": len({f.parent.name for f in files}),

@@ -41,6 +41,15 @@ import tempfile
 from collections import Counter, namedtuple
 from types import SimpleNamespace
 
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia import compiler as nv
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
 from kernels import aot_sass, aot_source
 from kernels.aot_report import markdown, render
 
@@ -89,11 +98,7 @@ def intercept(launches: list, phase: list):
     """Record instead of launch: JITFunction.run (an autotuned kernel with its first config: which one wins is only
     known on a GPU), plus the launcher's device guard, which refuses CPU tensors outside the interpreter; the
     launcher's caches start empty."""
-    import torch
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
-
-    import kernels.multi_exit_loss as launcher
+    import kernels.multi_exit_loss as launcher  # decorates the kernels: only with TRITON_INTERPRET=0
 
     def wrap(a):
         return Arg(a) if isinstance(a, torch.Tensor) else tuple(map(wrap, a)) if isinstance(a, tuple) else a
@@ -126,9 +131,7 @@ def intercept(launches: list, phase: list):
 
 
 def capture(shape: tuple, D: int, dtype: str, options: dict) -> list[Launch]:
-    import torch
-
-    from kernels.multi_exit_loss import multi_exit_loss
+    from kernels.multi_exit_loss import multi_exit_loss  # decorates the kernels: only with TRITON_INTERPRET=0
 
     E, B, C = shape
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -150,8 +153,6 @@ def capture(shape: tuple, D: int, dtype: str, options: dict) -> list[Launch]:
 
 def _driver(arch: int):
     """The CUDA driver as a warm-up compile uses it: target, device key (binder caches are per device), stream."""
-    from triton.backends.compiler import GPUTarget
-
     target = GPUTarget("cuda", arch, 32)
     return SimpleNamespace(get_current_target=lambda: target, get_current_device=lambda: ("aot", arch),
                            get_current_stream=lambda device=None: 0)
@@ -160,8 +161,6 @@ def _driver(arch: int):
 def compile_launch(launch: Launch, arch: int):
     """(CompiledKernel, bound arguments, {parameter: (type or 'constexpr', specialization or value)}) through
     Triton's own launch path, minus the launch."""
-    from triton.runtime import driver
-
     # Triton's cache is keyed by the source text, not its path: a kernel cached from another checkout of the same
     # code would bring that checkout's file names in its line info. So one cache per checkout.
     tag = hashlib.sha1(ROOT.encode()).hexdigest()[:12]
@@ -179,11 +178,9 @@ def compile_launch(launch: Launch, arch: int):
 
 def _tool(name: str, arch: int = 0) -> str:
     """Triton's own ptxas for the arch (3.9 uses its `ptxas-blackwell` for sm_90), else the bundled tool."""
-    import triton
-
     if name == "ptxas":
         with contextlib.suppress(ImportError, AttributeError, TypeError):
-            from triton.backends.nvidia.compiler import get_ptxas
+            from triton.backends.nvidia.compiler import get_ptxas  # Triton 3.9's API; 3.6 has none
 
             return get_ptxas(arch).path
     for path in (os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name),
@@ -209,8 +206,6 @@ def resources(cubin: bytes) -> dict:
 def ptxas_report(kernel, arch: int) -> dict:
     """ptxas -v on the kernel's PTX with Triton's flags: stack frame and spill store / load bytes, and whether that
     assembly used as many registers as the kernel's cubin (so the report is the kernel's). Empty if it fails."""
-    from triton.backends.nvidia import compiler as nv
-
     flags = ["-lineinfo", "-v", f"--gpu-name={nv.sm_arch_from_capability(arch)}"]
     flags += ["--regAllocOptLevel=2"] if "regAllocOptLevel" in inspect.getsource(nv.CUDABackend.make_cubin) else []
     flags += [] if getattr(kernel.metadata, "enable_fp_fusion", True) else ["--fmad=false"]
@@ -249,8 +244,6 @@ def _used_pointers(ttir: str, bound: dict, spec: dict) -> list[Arg]:
 
 
 def analyse(launch: Launch, arch: int, src: aot_source.Source) -> dict:
-    import triton.language as tl
-
     kernel, bound, spec = compile_launch(launch, arch)
     cubin = kernel.asm["cubin"]
     # the kernel module's numbers, tl.constexpr ones unwrapped (mode constants compared with constexpr arguments)
@@ -316,8 +309,6 @@ def summarize(kernels: list[dict], shape: tuple, hw: dict, teacher_logits: bool 
 
 
 def run(arch: int, quick: bool, hw: dict) -> dict:
-    import triton
-
     src, variants, failures = aot_source.Source(), [], 0
     for label, shape, D, dtype, options in QUICK if quick else FULL:
         name = f"{label} E={shape[0]} B={shape[1]} C={shape[2]} {dtype}" + (f" D={D}" if D else "")
@@ -377,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render(results))
     if a.md:
         with open(a.md, "w") as f:
-            f.write(markdown(results, argv, hw))
+            f.write(markdown(results, argv, hw, __doc__))
     return 1 if any(r["failures"] for r in results) else 0
 
 

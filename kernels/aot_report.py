@@ -77,10 +77,9 @@ def _commit() -> str:
         "status", "--porcelain", "kernels") else "")
 
 
-def markdown(results: list[dict], argv: list[str], hw: dict) -> str:
-    from kernels import aot_check
-
-    model = aot_check.__doc__.split("Per kernel:")[1].split("Exit status")[0].rstrip()
+def markdown(results: list[dict], argv: list[str], hw: dict, model_doc: str) -> str:
+    """`model_doc`: aot_check's docstring, whose part from "Per kernel:" states the model."""
+    model = model_doc.split("Per kernel:")[1].split("Exit status")[0].rstrip()
     model += "\nSASS model (kernels/aot_sass.py):\n" + aot_sass.__doc__.split("\n", 2)[2].rstrip()
     head = [f"# Fused-loss kernels compiled offline: SASS counts and the performance proxy ({datetime.date.today()})",
             "", f"Command: `python -m kernels.aot_check {' '.join(argv)}` at commit {_commit()}. No GPU was used: "

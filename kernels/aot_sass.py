@@ -30,6 +30,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+import triton
+
 from kernels.aot_source import Env, Source, Unknown, _holds, _name, _trip, evaluate
 
 
@@ -132,8 +134,6 @@ def _map(loop: Loop, chains: list[tuple], src: Source, env: Env) -> list[str]:
 def _own_chains(code: list[Instr]) -> list[tuple]:
     """Each instruction's chain without Triton's own library frames (tl.sum, ...: they hold no kernel loop or if);
     an instruction left with none takes the previous one's."""
-    import triton
-
     skip, last, out = os.path.dirname(triton.__file__), (), []
     for ins in code:
         last = tuple(p for p in ins.chain if not p[0].startswith(skip)) or last

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from engine.checkpoint import load_checkpoint, model_from_checkpoint
 from engine.config import ConfigError
 
 
@@ -29,8 +30,6 @@ def weights_digest(state_dict: dict[str, Tensor]) -> str:
 
 def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """(frozen eval-mode model on `device`, record of what was loaded)."""
-    from engine.checkpoint import load_checkpoint, model_from_checkpoint
-
     path = Path(path)
     ck = load_checkpoint(path, "cpu")
     if "config" not in ck or "model" not in ck:
