@@ -15,6 +15,9 @@ import pytest
 import torch
 
 from bench.host_overhead import byot_step, stubbed_launches
+from engine.config import load_config
+from engine.objectives.fused import loss_options
+from kernels.multi_exit_loss import fused_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 
@@ -33,9 +36,6 @@ def test_byot_fused_step_host_time(benchmark, shape):
 
 def test_fused_loss_op_host_time(benchmark):
     """The op alone, without the objective: fused_loss forward + total.backward()."""
-    from engine.config import load_config
-    from engine.objectives.fused import loss_options
-    from kernels.multi_exit_loss import fused_loss
 
     opts = loss_options(load_config(None, []), 4)
     g = torch.Generator().manual_seed(0)
