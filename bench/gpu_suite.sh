@@ -128,8 +128,8 @@ else
   TRAIN=(--models resnet50 --sizes 224 --batch 256 --steps 20 --warmup 3 --repeats 2)
   EXITS=(model.name=resnet50 model.stem=imagenet model.num_classes=1000 data.image_size=224 precision.amp=bf16
          precision.channels_last=true --batch-sizes 1,256 --modes cudagraph --ee-samples 64)
-  TESTS=(tests/test_kernels.py tests/test_kernels_methods.py tests/test_kernels_objective.py
-         tests/test_methods_nosync.py tests/test_gpu_suite.py -k "not rehearsal")
+  TESTS=(tests/test_kernels.py tests/test_kernels_launches.py tests/test_kernels_methods.py
+         tests/test_kernels_objective.py tests/test_methods_nosync.py tests/test_gpu_suite.py -k "not rehearsal")
   python3 -c "import xdist" 2> /dev/null && TESTS=(-n 8 "${TESTS[@]}")  # 8 workers share the GPU
   DALI=(--backends dali,dali-cpu,torch --batches 20 --repeats 2 --cache "$SITE/photos")
 fi
