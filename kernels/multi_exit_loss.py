@@ -78,8 +78,8 @@ class Plan:
     weights: Tensor  # [E, 3] fp32 on the device
     scalars: tuple  # ignore_index, inv_t, inv_ts, kd_scale, ce_b, log_eps
     inv_bd: float
-    meta: dict  # constexprs shared by both kernels
-    fwd_meta: dict
+    meta: dict  # the backward's constexprs, by ALIGN (1, or V for rows on 16-byte vectors)
+    fwd_meta: dict  # the forward's
     grid: tuple[int]
     stats_size: int
     part_stride: int
@@ -149,6 +149,7 @@ def _plan(opts: LossOptions, E: int, B: int, C: int, D: int, z_dtype: torch.dtyp
                 BLOCK_B=bb, NT=nt, V=v, BLOCK_D=bd, num_warps=warps)
     fwd_meta = dict(meta, KD_KL=opts.kd == "kl", SMOOTH=ce_b != 1.0, POW_S=pow_s, POW_T=pow_t,
                     PART_STRIDE=part_stride, BLOCK_P=max(1, min(triton.next_power_of_2(grid[0]), 4096 // part_stride)))
+    fwd_meta, meta = ({a: dict(m, ALIGN=a) for a in (1, v)} for m in (fwd_meta, meta))  # built once, not per call
     weights = torch.tensor(w, dtype=torch.float32, device=device)  # once per configuration, not per step
     part = torch.empty(grid[0] * part_stride, dtype=torch.float32, device=device)
     ticket = torch.zeros(1, dtype=torch.int32, device=device)
@@ -222,7 +223,7 @@ def streams(plan: Plan, logits, targets, features, teacher_logits, soft_b) -> St
     y = targets if targets.stride(0) == 1 else targets.contiguous()
     b = soft_b if soft_b is None or soft_b.stride(0) == 1 else soft_b.contiguous()
     t_stride = tz.stride(0) if tz is not None else 0
-    v = plan.meta["V"]
+    v = plan.meta[1]["V"]
     align = v if plan.C % v == 0 and all(st % v == 0 for st in zst) and t_stride % v == 0 else 1
     # without a logits teacher or a closed-form target the kernels never read those pointers: any tensor will do
     return Streams(zs, fs if plan.D else zs, tz if tz is not None else zs[0], y, b if b is not None else plan.weights,
@@ -236,7 +237,7 @@ def forward(plan: Plan, st: Streams) -> tuple[Tensor, Tensor, Tensor]:
     zst, fst, t_stride = st.strides
     multi_exit_fwd._fwd_kernel[plan.grid](
         st.zs, zst, st.fs, fst, st.tz, t_stride, st.y, st.brow, plan.weights, stats, plan.part, plan.ticket, total,
-        losses, plan.B, plan.C, plan.D, *plan.scalars, plan.inv_bd, ALIGN=st.align, **plan.fwd_meta)
+        losses, plan.B, plan.C, plan.D, *plan.scalars, plan.inv_bd, **plan.fwd_meta[st.align])
     return total, losses, stats
 
 
@@ -247,8 +248,8 @@ def backward(plan: Plan, grad: Tensor, stats: Tensor, st: Streams) -> tuple[Tens
     zst, fst, t_stride = st.strides
     multi_exit_bwd._bwd_kernel[plan.grid](
         st.zs, zst, st.fs, fst, st.tz, t_stride, st.y, st.brow, plan.weights, stats, grad,
-        *(grad.stride() if grad.dim() else (0, 0)), dz, df, plan.B, plan.C, plan.D, *plan.scalars, ALIGN=st.align,
-        **plan.meta)
+        *(grad.stride() if grad.dim() else (0, 0)), dz, df, plan.B, plan.C, plan.D, *plan.scalars,
+        **plan.meta[st.align])
     return dz, (df if plan.D else None)
 
 

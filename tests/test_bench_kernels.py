@@ -66,6 +66,8 @@ def test_host_overhead_report(tmp_path):
     report = json.loads((tmp_path / "host" / "report.json").read_text())
     assert report["launches"] == payload["launches"] == 3 and report["triton_launches"] == 2
     assert 0 < report["host_us"]["p20"] <= report["host_us"]["median"] <= report["host_us"]["p80"]
+    floor = report["torch_floor_us"]["median"]
+    assert 0 < floor and report["own_host_us"] == pytest.approx(report["host_us"]["median"] - floor)
     assert report["eager_launches"] > 100
     assert "host us" in (tmp_path / "host" / "report.md").read_text()
 
