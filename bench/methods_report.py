@@ -162,6 +162,15 @@ def claims(found: dict) -> list[dict]:
     return out
 
 
+def _finite(x):
+    """NaN / inf (a standard deviation over one seed) become null: the JSON stays standard."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 def _commit(runs: Path) -> str:
     p = runs / "code_commit.txt"
     if p.is_file():
@@ -197,9 +206,9 @@ def write_report(runs: Path, out: Path, methods_table: dict, methods: list[str],
             "threads_per_run": sorted({r["threads"] for by in found.values() for r in by.values()})}
     out.mkdir(parents=True, exist_ok=True)
     js = out / "methods_fashion_mnist.json"
-    js.write_text(json.dumps({**meta, "summary": summ, "claims": cl,
-                              "runs": {m: {str(s): r for s, r in by.items()} for m, by in found.items()}},
-                             indent=1, default=float))
+    js.write_text(json.dumps(_finite({**meta, "summary": summ, "claims": cl,
+                                      "runs": {m: {str(s): r for s, r in by.items()} for m, by in found.items()}}),
+                             indent=1, allow_nan=False))
     md = out / "methods_fashion_mnist.md"
     md.write_text(_markdown(meta, summ, cl, methods_table, methods))
     paths = [js, md]
