@@ -14,7 +14,8 @@ import subprocess
 from pathlib import Path
 
 METRICS = [("top1", "top-1 (%)", "{:.2f}"), ("nll", "NLL", "{:.4f}"), ("ece15", "ECE-15 (%)", "{:.2f}"),
-           ("ece20", "ECE-20 (%)", "{:.2f}"), ("recall1", "Recall@1 (%)", "{:.2f}")]
+           ("ece20", "ECE-20 (%)", "{:.2f}"), ("overconf", "conf − acc (pts)", "{:+.2f}"),
+           ("recall1", "Recall@1 (%)", "{:.2f}")]
 MULTI_EXIT = ("dsn", "byot_iccv", "byot_journal")
 
 
@@ -42,7 +43,7 @@ def _stat(values: list[float]) -> dict:
 def _pm(st: dict | None, fmt: str) -> str:
     if st is None:
         return "—"
-    sd = "" if math.isnan(st["std"]) else " ± " + fmt.format(st["std"])
+    sd = "" if math.isnan(st["std"]) else " ± " + fmt.format(st["std"]).lstrip("+")
     return fmt.format(st["mean"]) + sd
 
 
@@ -77,7 +78,7 @@ def paired(found: dict, a: str, pa: str, b: str, pb: str, metric: str) -> dict |
 def _delta(st: dict | None, fmt: str = "{:+.2f}") -> str:
     if st is None:
         return "not run"
-    sd = "" if math.isnan(st["std"]) else f" ± {st['std']:.2f}"
+    sd = "" if math.isnan(st["std"]) else " ± " + fmt.format(st["std"]).lstrip("+")
     return f"{fmt.format(st['mean'])}{sd} ({'clear' if st['clear'] else 'inside seed noise'}, n={st['n']})"
 
 
