@@ -211,13 +211,14 @@ def _commit(runs: Path) -> str:
 
 
 def _span(runs: Path, found: dict) -> float:
-    """Seconds from the first run's start (its config.yaml) to the last run's end (its study.json)."""
+    """Seconds from the first run's start (its config.yaml) to the last run's end of training (its summary.json;
+    the test evaluation of best.pt adds seconds, and --reevaluate rewrites study.json later)."""
     starts, ends = [], []
     for m, by_seed in found.items():
         for s in by_seed:
             d = runs / m / f"seed{s}"
             starts.append((d / "config.yaml").stat().st_mtime)
-            ends.append((d / "study.json").stat().st_mtime)
+            ends.append((d / "summary.json").stat().st_mtime)
     return max(ends) - min(starts) if starts else 0.0
 
 
