@@ -68,6 +68,7 @@ def markdown(meta: dict, summ: dict, cl: list[dict], table: dict, methods: list[
               "every seed agrees in sign; otherwise it is *inside seed noise*. Differences are in percentage points "
               "(NLL in nats).", ""]
     lines += [f"{i}. {c['text']}" for i, c in enumerate(cl, 1)]
+    lines += ["", _calibration_reading(summ, methods)]
     lines += ["", f"Scope: one small network, a {s['limit_train']:,}-image subset of Fashion-MNIST and {s['epochs']} "
               "epochs on CPU; the papers' claims are about CIFAR-100 / ImageNet-scale networks trained for 150-300 "
               "epochs. What fails to show here is not shown to be false there, and what shows here need not carry "
@@ -76,6 +77,25 @@ def markdown(meta: dict, summ: dict, cl: list[dict], table: dict, methods: list[
               "exits gain the most\" is measured against the same exits trained without distillation (DSN), since "
               "the plain model has no shallow exits.", ""]
     return "\n".join(lines)
+
+
+def _calibration_reading(summ: dict, methods: list[str]) -> str:
+    """Why calibration claims can or cannot show: the plain model's own miscalibration, and its direction in the
+    methods that train on soft targets."""
+    if "ce" not in summ:
+        return ""
+    ce = summ["ce"]["deepest"]
+    under = [(m, summ[m]["deepest"]["overconf"]["mean"]) for m in methods
+             if m in summ and summ[m]["deepest"]["overconf"]["mean"] < -1.0]
+    state = "over-confident" if ce["overconf"]["mean"] > 0 else "under-confident"
+    text = (f"Calibration, read with the *conf − acc* column: the plain model `ce` ends {state} by only "
+            f"{abs(ce['overconf']['mean']):.2f} points (ECE-15 {ce['ece15']['mean']:.2f}%), so at this schedule "
+            "there is little over-confidence for a regulariser to remove.")
+    if under:
+        text += (" The methods that end clearly under-confident (more than 1 point) are "
+                 + ", ".join(f"`{m}` ({oc:+.1f})" for m, oc in under)
+                 + "; that under-confidence accounts for most of their ECE.")
+    return text
 
 
 def plot(summ: dict, methods: list[str], path: Path) -> Path:
@@ -100,19 +120,19 @@ def plot(summ: dict, methods: list[str], path: Path) -> Path:
             ax.set_ylim(max(0.0, lo - 1.0), 100 if max(mean) > 99 else max(mean) + 0.8)
         ax.grid(axis="y", alpha=0.3)
     ax = axes[2]
-    for m in ["ce", *MULTI_EXIT]:
-        if m not in summ:
-            continue
+    if "ce" in summ:  # the plain model has one exit: a line across, its seed spread as a band
+        mean, std = summ["ce"]["exit0"]["top1"]["mean"], summ["ce"]["exit0"]["top1"]["std"]
+        ax.axhline(mean, color="black", linestyle="--", linewidth=1, label="ce (plain model)")
+        if std == std:
+            ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
+    for m in [m for m in MULTI_EXIT if m in summ]:
         preds = [p for p in PREDICTORS if p in summ[m]]
-        xs = [PREDICTORS.index(p) for p in preds]
-        if m == "ce":
-            xs, preds = [3], ["exit0"]
-        ax.errorbar(xs, [summ[m][p]["top1"]["mean"] for p in preds],
+        ax.errorbar([PREDICTORS.index(p) for p in preds], [summ[m][p]["top1"]["mean"] for p in preds],
                     yerr=[summ[m][p]["top1"]["std"] for p in preds], marker="o", capsize=3, label=m)
     ax.set_xticks(range(len(PREDICTORS)))
     ax.set_xticklabels(PREDICTORS, rotation=30, fontsize=8)
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("every exit (ce: its only, deepest exit)", fontsize=9)
+    ax.set_title("every exit and the ensembles, against the plain model", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.suptitle("Fashion-MNIST methods study: best-validation checkpoint, mean ± std over seeds", fontsize=10)
