@@ -14,7 +14,8 @@ import subprocess
 from pathlib import Path
 
 METRICS = [("top1", "top-1 (%)", "{:.2f}"), ("nll", "NLL", "{:.4f}"), ("ece15", "ECE-15 (%)", "{:.2f}"),
-           ("ece20", "ECE-20 (%)", "{:.2f}"), ("recall1", "Recall@1 (%)", "{:.2f}")]
+           ("ece20", "ECE-20 (%)", "{:.2f}"), ("overconf", "conf − acc (pts)", "{:+.2f}"),
+           ("recall1", "Recall@1 (%)", "{:.2f}")]
 MULTI_EXIT = ("dsn", "byot_iccv", "byot_journal")
 
 
@@ -42,7 +43,7 @@ def _stat(values: list[float]) -> dict:
 def _pm(st: dict | None, fmt: str) -> str:
     if st is None:
         return "—"
-    sd = "" if math.isnan(st["std"]) else " ± " + fmt.format(st["std"])
+    sd = "" if math.isnan(st["std"]) else " ± " + fmt.format(st["std"]).lstrip("+")
     return fmt.format(st["mean"]) + sd
 
 
@@ -71,17 +72,13 @@ def paired(found: dict, a: str, pa: str, b: str, pb: str, metric: str) -> dict |
         res = found[m][s]["test_best"]
         return res[_deepest(res) if p == "deepest" else p][metric]
 
-    d = [val(a, pa, s) - val(b, pb, s) for s in seeds]
-    st = _stat(d)
-    se = st["std"] / math.sqrt(len(d)) if len(d) > 1 else float("inf")
-    st["clear"] = bool(len(d) > 1 and abs(st["mean"]) > 2 * se and (all(x > 0 for x in d) or all(x < 0 for x in d)))
-    return st
+    return _clear_stat([val(a, pa, s) - val(b, pb, s) for s in seeds])
 
 
 def _delta(st: dict | None, fmt: str = "{:+.2f}") -> str:
     if st is None:
         return "not run"
-    sd = "" if math.isnan(st["std"]) else f" ± {st['std']:.2f}"
+    sd = "" if math.isnan(st["std"]) else " ± " + fmt.format(st["std"]).lstrip("+")
     return f"{fmt.format(st['mean'])}{sd} ({'clear' if st['clear'] else 'inside seed noise'}, n={st['n']})"
 
 
@@ -92,74 +89,115 @@ def _better(st: dict | None, lower_is_better: bool = False) -> str:
     return ("better" if good else "worse") if st["clear"] else "noise"
 
 
+def _clear_stat(values: list[float]) -> dict:
+    st = _stat(values)
+    n = len(values)
+    st["clear"] = bool(n > 1 and abs(st["mean"]) > 2 * st["std"] / math.sqrt(n)
+                       and (all(x > 0 for x in values) or all(x < 0 for x in values)))
+    return st
+
+
+def _verdict(st: dict | None, lower_is_better: bool = False) -> str:
+    return {"better": "supported", "worse": "contradicted", "noise": "inside seed noise",
+            "missing": "not run"}[_better(st, lower_is_better)]
+
+
+def _overall(verdicts: list[str]) -> str:
+    if verdicts and all(v == verdicts[0] for v in verdicts):
+        return verdicts[0]
+    return "mixed"
+
+
+def _byot(found: dict, v: str, label: str) -> dict:
+    exits = [k for k in next(iter(found[v].values()))["test_best"] if k.startswith("exit")]
+    preds = [*exits, "ens_logits", "ens_probs"]
+    vs_plain = {p: paired(found, v, p, "ce", "deepest", "top1") for p in preds}
+    vs_dsn = {p: paired(found, v, p, "dsn", p, "top1") for p in exits}
+    groups = {k: [p for p in preds if _better(vs_plain[p]) == k] for k in ("better", "worse", "noise")}
+    every = "supported" if len(groups["better"]) == len(preds) else (
+        "contradicted" if groups["worse"] else "inside seed noise")
+    text = (f"{label}: every exit and the ensemble beat the plain model — {every}. Top-1 against the plain "
+            f"network (`ce`): clearly better: {', '.join(groups['better']) or 'none'}; clearly worse: "
+            f"{', '.join(groups['worse']) or 'none'}; inside seed noise: {', '.join(groups['noise']) or 'none'}. "
+            f"Deepest exit {_delta(vs_plain[exits[-1]])}, ensemble of logits {_delta(vs_plain['ens_logits'])}.")
+    shallow = None
+    if all(vs_dsn[p] is not None for p in exits):
+        # gain of each exit over the same exit trained without distillation (DSN), and shallowest minus deepest
+        shallow = _clear_stat([a - b for a, b in zip(vs_dsn[exits[0]]["values"], vs_dsn[exits[-1]]["values"])])
+        gains = [vs_dsn[p]["mean"] for p in exits]
+        monotone = all(g1 >= g2 for g1, g2 in zip(gains, gains[1:]))
+        verdict = ("supported" if shallow["clear"] and shallow["mean"] > 0 and monotone else
+                   "contradicted" if shallow["clear"] and shallow["mean"] < 0 else
+                   "not supported (the ordering is not monotone)" if shallow["clear"] else "inside seed noise")
+        text += (" Shallow exits gain the most — " + verdict + ": gain over the same exit trained by deep "
+                 "supervision alone (`dsn`), " + ", ".join(f"{p} {_delta(vs_dsn[p])}" for p in exits)
+                 + f"; shallowest minus deepest gain {_delta(shallow)}.")
+    return {"claim": f"{label}: every exit and the ensemble beat the plain model; shallow exits gain the most",
+            "text": text, "vs_plain_top1": vs_plain, "vs_dsn_top1": vs_dsn, "shallow_minus_deep_gain": shallow}
+
+
+def _cskd(found: dict, v: str, label: str) -> dict:
+    err = paired(found, v, "deepest", "ce", "deepest", "top1")
+    err = None if err is None else {**err, "mean": -err["mean"], "values": [-x for x in err["values"]]}
+    ece = paired(found, v, "deepest", "ce", "deepest", "ece15")
+    both = sorted(set(found[v]) & set(found["ce"]))
+    ce_ece = statistics.fmean(found["ce"][s]["test_best"]["exit0"]["ece15"] for s in both) if both else float("nan")
+    rel = ece["mean"] / ce_ece if ece and ce_ece else float("nan")
+    if ece is None:
+        much = "not run"
+    elif not ece["clear"]:
+        much = "inside seed noise"
+    elif ece["mean"] > 0:
+        much = "contradicted (ECE is higher)"
+    else:
+        much = "supported" if rel <= -1 / 3 else "partly (lower, but by less than a third)"
+    text = (f"{label}: lower error than CE — {_verdict(err, lower_is_better=True)}: error difference "
+            f"{_delta(err)} points. Much lower ECE than CE — {much}: ECE-15 difference {_delta(ece)} points "
+            f"({100 * rel:+.0f}% of CE's {ce_ece:.2f}%).")
+    return {"claim": f"{label}: lower error and much lower ECE than CE", "text": text,
+            "error_diff": err, "ece15_diff": ece}
+
+
 def claims(found: dict) -> list[dict]:
     """The four claims of the papers, each with the paired differences behind it and a plain verdict."""
-    out = []
-    for v, label in (("byot_iccv", "BYOT (ICCV settings)"), ("byot_journal", "BYOT (journal settings)")):
-        if v not in found:
-            continue
-        exits = [k for k in next(iter(found[v].values()))["test_best"] if k.startswith("exit")]
-        n = len(exits)
-        vs_plain = {p: paired(found, v, p, "ce", "deepest", "top1") for p in [*exits, "ens_logits", "ens_probs"]}
-        vs_dsn = {p: paired(found, v, p, "dsn", p, "top1") for p in exits}
-        beats = [p for p, st in vs_plain.items() if _better(st) == "better"]
-        loses = [p for p, st in vs_plain.items() if _better(st) == "worse"]
-        gains = [vs_dsn[p]["mean"] for p in exits if vs_dsn[p] is not None]
-        shallow_most = len(gains) == n and all(g1 > g2 for g1, g2 in zip(gains, gains[1:])) \
-            and vs_dsn[exits[0]]["clear"] and gains[0] > 0
-        text = (f"{label}: every exit and the ensemble beat the plain model — "
-                + ("supported" if len(beats) == n + 2 else "not supported") + ". Top-1 against the plain network "
-                f"(CE, single exit): clearly better: {', '.join(beats) or 'none'}; clearly worse: "
-                f"{', '.join(loses) or 'none'}; the rest inside seed noise. "
-                "Shallow exits gain the most (gain over the same exit trained by deep supervision alone, DSN) — "
-                + ("supported" if shallow_most else "not supported") + ": gains "
-                + ", ".join(f"{p} {vs_dsn[p]['mean']:+.2f}" for p in exits if vs_dsn[p] is not None) + ".")
-        out.append({"claim": f"{label}: every exit and the ensemble beat the plain model; shallow exits gain most",
-                    "text": text, "vs_plain_top1": vs_plain, "vs_dsn_top1": vs_dsn})
-    for v, label in (("cskd", "CS-KD"), ("cskd_e", "CS-KD-E")):
-        if v not in found or "ce" not in found:
-            continue
-        err = paired(found, v, "deepest", "ce", "deepest", "top1")
-        err = None if err is None else {**err, "mean": -err["mean"], "values": [-x for x in err["values"]]}
-        ece = paired(found, v, "deepest", "ce", "deepest", "ece15")
-        ce_ece = statistics.fmean(r["test_best"][_deepest(r["test_best"])]["ece15"] for r in found["ce"].values())
-        rel = ece["mean"] / ce_ece if ece and ce_ece else float("nan")
-        much = ece is not None and ece["clear"] and ece["mean"] < 0 and rel <= -1 / 3
-        text = (f"{label}: lower error than CE — " + {"better": "supported", "worse": "contradicted",
-                                                        "noise": "not supported (inside seed noise)",
-                                                        "missing": "not run"}[_better(err, True)]
-                + f": error difference {_delta(err)} points. Much lower ECE than CE — "
-                + ("supported" if much else "not supported") + f": ECE-15 difference {_delta(ece)} points "
-                f"({100 * rel:+.0f}% of CE's {ce_ece:.2f}%).")
-        out.append({"claim": f"{label}: lower error and much lower ECE than CE", "text": text,
-                    "error_diff": err, "ece15_diff": ece})
+    out = [_byot(found, v, label) for v, label in (("byot_iccv", "BYOT (ICCV settings)"),
+                                                   ("byot_journal", "BYOT (journal settings)"))
+           if v in found and "ce" in found]
+    out += [_cskd(found, v, label) for v, label in (("cskd", "CS-KD"), ("cskd_e", "CS-KD-E"))
+            if v in found and "ce" in found]
     if "beta" in found:
         parts, verdicts = [], []
         for ls in ("ls_wrong", "ls_all"):
             st = paired(found, "beta", "deepest", ls, "deepest", "top1")
             nll = paired(found, "beta", "deepest", ls, "deepest", "nll")
             ece = paired(found, "beta", "deepest", ls, "deepest", "ece15")
-            verdicts.append(_better(st))
-            parts.append(f"against {ls}: top-1 {_delta(st)}, NLL {_delta(nll, '{:+.4f}')}, ECE-15 {_delta(ece)}")
-        v = "supported" if all(x == "better" for x in verdicts) else (
-            "contradicted" if all(x == "worse" for x in verdicts) else "not supported")
+            verdicts.append(_verdict(st))
+            parts.append(f"against `{ls}`: top-1 {_delta(st)}, NLL {_delta(nll, '{:+.4f}')}, ECE-15 {_delta(ece)}")
         out.append({"claim": "Beta smoothing beats label smoothing",
-                    "text": f"Beta smoothing beats label smoothing (top-1) — {v}: " + "; ".join(parts) + "."})
-    if "sd_gen1" in found:
-        steps = [("sd_gen1", "ce", "generation 1 over generation 0 (CE)"),
-                 ("sd_gen2", "sd_gen1", "generation 2 over generation 1")]
+                    "text": f"Beta smoothing beats label smoothing (top-1) — {_overall(verdicts)}: "
+                            + "; ".join(parts) + "."})
+    if "sd_gen1" in found and "ce" in found:
         parts, verdicts = [], []
-        for a, b, what in steps:
-            if a not in found:
-                continue
-            st = paired(found, a, "deepest", b, "deepest", "top1")
-            nll = paired(found, a, "deepest", b, "deepest", "nll")
-            verdicts.append(_better(st))
-            parts.append(f"{what}: top-1 {_delta(st)}, NLL {_delta(nll, '{:+.4f}')}")
-        v = "supported" if all(x == "better" for x in verdicts) else "not supported"
+        for a, b, what in (("sd_gen1", "ce", "generation 1 over generation 0 (`ce`)"),
+                           ("sd_gen2", "sd_gen1", "generation 2 over generation 1")):
+            if a in found and b in found:
+                st = paired(found, a, "deepest", b, "deepest", "top1")
+                nll = paired(found, a, "deepest", b, "deepest", "nll")
+                ece = paired(found, a, "deepest", b, "deepest", "ece15")
+                verdicts.append(_verdict(st))
+                parts.append(f"{what}: top-1 {_delta(st)}, NLL {_delta(nll, '{:+.4f}')}, ECE-15 {_delta(ece)}")
         out.append({"claim": "Multi-generation self-distillation: later generations improve",
-                    "text": f"Later generations improve (top-1) — {v}: " + "; ".join(parts) + "."})
+                    "text": f"Later generations improve (top-1) — {_overall(verdicts)}: " + "; ".join(parts) + "."})
     return out
+
+
+def _finite(x):
+    """NaN / inf (a standard deviation over one seed) become null: the JSON stays standard."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def _commit(runs: Path) -> str:
@@ -173,13 +211,14 @@ def _commit(runs: Path) -> str:
 
 
 def _span(runs: Path, found: dict) -> float:
-    """Seconds from the first run's start (its config.yaml) to the last run's end (its study.json)."""
+    """Seconds from the first run's start (its config.yaml) to the last run's end of training (its summary.json;
+    the test evaluation of best.pt adds seconds, and --reevaluate rewrites study.json later)."""
     starts, ends = [], []
     for m, by_seed in found.items():
         for s in by_seed:
             d = runs / m / f"seed{s}"
             starts.append((d / "config.yaml").stat().st_mtime)
-            ends.append((d / "study.json").stat().st_mtime)
+            ends.append((d / "summary.json").stat().st_mtime)
     return max(ends) - min(starts) if starts else 0.0
 
 
@@ -197,9 +236,9 @@ def write_report(runs: Path, out: Path, methods_table: dict, methods: list[str],
             "threads_per_run": sorted({r["threads"] for by in found.values() for r in by.values()})}
     out.mkdir(parents=True, exist_ok=True)
     js = out / "methods_fashion_mnist.json"
-    js.write_text(json.dumps({**meta, "summary": summ, "claims": cl,
-                              "runs": {m: {str(s): r for s, r in by.items()} for m, by in found.items()}},
-                             indent=1, default=float))
+    js.write_text(json.dumps(_finite({**meta, "summary": summ, "claims": cl,
+                                      "runs": {m: {str(s): r for s, r in by.items()} for m, by in found.items()}}),
+                             indent=1, allow_nan=False))
     md = out / "methods_fashion_mnist.md"
     md.write_text(_markdown(meta, summ, cl, methods_table, methods))
     paths = [js, md]

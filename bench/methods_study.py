@@ -99,7 +99,8 @@ def _finished_summary(d: Path) -> dict | None:
 
 
 def evaluate_best(cfg) -> dict:
-    """Test figures of the run's best-validation checkpoint: every exit and both ensembles, ECE at each of BINS."""
+    """Test figures of the run's best-validation checkpoint: every exit and both ensembles, ECE at each of BINS,
+    and `overconf` = mean confidence minus accuracy (points): the sign of the miscalibration ECE measures."""
     import torch
 
     from engine.checkpoint import load_checkpoint
@@ -121,7 +122,18 @@ def evaluate_best(cfg) -> dict:
                 continue
             row = out.setdefault(name, {k: v for k, v in m.items() if k != "ece"})
             row[f"ece{bins}"] = m["ece"]
+            r = res["_reliability"][name]
+            n = sum(r["count"])
+            row["overconf"] = 100 * sum(c * (f - a) for c, f, a in zip(r["count"], r["confidence"], r["accuracy"])) / n
     return {"test_best": out}
+
+
+def reevaluate(method: str, seed: int, runs: Path, schedule: dict) -> None:
+    """Recompute a finished run's test figures (after a metric was added), keeping its training record."""
+    d = run_dir(runs, method, seed)
+    result = json.loads((d / "study.json").read_text())
+    result.update(evaluate_best(run_config(method, seed, runs, schedule)))
+    (d / "study.json").write_text(json.dumps(result, indent=2))
 
 
 def run_one(method: str, seed: int, runs: Path, schedule: dict) -> None:
@@ -217,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=RUNS)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="recompute the test figures of finished runs from their best.pt, then rewrite the report")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     schedule = {"epochs": args.epochs, "limit_train": args.limit_train, "batch_size": args.batch_size}
@@ -226,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         run_one(args.one[0], int(args.one[1]), args.runs, schedule)
         return 0
-    if not args.report_only:
+    if args.reevaluate:
+        for m in args.methods:
+            for s in args.seeds:
+                if (run_dir(args.runs, m, s) / "study.json").is_file():
+                    reevaluate(m, s, args.runs, schedule)
+    elif not args.report_only:
         run_all(args)
     from bench.methods_report import write_report
 
