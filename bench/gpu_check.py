@@ -29,7 +29,10 @@ def env(out: Path) -> int:
     from engine.report import log, provenance, provenance_md, resolve_device, write_report
 
     device = resolve_device("auto")
-    smi = _run(["nvidia-smi", "-q"])
+    try:
+        smi = subprocess.run(["nvidia-smi", "-q"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        smi = None
     out.mkdir(parents=True, exist_ok=True)
     (out / "nvidia-smi.txt").write_text(smi or "nvidia-smi: not available\n")
     driver = re.search(r"Driver Version\s*:\s*(\S+)", smi or "")
@@ -43,13 +46,6 @@ def env(out: Path) -> int:
     write_report(out, payload, md)
     log(f"env: {payload['gpu']}, driver {payload['driver']}, copy {copy:.1f} GB/s, commit {prov['commit']}")
     return 0
-
-
-def _run(cmd: list[str]) -> Optional[str]:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def junit_counts(path: Path) -> Optional[dict[str, Any]]:

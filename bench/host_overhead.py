@@ -4,7 +4,7 @@
 the device operations that read or write memory (the Triton launches plus every other aten op; views, allocations
 and metadata are free). The stubs make both independent of the device and of the interpreter; on a GPU, Triton's
 launcher comes on top. tests/test_kernels_launches.py and bench/benchmarks_host.py (pytest-benchmark) use the same
-counters and calls.
+calls; the op counter is engine.measure.OpCounter.
 """
 from __future__ import annotations
 
@@ -15,33 +15,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from engine.measure import OpCounter
 from engine.report import log, md_table, provenance, provenance_md, write_report
-
-# aten ops that move no data: allocation without initialisation, views, metadata
-FREE_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view", "select",
-            "slice", "unbind", "expand", "as_strided", "detach", "alias", "t", "transpose", "permute", "unsqueeze",
-            "squeeze", "_reshape_alias", "reshape", "lift_fresh", "split", "chunk", "set_"}
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside it that touch memory, and the bytes allocated by the free ones."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-        self.allocated = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        if name in FREE_OPS:
-            if name.startswith(("empty", "new_empty")):
-                self.allocated += out.numel() * out.element_size()
-        else:
-            self.ops.append(name)
-        return out
 
 
 @contextlib.contextmanager

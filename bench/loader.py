@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from engine.config import load_config
-from engine.measure import Timer, stats, synchronize
+from engine.measure import Timer, endless, stats, synchronize
 from engine.report import base_parser, csv_list, fail, md_table, provenance, provenance_md, start, write_report
 from engine.setup_run import data_from_config
 
@@ -78,12 +78,7 @@ def bench_backend(root: Path, backend: str, args, classes: int) -> dict[str, Any
                              f"precision.amp={args.amp}", "precision.channels_last=true"])
     loader = data_from_config(cfg, device).train
 
-    def stream():  # across epochs, as training does
-        for epoch in range(10**9):
-            loader.set_epoch(epoch)
-            yield from loader
-
-    batches, rates = stream(), []
+    batches, rates = endless(loader), []
     for _ in range(args.repeats):
         for _ in range(args.warmup):
             next(batches)

@@ -23,7 +23,7 @@ import torch
 
 from bench.targets import target
 from engine.config import load_config
-from engine.measure import NvmlSampler, Timer, stats, synchronize
+from engine.measure import NvmlSampler, Timer, endless, stats, synchronize
 from engine.models.exit_flops import count_flops
 from engine.monitor import Window
 from engine.report import (
@@ -162,21 +162,10 @@ def count_step_flops(c, batch: Batch) -> dict[str, int]:
     return {"train_per_sample": train // 2, "fwd_per_image": fwd // 2}
 
 
-def batches(loader):
-    """Batches across epochs, as the loop sees them."""
-    for epoch in itertools.count():
-        loader.set_epoch(epoch)
-        n = 0
-        for n, b in enumerate(loader, 1):
-            yield b
-        if n == 0:
-            raise RuntimeError("the loader yields no batch (batch larger than the data?)")
-
-
 def measure(cfg, c, args, device: torch.device) -> dict[str, Any]:
     """`--warmup` steps, then `--repeats` x `--steps` timed steps; each repeat's loss and gradient norm are read from
     its logging window after its timer stops, as the loop reads them at a logging boundary."""
-    data, per_epoch, params = batches(c.data.train), len(c.data.train), list(c.model.parameters())
+    data, per_epoch, params = endless(c.data.train), len(c.data.train), list(c.model.parameters())
     window, step = Window(scaler_skips=c.scaler.is_enabled()), 0
     c.train_model.train()
     t0 = time.perf_counter()

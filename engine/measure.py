@@ -1,14 +1,17 @@
-"""Measuring on CPU and GPU: the timer, mean ± std over repeats, CUDA-graph replays and the NVML sampler, shared by
-`selfdistill profile exits` and the bench commands (bench/README.md says how things are measured)."""
+"""Measuring on CPU and GPU: the timer, mean ± std over repeats, CUDA-graph replays, the NVML sampler, the device-op
+counter and the endless batch stream, shared by `selfdistill profile exits` and the bench commands (bench/README.md
+says how things are measured)."""
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def synchronize(device: torch.device) -> None:
@@ -150,3 +153,39 @@ class NvmlSampler:
             out[f] = {k: round(g(vals), 2) for k, g in (("mean", statistics.fmean), ("min", min), ("max", max))} \
                 if vals else None
         return out
+
+
+# aten ops that move no data: allocation without initialisation, views, metadata
+FREE_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view", "select",
+            "slice", "unbind", "expand", "as_strided", "detach", "alias", "t", "transpose", "permute", "unsqueeze",
+            "squeeze", "_reshape_alias", "reshape", "lift_fresh", "split", "chunk", "set_"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it that touch memory, and the bytes allocated by the free ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.allocated = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in FREE_OPS:
+            if name.startswith(("empty", "new_empty")):
+                self.allocated += out.numel() * out.element_size()
+        else:
+            self.ops.append(name)
+        return out
+
+
+def endless(loader: Any) -> Iterator[Any]:
+    """The loader's batches across epochs, as the training loop sees them."""
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        n = 0
+        for n, batch in enumerate(loader, 1):
+            yield batch
+        if n == 0:
+            raise RuntimeError("the loader yields no batch (batch larger than the data?)")

@@ -111,8 +111,8 @@ def _clean(obj: Any) -> Any:
 
 
 def write_report(out_dir: Path, payload: dict[str, Any], markdown: str,
-                 figures: Optional[dict[str, Callable[[Any], None]]] = None) -> dict[str, str]:
-    """report.json, report.md and the figures (file name -> draw(fig)); a plot that fails loses no number."""
+                 figures: Optional[dict[str, Callable[[Any], None]]] = None, stem: str = "report") -> dict[str, str]:
+    """<stem>.json, <stem>.md and the figures (file name -> draw(fig)); a plot that fails loses no number."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written, errors = [], {}
     for name, draw in (figures or {}).items():
@@ -132,12 +132,13 @@ def write_report(out_dir: Path, payload: dict[str, Any], markdown: str,
                 plt.close(fig)
         except Exception as e:  # noqa: BLE001
             errors[name] = f"{type(e).__name__}: {e}"
-    payload = dict(payload, files={"json": "report.json", "markdown": "report.md", "plots": sorted(written)},
+    js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    payload = dict(payload, files={"json": js.name, "markdown": md.name, "plots": sorted(written)},
                    **({"plot_errors": errors} if errors else {}))
-    (out_dir / "report.json").write_text(json.dumps(_clean(payload), indent=2, allow_nan=False) + "\n")
-    (out_dir / "report.md").write_text(markdown + "".join(f"\n![{Path(n).stem}]({n})\n" for n in written) +
-                                       "".join(f"\nPlot {k} not drawn: {v}\n" for k, v in errors.items()))
-    return {"dir": str(out_dir), "json": str(out_dir / "report.json"), "markdown": str(out_dir / "report.md")}
+    js.write_text(json.dumps(_clean(payload), indent=2, allow_nan=False) + "\n")
+    md.write_text(markdown + "".join(f"\n![{Path(n).stem}]({n})\n" for n in written) +
+                  "".join(f"\nPlot {k} not drawn: {v}\n" for k, v in errors.items()))
+    return {"dir": str(out_dir), "json": str(js), "markdown": str(md)}
 
 
 def lines(series: dict[str, list[tuple]], xlabel: str, ylabel: str, title: str = "", log: str = "",
