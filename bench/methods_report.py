@@ -124,7 +124,7 @@ def _pairs(found: dict, claim: str, pairs: list[tuple[str, str, str]]) -> dict:
         verdicts.append(verdict(st))
         parts.append(f"{what}: top-1 {delta(st)}, NLL {delta(nll, '{:+.4f}')}, "
                      f"ECE-15 {delta(paired(found, a, 'deepest', b, 'deepest', 'ece15'))}")
-    overall = verdicts[0] if verdicts and len(set(verdicts)) == 1 else "mixed"
+    overall = verdicts[0] if len(set(verdicts)) == 1 else "mixed" if verdicts else "not run"
     return {"claim": claim, "text": f"{claim} (top-1) — {overall}: " + "; ".join(parts) + "."}
 
 
