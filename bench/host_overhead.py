@@ -9,14 +9,13 @@ calls; the op counter is engine.measure.OpCounter.
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from engine.measure import OpCounter
+from engine.measure import OpCounter, median_p20_p80
 from engine.report import log, md_table, provenance, provenance_md, write_report
 
 
@@ -119,8 +118,8 @@ def host_us(step: Callable[[], None], reps: int = 200) -> dict:
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e6)
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return {"median": statistics.median(times), "p20": q[1], "p80": q[7], "reps": reps}
+    median, p20, p80 = median_p20_p80(times)
+    return {"median": median, "p20": p20, "p80": p80, "reps": reps}
 
 
 def host_report(device: torch.device, reps: int, out_dir: Path) -> dict:

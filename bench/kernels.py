@@ -8,7 +8,6 @@ test, not a measurement. --host-overhead reports the host side instead. bench/RE
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from bench.targets import target
 from engine.config import load_config
-from engine.measure import cuda_graph_fn
+from engine.measure import cuda_graph_fn, median_p20_p80
 from engine.objectives.functional import hint_loss
 from engine.report import (
     base_parser,
@@ -160,8 +159,7 @@ def bench(fn: Callable[[], Any], device: torch.device, args, grads: list[torch.T
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times * (2 if len(times) == 1 else 1), n=10, method="inclusive")
-    return [statistics.median(times), q[1], q[7]]
+    return median_p20_p80(times)
 
 
 def copy_bandwidth(device: torch.device, args) -> float:

@@ -26,6 +26,12 @@ def stats(values: list[float], digits: int = 6) -> dict[str, Any]:
             "min": r(min(values)), "max": r(max(values)), "n": len(values), "values": [r(v) for v in values]}
 
 
+def median_p20_p80(times: list[float]) -> list[float]:
+    """The quantiles `triton.testing.do_bench(quantiles=[0.5, 0.2, 0.8])` reports, for times taken on the host."""
+    q = statistics.quantiles(times * (2 if len(times) == 1 else 1), n=10, method="inclusive")
+    return [statistics.median(times), q[1], q[7]]
+
+
 class Timer:
     """Durations of code regions, each between two `mark()`s: CUDA events on GPU (nothing waits until `seconds()`),
     perf_counter on CPU."""
