@@ -91,13 +91,15 @@ def summary(work: Path, dest: Path, planned: list[str], meta: dict[str, str]) ->
     env_prov = (steps[0]["report"] or {}).get("provenance", {}) if planned and planned[0] == "env" else {}
     head = {"gpu": meta.get("gpu"), "rehearsal": meta.get("rehearse") == "1", "command": meta.get("command"),
             "commit": env_prov.get("commit"), "versions": env_prov.get("versions"),
-            "budget_s": int(meta.get("budget", 0)), "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "budget_s": int(meta.get("budget", 0)), "gpu_budget_s": int(meta.get("gpu_budget", 0)),
+            "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     md = [f"# GPU check: {head['gpu']}, {head['written'][:10]}", ""]
     if head["rehearsal"]:
         md += ["> **CPU rehearsal** at toy sizes (Triton interpreter, tiny models): it proves the plumbing; none "
                "of its figures is a GPU measurement.", ""]
     md += [f"- command: `{head['command']}`", f"- commit: `{head['commit']}`",
-           f"- step limits: {head['budget_s']} s in all", "",
+           f"- step limits: {head['budget_s']} s in all"
+           + (f" (rehearsal limits; on the GPU {head['gpu_budget_s']} s)" if head["rehearsal"] else ""), "",
            "| step | status | seconds | limit s | command |", "|---|---|---|---|---|"]
     md += [f"| {s['step']} {s['name']} | {s['status']} | {s.get('seconds', '')} | {s.get('limit_s', '')} | "
            f"`{s.get('command', '')}` |" for s in steps]

@@ -21,11 +21,15 @@
 # the summary go to bench/results/<date>-<gpu>/ (rehearsal: a new temporary folder).
 # Wheels under .whl/ are installed first (--no-deps, into /tmp/site); the commit comes from git, else from
 # .whl/COMMIT (make gpu-prep). TIMEOUT_<STEP>=seconds overrides a step's limit. Exit code 0: every step ok or skipped.
+# The rehearsal runs each step under REHEARSAL_LIMIT, not the GPU's limits: its steps take 5-25 s on a 2-core CPU,
+# so the limit only catches a hang and a slow machine never fails it. REHEARSE_DELAY_<STEP>=seconds (rehearsal
+# only) makes a step slow on purpose, for the test of what happens at a limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 ALL=env,loss,train,exits,large,tests,dali
 declare -A LIMIT=([env]=40 [loss]=85 [train]=195 [exits]=45 [large]=40 [tests]=105 [dali]=20)  # 530 s in all
+REHEARSAL_LIMIT=600
 REHEARSE=0
 STEPS=$ALL
 while [ $# -gt 0 ]; do
@@ -40,8 +44,12 @@ for s in ${STEPS//,/ }; do
   [ -n "${LIMIT[$s]:-}" ] || { echo "gpu_suite.sh: --steps: unknown step '$s'; the steps are $ALL" >&2; exit 2; }
 done
 PLANNED=$(for s in ${ALL//,/ }; do case ",$STEPS," in *",$s,"*) printf '%s,' "$s" ;; esac; done)
-BUDGET=0
-for s in ${PLANNED//,/ }; do var=TIMEOUT_${s^^}; BUDGET=$((BUDGET + ${!var:-${LIMIT[$s]}})); done
+limit_of() {  # STEP: its limit in this mode, TIMEOUT_<STEP> first
+  local var=TIMEOUT_${1^^}
+  if [ $REHEARSE -eq 1 ]; then echo "${!var:-$REHEARSAL_LIMIT}"; else echo "${!var:-${LIMIT[$1]}}"; fi
+}
+BUDGET=0 GPU_BUDGET=0
+for s in ${PLANNED//,/ }; do BUDGET=$((BUDGET + $(limit_of "$s"))); GPU_BUDGET=$((GPU_BUDGET + ${LIMIT[$s]})); done
 
 export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ $REHEARSE -eq 1 ]; then
@@ -79,6 +87,7 @@ fi
 
 pack() {
   python3 -m bench.gpu_check summary "$WORK" "$DEST" "$PLANNED" "gpu=$GPU" "rehearse=$REHEARSE" "budget=$BUDGET" \
+    "gpu_budget=$GPU_BUDGET" \
     "command=bash bench/gpu_suite.sh${ARGS:+ $ARGS}" || echo "gpu_suite.sh: the summary failed" >&2
   if [ "$DEST" != "$WORK" ]; then
     tar -czf "$DEST/results.tgz.part" -C "$WORK" . && mv -f "$DEST/results.tgz.part" "$DEST/results.tgz"
@@ -91,13 +100,14 @@ record() {  # NAME STATUS EXIT_CODE SECONDS LIMIT COMMAND
 }
 FAILED=0
 step() {  # NAME CMD...: runs CMD under the step's limit, its output in NAME/log.txt
-  local name=$1 var="TIMEOUT_${1^^}" t0=$SECONDS rc status limit
+  local name=$1 delay="REHEARSE_DELAY_${1^^}" t0=$SECONDS rc status limit
   shift
   case ",$PLANNED" in *",$name,"*) ;; *) return 0 ;; esac
-  limit=${!var:-${LIMIT[$name]}}
+  limit=$(limit_of "$name")
+  delay=$( ((REHEARSE)) && echo "${!delay:-0}" || echo 0)
   mkdir -p "$WORK/$name"
   echo "== $name (limit $limit s): $*"
-  timeout -k 5 "$limit" "$@" > "$WORK/$name/log.txt" 2>&1
+  timeout -k 5 "$limit" bash -c 'sleep "$0" && exec "$@"' "$delay" "$@" > "$WORK/$name/log.txt" 2>&1
   rc=$?
   case $rc in
     0) status=ok ;;

@@ -145,6 +145,12 @@ class DataConfig:
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
     limit_train: int = _f(0, ge=0, doc="use only the first N training samples (quick runs)")
+    split_seed: Optional[int] = _f(None, doc="seed of the validation carve, the training subset and the label noise; "
+                                   "null = the run's seed (a study varies the model's seed on fixed data with it)")
+    balanced_subset: bool = _f(False, doc="limit_train keeps the first limit_train/K samples of each of the K classes "
+                               "(fashion_mnist, digits)")
+    label_noise: float = _f(0.0, ge=0, le=0.9, doc="share of training labels moved to another class drawn uniformly, "
+                            "seed-fixed (symmetric noise; fashion_mnist, digits); val and test stay clean")
     limit_eval: int = _f(0, ge=0)
 
 

@@ -3,7 +3,7 @@
 Same folder rules, labels, splits and normalisation as the torch backend (`pipelines/folder_splits.py`); the
 graphs are in `pipelines/dali_pipes.py`, the iterators in `pipelines/dali_loader.py`. Options read from `data.*`:
 root, image_size, augment, batch_size, eval_batch_size, workers (= DALI CPU threads), dali_prefetch,
-dali_hw_decoder_load, sampler, extra_view, skip_corrupt, val_split, limit_train, limit_eval, mean, std.
+dali_hw_decoder_load, sampler, extra_view, skip_corrupt, val_split, split_seed, limit_train, limit_eval, mean, std.
 """
 from __future__ import annotations
 

@@ -8,16 +8,47 @@ from __future__ import annotations
 import torch
 
 from pipelines.base import DataBundle
+from pipelines.batch import DataError
 from pipelines.dali import build_dali_data
 from pipelines.datasets import FASHION_MNIST_CLASSES, load_digits_split, load_fashion_mnist
-from pipelines.folder_splits import carve, folder_splits
+from pipelines.folder_splits import carve, folder_splits, split_seed
 from pipelines.samplers import ClassPairBatchSampler
 from pipelines.synthetic import SyntheticLoader
 from pipelines.torch_loader import FolderLoader, TensorLoader
 
+_NOISE_SEED_OFFSET = 7919  # any fixed offset: the noise must not reuse the stream that shuffles or initialises
+
 
 def _limit(n: int, limit: int) -> int:
     return min(n, limit) if limit else n
+
+
+def _subset(labels: torch.Tensor, limit: int, balanced: bool, num_classes: int) -> torch.Tensor:
+    """Indices of the training samples kept: the first `limit`, or with `balanced` the first limit/K of each class
+    (in the carved order, so the subset follows the seed like the validation split does)."""
+    if not limit or limit >= len(labels) and not balanced:
+        return torch.arange(len(labels))
+    if not balanced:
+        return torch.arange(limit)
+    per = limit // num_classes
+    if per * num_classes != limit:
+        raise DataError(f"data.limit_train={limit} is not a multiple of the {num_classes} classes "
+                        "(data.balanced_subset=true)")
+    idx = [torch.nonzero(labels == k).flatten()[:per] for k in range(num_classes)]
+    if short := [k for k, i in enumerate(idx) if len(i) < per]:
+        raise DataError(f"data.limit_train={limit}: class {short[0]} has fewer than {per} training samples")
+    return torch.cat(idx).sort().values
+
+
+def noisy_labels(labels: torch.Tensor, rate: float, num_classes: int, seed: int) -> torch.Tensor:
+    """Symmetric label noise: round(rate * N) samples, drawn without replacement, move to one of the K-1 other
+    classes uniformly. Seeded apart from the model's initialisation, so every method of a seed sees the same labels."""
+    g = torch.Generator().manual_seed(seed + _NOISE_SEED_OFFSET)
+    n = round(rate * len(labels))
+    idx = torch.randperm(len(labels), generator=g)[:n]
+    out = labels.clone()
+    out[idx] = (labels[idx] + torch.randint(1, num_classes, (n,), generator=g)) % num_classes
+    return out
 
 
 def _pair_sampler(d, labels, rank: int, world: int, seed: int, allow_self: bool):
@@ -34,6 +65,9 @@ def build_data(d, device: torch.device, rank: int = 0, world: int = 1, *, seed: 
     synthetic batches and image-folder images; `amp` sets DALI's output dtype; `allow_self_partner` lets the CS-KD
     class-pair sampler pick the anchor itself."""
     mf = torch.channels_last if channels_last else torch.contiguous_format
+    if (d.balanced_subset or d.label_noise) and (d.dataset not in ("fashion_mnist", "digits") or d.backend != "torch"):
+        raise DataError("data.balanced_subset and data.label_noise need data.dataset=fashion_mnist or digits "
+                        "with data.backend=torch")
     if d.dataset == "synthetic":  # random batches on the device; partners and views too when asked for
         n = d.limit_train or 100 * d.batch_size
         train = SyntheticLoader(n, d.batch_size, num_classes, in_chans, d.image_size, device, memory_format=mf,
@@ -57,10 +91,12 @@ def _in_memory(d, device, rank, world, mf, seed, allow_self) -> DataBundle:
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     xval = yval = None
     if d.val_split:
-        tr, va = carve(len(ytr), d.val_split, seed)
+        tr, va = carve(len(ytr), d.val_split, split_seed(d, seed))
         xval, yval, xtr, ytr = xtr[va], ytr[va], xtr[tr], ytr[tr]
-    ntr = _limit(len(ytr), d.limit_train)
-    xtr, ytr = xtr[:ntr], ytr[:ntr]
+    keep = _subset(ytr, d.limit_train, d.balanced_subset, len(classes))
+    xtr, ytr = xtr[keep], ytr[keep]
+    if d.label_noise:
+        ytr = noisy_labels(ytr, d.label_noise, len(classes), split_seed(d, seed))
     ne = _limit(len(yte), d.limit_eval)
     xte, yte = xte[:ne], yte[:ne]
     mean = torch.tensor(d.mean) if d.mean else (xtr.float() / 255).mean(dim=(0, 2, 3))

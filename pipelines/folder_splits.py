@@ -32,6 +32,11 @@ class FolderSplits:
     std: list[float]
 
 
+def split_seed(d, seed: int) -> int:
+    """The seed that fixes which images are train, validation and (with label noise) relabelled."""
+    return seed if d.split_seed is None else d.split_seed
+
+
 def carve(n: int, val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seed-fixed split of n training indices into (train, val)."""
     if val >= n:
@@ -60,7 +65,7 @@ def folder_splits(d, seed: int, in_chans: int) -> FolderSplits:
     val = scan_image_folder(val_dir, classes)[0] if val_dir else None
     test = scan_image_folder(test_dir, classes)[0] if test_dir else None
     if d.val_split:
-        tr, va = carve(len(train), d.val_split, seed)
+        tr, va = carve(len(train), d.val_split, split_seed(d, seed))
         test = test if test is not None else val
         train, val = [train[i] for i in tr], [train[i] for i in va]
     c = in_chans

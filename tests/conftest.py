@@ -17,3 +17,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_report_header(config):
+    """The vector ISA the CPU kernels use: the suite runs twice in `make test`, the second time narrowed to AVX2."""
+    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    return f"cpu capability: {torch.backends.cpu.get_cpu_capability()} (env: {env or 'default'}), " \
+           f"threads: {torch.get_num_threads()}"

@@ -67,3 +67,46 @@ def test_a_data_option_error_is_a_config_error_on_the_command_line(tmp_path, cap
     assert main(["train", *tiny_args(tmp_path, "data.backend=dali-cpu")]) == 2
     assert capsys.readouterr().err.startswith("config error: data.backend=dali-cpu reads image folders, but "
                                               "data.dataset=digits")
+
+
+def _digits(run_seed: int = 0, **kw):
+    opts = dataclasses.asdict(DataConfig(dataset="digits", image_size=8, augment="none", batch_size=10,
+                                         val_split=200))
+    return build_data(SimpleNamespace(**{**opts, **kw}), CPU, seed=run_seed, num_classes=10, in_chans=1)
+
+
+def test_balanced_subset_takes_the_same_number_of_each_class():
+    data = _digits(limit_train=300, balanced_subset=True)
+    assert torch.bincount(data.train.labels, minlength=10).tolist() == [30] * 10
+    plain = _digits(limit_train=300)
+    assert torch.bincount(plain.train.labels, minlength=10).tolist() != [30] * 10  # the first 300 are not balanced
+    with pytest.raises(Exception, match="data.limit_train=305 is not a multiple of the 10 classes"):
+        _digits(limit_train=305, balanced_subset=True)
+
+
+def test_label_noise_moves_exactly_that_share_to_other_classes_and_leaves_eval_clean():
+    clean, noisy = _digits(limit_train=1000, balanced_subset=True), _digits(limit_train=1000, balanced_subset=True,
+                                                                           label_noise=0.3)
+    assert torch.equal(clean.train.images, noisy.train.images)
+    changed = clean.train.labels != noisy.train.labels
+    assert changed.sum().item() == 300  # moved labels always land on another class, so exactly 30 % differ
+    moved_to = noisy.train.labels[changed]
+    assert torch.bincount(moved_to, minlength=10).min() > 10  # spread over the classes, not one target
+    assert torch.equal(clean.val.labels, noisy.val.labels) and torch.equal(clean.test.labels, noisy.test.labels)
+    again = _digits(limit_train=1000, balanced_subset=True, label_noise=0.3)
+    assert torch.equal(again.train.labels, noisy.train.labels)  # seed-fixed
+
+
+def test_split_seed_fixes_the_data_while_the_run_seed_changes():
+    a = _digits(limit_train=300, balanced_subset=True, split_seed=5, label_noise=0.2, run_seed=0)
+    b = _digits(limit_train=300, balanced_subset=True, split_seed=5, label_noise=0.2, run_seed=1)
+    c = _digits(limit_train=300, balanced_subset=True, label_noise=0.2, run_seed=1)
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.train.labels, b.train.labels)
+    assert torch.equal(a.val.images, b.val.images)
+    assert not torch.equal(a.val.images, c.val.images)  # without split_seed the run's seed carves
+
+
+def test_subset_and_noise_refuse_other_datasets():
+    opts = dataclasses.asdict(DataConfig(dataset="synthetic", label_noise=0.2))
+    with pytest.raises(Exception, match="data.balanced_subset and data.label_noise need"):
+        build_data(SimpleNamespace(**opts), CPU, seed=0, num_classes=10, in_chans=1)

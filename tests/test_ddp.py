@@ -64,7 +64,7 @@ def _cli_worker(rank: int, tmp: str, port: int, argv: list, signalled_rank: int)
     (Path(tmp) / f"rank{rank}.rc").write_text(str(rc))
 
 
-def _cli(tmp: Path, argv: list, signalled_rank: int = -1, limit_s: float = 150) -> tuple[list[int], list[str]]:
+def _cli(tmp: Path, argv: list, signalled_rank: int = -1, limit_s: float = 450) -> tuple[list[int], list[str]]:
     ctx = mp.spawn(_cli_worker, args=(str(tmp), _free_port(), argv, signalled_rank), nprocs=2, join=False)
     deadline = time.time() + limit_s
     while not ctx.join(timeout=1):

@@ -307,6 +307,14 @@ def test_torch_compile_fullgraph():
     eager, comp = step(z1, f1, inp["targets"]), compiled(z2, f2, inp["targets"])
     eager.backward()
     comp.backward()
-    torch.testing.assert_close(comp, eager, rtol=0, atol=0)
+    # The op is opaque to inductor, so both sides run the same kernels on the same inputs; only the `.sum()` of its
+    # terms differs: ATen's reduction against inductor's generated C++, whose order and vector width follow the CPU.
+    # Any order of summing n fp32 values is within (n - 1) u sum|t| of the exact sum (u = 2^-24), so two orders
+    # differ by at most twice that.
+    terms = multi_exit_loss(inp["logits"], inp["targets"], features=inp["features"], **opts).detach()
+    bound = 2 * (terms.numel() - 1) * 2.0 ** -24 * terms.double().abs().sum().item()
+    assert abs(comp.item() - eager.item()) <= bound, (comp.item(), eager.item(), bound)
+    # The gradients come from the same backward kernel given the same upstream gradient (ones): bitwise equal on
+    # every CPU, since no reduction of inductor's lies on their path.
     for a, b in zip(z1 + f1[:-1], z2 + f2[:-1]):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)

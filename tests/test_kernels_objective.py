@@ -142,14 +142,18 @@ def train_losses(backend: str, steps: int = 30) -> tuple[list[torch.Tensor], dic
 
 
 def test_convergence_torch_vs_triton_backend():
-    """Total and every term agree at each of 30 SGD steps. The first steps agree to fp32 rounding (~1e-6); later
-    ones drift further because a ReLU near its kink can take the other side after a 1e-7 change, which is why
-    the tolerance is 2e-3 and not 1e-5 (measured drift at step 30: ~3e-4)."""
+    """Total and every term agree at each of 30 SGD steps. Step 0 sees the same model and batch on both sides, so
+    only the loss's own fp32 rounding differs: within 2e-6 relative, or 1e-6 absolute where a KL term (~1e-2) is a
+    difference of two ~2-sized sums. Later steps drift further because the updates differ in the last bits and a
+    ReLU near its kink can take the other side, so their bound is measured: the largest relative drift of any term
+    at steps 1-29 was 2.4e-4 under each of AVX-512 and AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2) with
+    1 and 2 threads on the 2-core machine, and 3.4e-5 at an early step on a CPU without AVX-512; the tolerance is
+    that worst case times 12. A wrong gradient shows at step 1 by more: the kernel tests check gradients directly."""
     ref, ref_state = train_losses("torch")
     got, got_state = train_losses("triton")
     assert ref[-1][0] < 0.5 * ref[0][0]  # it does learn the fixed batch
     for step, (a, r) in enumerate(zip(got, ref)):
-        tol = 2e-5 if step < 5 else 2e-3
+        tol = 2e-6 if step == 0 else 3e-3
         torch.testing.assert_close(a, r, rtol=tol, atol=1e-6, msg=lambda m: f"step {step}: {m}")
     for k in ref_state:
         torch.testing.assert_close(got_state[k], ref_state[k], rtol=1e-2, atol=1e-3)

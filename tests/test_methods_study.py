@@ -70,3 +70,180 @@ def test_study_end_to_end_teacher_first_resumable(tmp_path, capsys):
     assert study.main(args) == 0
     assert "0 run(s) to do" in capsys.readouterr().out
     assert (tmp_path / "out" / "methods_fashion_mnist.md").read_text().count("| `ce` |") == 2
+
+
+def test_clear_needs_one_sign_even_when_the_mean_is_far_from_zero():
+    # mean 3.98, standard error 1.02: twice the error is 2.04, so only the sign condition refuses it
+    assert not stat([5.0, 5.0, 5.0, 5.0, -0.1])["clear"]
+    assert stat([5.0, 5.0, 5.0, 5.0, 0.1])["clear"]
+
+
+def _claims_text(found: dict) -> dict[str, str]:
+    return {c["claim"].split(":")[0]: c["text"] for c in claims(found)}
+
+
+def test_v1_claims_each_branch():
+    """Each verdict of the earlier study's claims, so a flipped sign or a lost branch shows."""
+    seeds = (0, 1, 2)
+    found = {
+        "ce": {s: _run({"exit0": 90.0 + 0.1 * s}, ece=2.0) for s in seeds},
+        "dsn": {s: _run({"exit0": 85.0, "exit3": 90.0, "ens_logits": 89.0, "ens_probs": 89.0}) for s in seeds},
+        # the shallow exit clearly below the plain network: BYOT's "every exit beats it" is contradicted
+        "byot_iccv": {s: _run({"exit0": 80.0 + 0.2 * s, "exit3": 92.0 + 0.2 * s, "ens_logits": 92.0 + s,
+                               "ens_probs": 92.0 + s}) for s in seeds},
+        # CS-KD clearly better (error lower by 1-1.5 points on every seed)
+        "cskd": {s: _run({"exit0": 91.0 + 0.1 * s + 0.25 * s}, ece=1.9) for s in seeds},
+        # Beta inside the noise of both label smoothings; the generations clearly worse
+        "ls_all": {s: _run({"exit0": 90.0}) for s in seeds},
+        "ls_wrong": {s: _run({"exit0": 90.0}) for s in seeds},
+        "beta": {s: _run({"exit0": 90.0 + (0.5, -0.5, 0.1)[s]}) for s in seeds},
+        "sd_gen1": {s: _run({"exit0": 89.0 + 0.1 * s - 0.1 * s}) for s in seeds},
+        "sd_gen2": {s: _run({"exit0": 88.0 - 0.2 * s}) for s in seeds},
+    }
+    text = _claims_text(found)
+    assert "every exit and the ensemble beat the plain model — contradicted" in text["BYOT (ICCV settings)"]
+    assert "lower error than CE — supported" in text["CS-KD"]
+    assert "Much lower ECE than CE — partly" in text["CS-KD"]  # 1.9 against 2.0-ish: lower, not by a third
+    assert "Beta smoothing beats label smoothing (top-1) — inside seed noise" in text["Beta smoothing beats label "
+                                                                                       "smoothing"]
+    assert "Later generations improve (top-1) — contradicted" in text["Later generations improve"]
+
+
+# ---- the study v2: its statistics, its verdict rule, its declared comparisons and their held-equal settings ----
+
+def test_t_interval_against_the_closed_form_for_two_degrees_of_freedom():
+    from bench.study_stats import t_interval
+
+    iv = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, standard error 1/sqrt(3)
+    # Student t with 2 degrees of freedom: F(t) = 1/2 + t / (2 sqrt(2 + t^2)), so t_q = (2q - 1) sqrt(2 / (1 - (2q - 1)^2))
+    t975 = 0.95 * math.sqrt(2 / (1 - 0.95 ** 2))
+    se = 1 / math.sqrt(3)
+    assert (iv.n, iv.mean, iv.sd) == (3, 2.0, 1.0)
+    assert iv.lo == pytest.approx(2 - t975 * se, abs=1e-9) and iv.hi == pytest.approx(2 + t975 * se, abs=1e-9)
+    t = 2 / se
+    assert iv.p == pytest.approx(2 * (0.5 - t / (2 * math.sqrt(2 + t * t))), abs=1e-9)  # 0.0742
+    assert t_interval([0.5]).n == 1 and t_interval([0.5]).p == 1.0
+
+
+def test_holm_by_hand():
+    from bench.study_stats import holm
+
+    # sorted 0.01, 0.03, 0.04, 0.2 -> x4, x3, x2, x1 = 0.04, 0.09, 0.08 (raised to 0.09: monotone), 0.2
+    assert holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped
+
+
+@pytest.mark.parametrize("diffs, p_holm, paper, expected", [
+    ([1.0, 1.2, 0.8, 1.1, 0.9], 0.01, None, "supported"),
+    ([1.0, 1.2, 0.8, 1.1, 0.9], 0.20, None, "inconclusive"),  # the same interval, but not after Holm
+    ([-1.0, -1.2, -0.8, -1.1, -0.9], 0.01, None, "contradicted"),  # significant, the wrong way
+    ([-1.0, -1.2, -0.8, -1.1, -0.9], 0.20, None, "inconclusive"),
+    ([0.2, 0.3, 0.25, 0.2, 0.3], 0.01, 1.5, "contradicted"),  # real, but the interval lies below the paper's effect
+    ([0.2, 0.3, 0.25, 0.2, 0.3], 0.01, 0.26, "supported"),  # the paper's effect inside the interval
+    ([0.5, -0.4, 0.3, -0.2, 0.1], 0.90, 0.1, "inconclusive"),
+    ([1.0], 0.0, None, "inconclusive"),
+])
+def test_verdict_rule(diffs, p_holm, paper, expected):
+    from bench.study_stats import t_interval, verdict
+
+    assert verdict(t_interval(diffs), p_holm, paper) == expected
+
+
+def _v2_run(top1: dict[str, float], ece: float = 5.0) -> dict:
+    return {"test_best": {k: {"top1": v, "ece15": ece, "nll": 0.4, "overconf": 3.0} for k, v in top1.items()},
+            "best_epoch": 30, "epochs": 60, "cpu_s": 10.0}
+
+
+def test_v2_comparisons_from_hand_made_runs():
+    """Differences are a - b seed by seed, oriented by the declared sign, then Holm over the declared family."""
+    from bench.methods_report_v2 import compare
+
+    seeds = [str(s) for s in range(5)]
+    jit = [0.0, 0.1, -0.1, 0.05, -0.05]
+    ex = lambda base, d: {"exit0": base - 4 + d, "exit1": base - 2 + d, "exit2": base - 1 + d, "exit3": base + d,
+                          "ens_logits": base + 0.5 + d}  # noqa: E731
+    per_seed = {
+        "ce": {s: _v2_run({"exit0": 88.0 + j}, ece=8.0) for s, j in zip(seeds, jit)},
+        "ls": {s: _v2_run({"exit0": 88.0 + j}) for s, j in zip(seeds, jit)},
+        "dsn": {s: _v2_run(ex(88.0, j)) for s, j in zip(seeds, jit)},
+        "dsn_journal": {s: _v2_run(ex(88.0, j)) for s, j in zip(seeds, jit)},
+        "byot_iccv": {s: _v2_run(ex(87.0, 1.1 * j)) for s, j in zip(seeds, jit)},  # 1 point below DSN: worse
+        "byot_journal": {s: _v2_run(ex(88.0, -j)) for s, j in zip(seeds, jit)},  # noise around DSN
+        "cskd": {s: _v2_run({"exit0": 89.5 + 1.1 * j}, ece=2.0) for s, j in zip(seeds, jit)},  # better, calibrated
+        "beta": {s: _v2_run({"exit0": 88.0 - j}) for s, j in zip(seeds, jit)},
+        "sd_gen1": {s: _v2_run({"exit0": 88.0 - j}) for s, j in zip(seeds, jit)},
+    }
+    rows = {r["name"]: r for r in compare(per_seed)}
+    assert rows["cskd_error_vs_ce"]["diffs"] == pytest.approx([1.5 + 0.1 * j for j in jit])
+    assert rows["cskd_ece_vs_ce"]["diffs"] == pytest.approx([6.0] * 5)  # ce's 8 minus cskd's 2: lower is better
+    assert rows["byot_vs_dsn_bottleneck"]["diffs"] == pytest.approx([-1.0 + 0.1 * j for j in jit])
+    verdicts = {k: r["verdict"] for k, r in rows.items()}
+    assert verdicts == {"byot_vs_dsn_bottleneck": "contradicted", "byot_vs_dsn_journal": "inconclusive",
+                        "journal_vs_bottleneck_heads": "inconclusive", "byot_deepest_vs_ce": "contradicted",
+                        "byot_ensemble_vs_ce": "contradicted", "cskd_error_vs_ce": "supported",
+                        "cskd_ece_vs_ce": "supported", "beta_vs_ls": "inconclusive", "sd_gen1_vs_ce": "inconclusive"}
+    # the paper's effect, as a share of the baseline's error here: CS-KD's 11.0 % of ce's 12 points = 1.32
+    assert rows["cskd_error_vs_ce"]["paper_effect_here"] == pytest.approx((24.71 - 21.99) / 24.71 * 12.0)
+    ps = sorted(r["interval"]["p"] for r in rows.values())
+    assert min(r["p_holm"] for r in rows.values()) == pytest.approx(min(1.0, 9 * ps[0]))
+
+
+def _flat(cfg) -> dict:
+    import dataclasses
+
+    def walk(prefix, obj):
+        for k, v in dataclasses.asdict(obj).items() if dataclasses.is_dataclass(obj) else obj.items():
+            if isinstance(v, dict):
+                yield from walk(f"{prefix}{k}.", v)
+            else:
+                yield f"{prefix}{k}", v
+    return dict(walk("", cfg))
+
+
+# what each comparison may change; everything else (network, data, split, subset, schedule, optimizer, epochs,
+# batch, precision) must be the same on both sides
+ALLOWED = {
+    "byot_vs_dsn_bottleneck": ("objective.",),
+    "byot_vs_dsn_journal": ("objective.", "exits.hint_adapter"),
+    "journal_vs_bottleneck_heads": ("exits.head",),
+    "byot_deepest_vs_ce": ("objective.", "exits."),
+    "byot_ensemble_vs_ce": ("objective.", "exits."),
+    "cskd_error_vs_ce": ("objective.", "data.sampler"),
+    "cskd_ece_vs_ce": ("objective.", "data.sampler"),
+    "beta_vs_ls": ("objective.",),
+    "sd_gen1_vs_ce": ("objective.", "seed"),
+}
+
+
+@pytest.mark.parametrize("stress", [False, True])
+def test_v2_compared_methods_share_every_setting_but_the_compared_one(tmp_path, stress):
+    from bench import methods_study_v2 as v2
+    from bench.methods_report_v2 import COMPARISONS
+
+    assert {c["name"] for c in COMPARISONS} == set(ALLOWED)
+    for c in COMPARISONS:
+        a, b = (_flat(v2.run_config(m, 3, tmp_path, stress)) for m in (c["a"], c["b"]))
+        differ = {k for k in a if a[k] != b[k] and k != "checkpoint.dir"}
+        assert differ, c["name"]
+        assert all(k.startswith(ALLOWED[c["name"]]) for k in differ), (c["name"], differ)
+        assert a["data.split_seed"] == b["data.split_seed"] == 3
+    ce, gen = v2.run_config("ce", 3, tmp_path, stress), v2.run_config("sd_gen1", 3, tmp_path, stress)
+    assert gen.seed != ce.seed and gen.objective.teacher.checkpoint == str(tmp_path / "ce" / "seed3" / "best.pt")
+    beta = v2.run_config("beta", 0, tmp_path, stress)
+    steps = beta.schedule.epochs * (beta.data.limit_train // beta.data.batch_size)
+    assert 1 / (1 - beta.objective.beta.ema_decay) / steps == pytest.approx(1000 / (200 * 391), rel=0.01)
+    assert (beta.data.label_noise > 0) == stress and beta.data.balanced_subset
+
+
+def test_v2_report_only_rewrites_the_md_from_the_json(tmp_path):
+    from bench.methods_report_v2 import compare
+    from bench.methods_report_v2_md import STEM, write_report
+
+    per_seed = {m: {str(s): _v2_run({"exit0": 88.0 + s * 0.1, "exit1": 88, "exit2": 88, "exit3": 88,
+                                     "ens_logits": 88}) for s in range(2)} for m in ("ce", "cskd", "dsn")}
+    sec = {"scope": "test scope", "runs_commit": "abc", "methods": {"ce": "CE", "cskd": "CS-KD", "dsn": "DSN"},
+           "cpu_hours": 0.1, "per_seed": per_seed, "comparisons": compare(per_seed)}
+    first = write_report(tmp_path, "main", sec)
+    (tmp_path / f"{STEM}.md").unlink()
+    assert write_report(tmp_path, "main", None) == first == (tmp_path / f"{STEM}.md").read_text()
+    assert "test scope" in first and "Stress test" in first and (tmp_path / f"{STEM}.png").is_file()

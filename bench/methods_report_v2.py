@@ -1,0 +1,105 @@
+"""The numbers of the methods study v2's report (`bench/methods_report_v2_md.py` writes the files).
+
+The primary comparisons are declared here, before any result: each is a paired per-seed difference `a - b`,
+oriented so that the paper predicts a positive value, with the settings it holds equal.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from bench.study_stats import Interval, holm, t_interval, verdict
+
+STEM = "methods_fashion_mnist_v2"
+EXIT_KEYS = ("exit0", "exit1", "exit2", "exit3")
+# name -> a, a's predictor, b, b's predictor, metric, sign, what is held equal, the claim, the paper's effect
+# (a relative reduction of the error of b, applied to b's error here; None where no figure was found)
+COMPARISONS: list[dict] = [
+    dict(name="byot_vs_dsn_bottleneck", a="byot_iccv", pa="exits_mean", b="dsn", pb="exits_mean", metric="top1",
+         sign=1, held="network, bottleneck heads, data, schedule",
+         claim="BYOT's distillation improves the exits over deep supervision alone (bottleneck heads)",
+         paper=None, source="BYOT reports no DSN row with the same heads"),
+    dict(name="byot_vs_dsn_journal", a="byot_journal", pa="exits_mean", b="dsn_journal", pb="exits_mean",
+         metric="top1", sign=1, held="network, journal heads, data, schedule",
+         claim="BYOT's distillation improves the exits over deep supervision alone (journal heads)",
+         paper=None, source="not reported"),
+    dict(name="journal_vs_bottleneck_heads", a="dsn_journal", pa="exits_mean", b="dsn", pb="exits_mean",
+         metric="top1", sign=1, held="loss (DSN), network, data, schedule",
+         claim="attention + SepConv heads beat bottleneck heads (same loss)", paper=None, source="not reported"),
+    dict(name="byot_deepest_vs_ce", a="byot_iccv", pa="deepest", b="ce", pb="deepest", metric="top1", sign=1,
+         held="backbone, data, schedule", claim="BYOT's deepest exit beats the plain network",
+         paper=(78.64 - 77.09) / (100 - 77.09), source="BYOT Table 1, ResNet-18, CIFAR-100: 77.09 -> 78.64"),
+    dict(name="byot_ensemble_vs_ce", a="byot_iccv", pa="ens_logits", b="ce", pb="deepest", metric="top1", sign=1,
+         held="backbone, data, schedule", claim="BYOT's exit ensemble beats the plain network",
+         paper=(79.67 - 77.09) / (100 - 77.09), source="BYOT Table 1, ResNet-18, CIFAR-100: 77.09 -> 79.67"),
+    dict(name="cskd_error_vs_ce", a="cskd", pa="deepest", b="ce", pb="deepest", metric="top1", sign=1,
+         held="network, data, schedule, steps", claim="CS-KD has lower error than CE",
+         paper=(24.71 - 21.99) / 24.71, source="CS-KD, ResNet-18, CIFAR-100: error 24.71 -> 21.99"),
+    dict(name="cskd_ece_vs_ce", a="cskd", pa="deepest", b="ce", pb="deepest", metric="ece15", sign=-1,
+         held="network, data, schedule, steps", claim="CS-KD has (much) lower ECE than CE",
+         paper=None, source="CS-KD's ECE table was not found"),
+    dict(name="beta_vs_ls", a="beta", pa="deepest", b="ls", pb="deepest", metric="top1", sign=1,
+         held="network, data, schedule", claim="Beta smoothing beats label smoothing",
+         paper=None, source="'often outperforms' (Zhang & Sabuncu 2020); no figure found"),
+    dict(name="sd_gen1_vs_ce", a="sd_gen1", pa="deepest", b="ce", pb="deepest", metric="top1", sign=1,
+         held="network, data, schedule (fresh initialisation)", claim="a second generation beats its teacher",
+         paper=None, source="Zhang & Sabuncu 2020; no figure found"),
+]
+METRIC_NAMES = {"top1": "top-1 (points)", "ece15": "ECE-15 (points)"}
+SCOPE = ("Fashion-MNIST, CIFAR-stem ResNet-18 at width 0.25 (one block per stage), {images:,} class-balanced "
+         "training images{noise}, no augmentation, {epochs} epochs: the papers ran 150-300 epochs on CIFAR-100 and "
+         "ImageNet with wider networks, so a figure here tests the mechanism at this scale, not the papers' numbers.")
+
+
+def value(run: dict, predictor: str, metric: str) -> float:
+    res = run["test_best"]
+    if predictor == "exits_mean":
+        return statistics.fmean(res[k][metric] for k in EXIT_KEYS)
+    if predictor == "deepest":
+        predictor = max((k for k in res if k.startswith("exit")), key=lambda k: int(k[4:]))
+    return res[predictor][metric]
+
+
+def compare(per_seed: dict[str, dict[str, dict]]) -> list[dict]:
+    """Every declared comparison over the seeds both sides have: differences, interval, Holm p, verdict."""
+    rows = []
+    for c in COMPARISONS:
+        a, b = per_seed.get(c["a"], {}), per_seed.get(c["b"], {})
+        seeds = sorted(set(a) & set(b), key=int)
+        diffs = [c["sign"] * (value(a[s], c["pa"], c["metric"]) - value(b[s], c["pb"], c["metric"])) for s in seeds]
+        base_err = statistics.fmean(100 - value(b[s], c["pb"], "top1") for s in seeds) if seeds else math.nan
+        effect = c["paper"] * base_err if c["paper"] is not None else None
+        rows.append({**{k: c[k] for k in ("name", "claim", "a", "pa", "b", "pb", "metric", "sign", "held",
+                                          "source")}, "seeds": [int(s) for s in seeds], "diffs": diffs,
+                     "interval": t_interval(diffs).as_dict(), "paper_rel_error_reduction": c["paper"],
+                     "paper_effect_here": effect})
+    for row, p in zip(rows, holm([r["interval"]["p"] for r in rows])):
+        row["p_holm"] = p
+    for row in rows:
+        row["verdict"] = verdict(Interval(**row["interval"]), row["p_holm"], row["paper_effect_here"])
+    return rows
+
+
+def load_runs(runs: Path) -> dict[str, dict[str, dict]]:
+    out: dict = {}
+    for p in sorted(runs.glob("*/seed*/study.json")):
+        r = json.loads(p.read_text())
+        out.setdefault(r["method"], {})[str(r["seed"])] = r
+    return out
+
+
+def section(runs: Path, methods: dict[str, str], images: int, epochs: int, noise: float) -> dict:
+    """One section of the json (the main study or the stress test): scope, per-seed results, comparisons."""
+    per_seed = load_runs(runs)
+    noise_text = f" with {noise:.0%} symmetric label noise" if noise else ""
+    code = (runs / "code_commit.txt").read_text().strip() if (runs / "code_commit.txt").is_file() else "unknown"
+    cpu_h = sum(r["cpu_s"] for m in per_seed.values() for r in m.values()) / 3600
+    return {"scope": SCOPE.format(images=images, noise=noise_text, epochs=epochs), "runs_commit": code,
+            "train_images": images, "epochs": epochs, "label_noise": noise, "methods": methods,
+            "cpu_hours": round(cpu_h, 2),
+            "per_seed": {m: {s: {"test_best": r["test_best"], "best_epoch": r["best_epoch"], "epochs": r["epochs"],
+                                 "cpu_s": r["cpu_s"]} for s, r in sorted(v.items(), key=lambda kv: int(kv[0]))}
+                         for m, v in per_seed.items()},
+            "comparisons": compare(per_seed)}
