@@ -115,7 +115,8 @@ def test_t_interval_against_the_closed_form_for_two_degrees_of_freedom():
     from bench.study_stats import t_interval
 
     iv = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, standard error 1/sqrt(3)
-    # Student t with 2 degrees of freedom: F(t) = 1/2 + t / (2 sqrt(2 + t^2)), so t_q = (2q - 1) sqrt(2 / (1 - (2q - 1)^2))
+    # Student t with 2 degrees of freedom: F(t) = 1/2 + t / (2 sqrt(2 + t^2)),
+    # so its q-quantile is (2q - 1) sqrt(2 / (1 - (2q - 1)^2))
     t975 = 0.95 * math.sqrt(2 / (1 - 0.95 ** 2))
     se = 1 / math.sqrt(3)
     assert (iv.n, iv.mean, iv.sd) == (3, 2.0, 1.0)
@@ -161,7 +162,7 @@ def test_v2_comparisons_from_hand_made_runs():
     seeds = [str(s) for s in range(5)]
     jit = [0.0, 0.1, -0.1, 0.05, -0.05]
     ex = lambda base, d: {"exit0": base - 4 + d, "exit1": base - 2 + d, "exit2": base - 1 + d, "exit3": base + d,
-                          "ens_logits": base + 0.5 + d}  # noqa: E731
+                          "ens_logits": base + 0.5 + d}
     per_seed = {
         "ce": {s: _v2_run({"exit0": 88.0 + j}, ece=8.0) for s, j in zip(seeds, jit)},
         "ls": {s: _v2_run({"exit0": 88.0 + j}) for s, j in zip(seeds, jit)},
