@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -111,10 +112,31 @@ def _launch(name: str, args: argparse.Namespace) -> int:
         return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
+def measure_jobs(name: str, runs: Path, epochs: int = 3) -> dict:
+    """Wall time of `epochs` epochs of pilot `name` trained as one 2-thread job against two 1-thread jobs at once
+    (the same work twice): whether the study should run one job or two on the 2-core machine."""
+    def launch(tag: str, threads: int) -> subprocess.Popen:
+        over = [o for o in pilot_overrides(name) if not o.startswith("checkpoint.resume")]
+        over += [f"schedule.epochs={epochs}", f"checkpoint.dir={runs / '_jobs' / tag}", "checkpoint.overwrite=true"]
+        return subprocess.Popen([sys.executable, "-m", "engine.cli", "train", *over, "--device", "cpu"],
+                                stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    out = {}
+    for arrangement, procs in (("one_job_2_threads", [("a", 2)]), ("two_jobs_1_thread", [("b", 1), ("c", 1)])):
+        t0 = time.perf_counter()
+        rcs = [p.wait() for p in [launch(tag, th) for tag, th in procs]]
+        out[arrangement] = {"wall_s": round(time.perf_counter() - t0, 1), "runs": len(procs), "exit_codes": rcs}
+    one, two = out["one_job_2_threads"], out["two_jobs_1_thread"]
+    out["runs_per_hour"] = {"one_job_2_threads": round(3600 / one["wall_s"], 2),
+                            "two_jobs_1_thread": round(2 * 3600 / two["wall_s"], 2)}
+    out["epochs"], out["pilot"] = epochs, name
+    return out
+
+
 def write_report(runs: Path, out: Path) -> str:
     rows = [json.loads(p.read_text()) for n in PILOTS if (p := runs / n / "pilot.json").is_file()]
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"criteria": CRITERIA, "commit": commit(), "pilots": rows,
+    jobs = json.loads((runs / "jobs.json").read_text()) if (runs / "jobs.json").is_file() else None
+    doc = {"criteria": CRITERIA, "commit": commit(), "pilots": rows, "jobs": jobs,
            "chosen": min((r for r in rows if r["passes"]), key=lambda r: r["epochs"], default={}).get("pilot")}
     (out / "methods_pilot.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = ["# Methods study v2: pilot (CE, seed 0)", "",
@@ -134,6 +156,14 @@ def write_report(runs: Path, out: Path) -> str:
     lines += ["", f"Chosen regime: `{doc['chosen']}`, the passing pilot with the fewest epochs (the cheapest for a "
               "study of many runs)." if doc["chosen"] else "No pilot passes yet.", "",
               "Two pilots ran at once, one thread each, on the 2-core machine.", ""]
+    if jobs:
+        r = jobs["runs_per_hour"]
+        lines += [f"**One job or two?** `python -m bench.methods_pilot --measure-jobs` trained {jobs['epochs']} epochs "
+                  f"of `{jobs['pilot']}` as one 2-thread job ({jobs['one_job_2_threads']['wall_s']} s) and as two "
+                  f"1-thread jobs at once ({jobs['two_jobs_1_thread']['wall_s']} s for both): "
+                  f"{r['one_job_2_threads']} against {r['two_jobs_1_thread']} such runs per hour, so the study "
+                  f"runs {'two jobs' if r['two_jobs_1_thread'] > r['one_job_2_threads'] else 'one job'} at once.",
+                  ""]
     (out / "methods_pilot.md").write_text("\n".join(lines))
     return "\n".join(lines)
 
@@ -146,13 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=RUNS)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--measure-jobs", action="store_true", help="time one 2-thread job against two 1-thread jobs")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         torch.set_num_threads(args.threads)
         run_one(args.one, args.runs)
         return 0
-    if not args.report_only:
+    if args.measure_jobs:
+        chosen = json.loads((args.out / "methods_pilot.json").read_text())["chosen"]
+        (args.runs / "jobs.json").write_text(json.dumps(measure_jobs(chosen, args.runs), indent=2))
+    elif not args.report_only:
         todo = [n for n in args.pilots if not (args.runs / n / "pilot.json").is_file()]
         with ThreadPoolExecutor(args.jobs) as pool:
             for n, rc in zip(todo, pool.map(_launch, todo, [args] * len(todo))):
