@@ -43,15 +43,17 @@ def stubbed_launches() -> Iterator[list[str]]:
 
 
 def byot_step(num_exits: int = 4, batch: int = 256, classes: int = 1000, dim: int = 512,
-              dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", backend: str = "triton"
-              ) -> Callable[[], None]:
-    """One forward + backward of the BYOT objective's loss (engine defaults) on fixed exit tensors."""
+              dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", backend: str = "triton",
+              self_check: bool = False) -> Callable[[], None]:
+    """One forward + backward of the BYOT objective's loss (engine defaults) on fixed exit tensors. The check at
+    first use is off unless asked for: under stubbed launches it would see no kernel results; with it on, call
+    the step once for real before stubbing, and the check's verdict is then a dict lookup per call."""
     # the objectives load the kernels (triton): after the interpreter is chosen, as above
     from engine.config import load_config
     from engine.objectives import build_objective
     from engine.types import Batch, ExitOutputs
 
-    cfg = load_config(None, [f"objective.backend={backend}"])
+    cfg = load_config(None, [f"objective.backend={backend}", f"objective.self_check={str(self_check).lower()}"])
     objective = build_objective(cfg, num_exits, torch.device(device))
     g = torch.Generator().manual_seed(0)
     logits = [(torch.randn(batch, classes, generator=g) * 3).to(device, dtype).requires_grad_()

@@ -110,6 +110,8 @@ class TeacherKDConfig:
 class ObjectiveConfig:
     name: str = _f("byot", doc="registered objective (ce, byot, ...)")
     backend: Literal["torch", "triton", "auto"] = _f("auto", doc="auto = Triton on CUDA, PyTorch on CPU")
+    self_check: bool = _f(True, doc="check the fused loss against PyTorch on the first call of each launch plan "
+                          "(auto falls back on a mismatch, triton stops)")
     byot: ByotConfig = field(default_factory=ByotConfig)
     label_smoothing: LabelSmoothingConfig = field(default_factory=LabelSmoothingConfig)
     cskd: CskdConfig = field(default_factory=CskdConfig)

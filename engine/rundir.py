@@ -171,6 +171,15 @@ class RunDir:
             csv.DictWriter(f, self._csv_fields, extrasaction="ignore").writerow(record)
         self.counts["csv"] += 1
 
+    def update_meta(self, extra: dict) -> None:
+        """Add keys to meta.json (written whole again, atomically)."""
+        if not self.enabled:
+            return
+        path = self.path / "meta.json"
+        with self._guard(path):
+            meta = json.loads(path.read_text()) if path.is_file() else {}
+            atomic_write_text(json.dumps({**meta, **extra}, indent=2), path)
+
     def write_json(self, name: str, obj: Any) -> None:
         if self.enabled:
             with self._guard(self.path / name):

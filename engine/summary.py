@@ -37,6 +37,9 @@ def final_summary(cfg: Config, c: Components, run: RunDir, steps: int, best_epoc
     skipped = sorted(set().union(*all_gather_object(mine, c.info)))  # by every rank
     if skipped:
         summary["skipped_files"] = skipped
+    if c.objective.kernel_checks:  # the fused loss's checks at first use; meta.json gets them too
+        summary["kernel_self_check"] = c.objective.kernel_checks
+        run.update_meta({"kernel_self_check": c.objective.kernel_checks})
     if c.info.is_main:  # reliability diagram + per-exit accuracy chart (PNG) into the run directory
         from engine.plots import write_run_plots  # matplotlib: imported at the end only, for start-up time
 

@@ -1,8 +1,17 @@
 """Test-session environment, set before any test module imports triton."""
+import getpass
 import os
+import tempfile
 
 import pytest
 import torch
+
+# Inductor's cache keys do not include the vector ISA chosen through ATEN_CPU_CAPABILITY: a wrapper generated for
+# AVX2 (8-float steps) reused under AVX-512 stores 16 floats per step and overruns its buffers (heap corruption,
+# seen here). So a narrowed pass compiles into a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor-{getpass.getuser()}-{os.environ['ATEN_CPU_CAPABILITY']}")
 
 # With no GPU the Triton kernels run under the interpreter, which is chosen when a kernel is decorated: set it first.
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():

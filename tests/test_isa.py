@@ -15,6 +15,9 @@ def test_avx2_settings_reach_aten_and_inductor():
     isa = cpu_vec_isa.pick_vec_isa()  # inductor reads ATEN_CPU_CAPABILITY when cpp.simdlen is unset
     assert str(isa) == "avx2" and isa.bit_width() == 256
     assert os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2"
+    # inductor's cache does not key on the ISA: the narrowed pass has its own (tests/conftest.py)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    assert cache_dir().endswith("-avx2")
 
 
 def test_default_capability_is_the_widest_the_cpu_has():

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from engine.config import ConfigError
 from engine.objectives.requirements import Requirement
+from engine.objectives.self_check import arm
 from engine.registry import Registry
 from engine.types import Batch, ExitOutputs, LossOutput
 
@@ -35,6 +36,7 @@ class Objective(nn.Module):
     soft_targets = False  # has a soft-target cross-entropy, the only loss that objective.log_eps changes
     official_log_eps = 0.0  # the eps of log(p + eps) there in the official code (0 = exact log-softmax)
     fused = None  # the fused call, when objective.backend resolved to triton at construction (`use_fused`)
+    kernel_checks = None  # the fused call's self-checks (engine/objectives/self_check.py), when it has any
 
     def forward(self, model: nn.Module, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out = model(batch.images)
@@ -144,4 +146,6 @@ def fused_call(cfg, device: torch.device, names: dict[str, tuple[int, int]], num
 
 def build_objective(cfg, num_exits: int, device: torch.device) -> Objective:
     check_config(cfg)
-    return objective_class(cfg)(cfg, num_exits=num_exits, device=device)
+    objective = objective_class(cfg)(cfg, num_exits=num_exits, device=device)
+    objective.kernel_checks = arm(objective, cfg.objective.backend, cfg.objective.self_check)
+    return objective
