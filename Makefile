@@ -39,10 +39,12 @@ test: install-dev fashion-mnist
 test-avx2:
 	$(AVX2_ENV) $(PYTHON) -m pytest -q --timeout=900 --durations=5 $(NUMERICS_TESTS)
 
-# What must travel with the tree to the GPU machine (bench/GPU.md), all under the git-ignored .whl/: Liger's wheel
-# (installed there with --no-deps) and the commit, since the copy arrives without .git.
+# What must travel with the tree to the GPU machine (bench/GPU.md), all git-ignored: under .whl/ Liger's wheel
+# (installed there with --no-deps) and the commit, since the copy arrives without .git; under .dali/ DALI for the
+# machine's Python 3.12 in parts of <= 48 MiB, carried one per call (bench/dali_parts.sh).
 LIGER_WHEEL := liger_kernel-0.8.5-py3-none-any.whl
 gpu-prep:
+	@bash bench/dali_parts.sh prepare
 	@mkdir -p .whl
 	@test -f .whl/$(LIGER_WHEEL) || $(PYTHON) -m pip download -q --no-deps liger-kernel==0.8.5 -d .whl
 	@{ git rev-parse HEAD | tr -d '\n'; git diff --quiet HEAD -- || printf -- '-dirty'; echo; } > .whl/COMMIT

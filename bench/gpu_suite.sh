@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: every GPU figure of the project from one command, seven steps, each under its own time limit.
+# The GPU check: every GPU figure of the project from one command, eight steps, each under its own time limit.
 # bench/GPU.md: how to run it on the lent GPU machine and how to commit what comes back.
 #
 #   bash bench/gpu_suite.sh [--rehearse] [--steps env,loss,...]
@@ -8,9 +8,12 @@
 #   loss   fused loss at E=4 B=256 C=1000 bf16 fwd+bwd against eager, torch.compile (static shapes, and
 #          reduce-overhead) and Liger; do_bench and CUDA-graph replays (host overhead apart from device time)
 #   train  ResNet-50, 224 px, bf16, channels-last, compiled, synthetic data: plain vs BYOT (torch loss) vs BYOT
-#          (fused loss), img/s side by side with the exit heads' FLOP ratio
+#          (fused loss), img/s side by side with the exit heads' FLOP ratio; and the fused BYOT step compiled with
+#          mode="reduce-overhead" (CUDA graphs) against the same step without graphs
 #   exits  per-exit latency of ResNet-50 at batch 1 and 256 (CUDA graphs) against FLOP ratios and BYOT's claims
 #   large  fused loss at E*B = 16384 rows, C = 32000: bandwidth as a fraction of step env's copy, peak extra memory
+#   stress the fused loss under real concurrency: random shapes and dtypes, grids of 1 to 16 x the SM count, against
+#          float64 and bitwise across repeats, two streams at once, a CUDA-graph replay calling it twice
 #   tests  kernel, method and no-sync tests with compiled kernels; the loop under the sync debug mode; timm + BYOT
 #   dali   DALI mixed decoding, only where DALI is importable (its wheels carried under .whl/)
 #
@@ -27,8 +30,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-ALL=env,loss,train,exits,large,tests,dali
-declare -A LIMIT=([env]=40 [loss]=85 [train]=195 [exits]=45 [large]=40 [tests]=105 [dali]=20)  # 530 s in all
+ALL=env,loss,train,exits,large,stress,tests,dali
+# 535 s in all, under 9 minutes. The stress step's 55 s came out of the others (env 40 -> 30, loss 85 -> 75,
+# train 195 -> 185 with its graphs sub-step, exits 45 -> 40, large 40 -> 35, tests 105 -> 95): none has run on a
+# GPU yet, so each limit is a share of the budget, to be re-balanced from the first real run's step times.
+declare -A LIMIT=([env]=30 [loss]=75 [train]=185 [exits]=40 [large]=35 [stress]=55 [tests]=95 [dali]=20)
 REHEARSAL_LIMIT=600
 REHEARSE=0
 STEPS=$ALL
@@ -36,7 +42,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --rehearse) REHEARSE=1; shift ;;
     --steps) STEPS=$2; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -85,6 +91,13 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   fi
 fi
 
+if [ $REHEARSE -eq 0 ] && [ -f .dali/MANIFEST ] && ! python3 -c "import nvidia.dali" 2> /dev/null; then
+  if bash bench/dali_parts.sh install "$SITE"; then case ":$PYTHONPATH:" in *":$SITE:"*) ;;
+                                                    *) export PYTHONPATH="$PYTHONPATH:$SITE" ;; esac
+  else echo "gpu_suite.sh: DALI's parts did not all arrive; the dali step will say skipped" >&2
+  fi
+fi
+
 pack() {
   python3 -m bench.gpu_check summary "$WORK" "$DEST" "$PLANNED" "gpu=$GPU" "rehearse=$REHEARSE" "budget=$BUDGET" \
     "gpu_budget=$GPU_BUDGET" \
@@ -129,6 +142,7 @@ if [ $REHEARSE -eq 1 ]; then
   EXITS=(model.name=resnet18 model.stem=cifar model.width=0.25 "model.depths=[1,1,1,1]" model.num_classes=10
          data.image_size=8 precision.amp=bf16 precision.channels_last=true --batch-sizes 1,8 --modes eager
          --warmup 1 --iters 2 --repeats 2 --ee-samples 8 --threads 1)
+  STRESS=(--seconds 20 --max-configs 8 --repeats 2)
   TESTS=(tests/test_gpu_suite.py -k "not rehearsal")
   DALI=(--backends dali,dali-cpu --workers 1 --threads 1 --size 32 --batch-size 4 --batches 2 --warmup 1
         --repeats 1 --per-class 2 --cache "$SITE/photos")
@@ -138,8 +152,9 @@ else
   TRAIN=(--models resnet50 --sizes 224 --batch 256 --steps 20 --warmup 3 --repeats 2)
   EXITS=(model.name=resnet50 model.stem=imagenet model.num_classes=1000 data.image_size=224 precision.amp=bf16
          precision.channels_last=true --batch-sizes 1,256 --modes cudagraph --ee-samples 64)
+  STRESS=(--seconds 40 --max-configs 400 --repeats 3)
   TESTS=(tests/test_kernels.py tests/test_kernels_launches.py tests/test_kernels_methods.py
-         tests/test_kernels_objective.py tests/test_methods_nosync.py tests/test_gpu_suite.py -k "not rehearsal")
+         tests/test_kernel_self_check.py tests/test_kernels_objective.py tests/test_methods_nosync.py tests/test_gpu_suite.py -k "not rehearsal")
   python3 -c "import xdist" 2> /dev/null && TESTS=(-n 8 "${TESTS[@]}")  # 8 workers share the GPU
   DALI=(--backends dali,dali-cpu,torch --batches 20 --repeats 2 --cache "$SITE/photos")
 fi
@@ -149,11 +164,12 @@ COPY=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["copy_gb
        2> /dev/null)  # steps loss and large state bandwidth against this copy (measured again if it is missing)
 step loss python3 -m bench.kernels "${LOSS[@]}" ${COPY:+--copy-gbps "$COPY"} --dtypes bf16 --modes fwd+bwd \
   --providers eager,fused,liger,compile,compile-ro --graphs --out "$WORK/loss"
-step train python3 -m bench.train "${TRAIN[@]}" --variants plain,byot --backend torch,triton --ablate byot \
-  --compile compiled --amp bf16 --layout channels_last --loaders synthetic --no-plots --out "$WORK/train"
+step train python3 -m bench.train "${TRAIN[@]}" --variants plain,byot --backend triton,torch --ablate byot \
+  --compile compiled,compiled-ro --amp bf16 --layout channels_last --loaders synthetic --no-plots --out "$WORK/train"
 step exits python3 -m engine.profile "${EXITS[@]}" --thresholds 0,0.5,0.9,1.01 --no-plots --out "$WORK/exits"
 step large python3 -m bench.kernels "${LARGE[@]}" ${COPY:+--copy-gbps "$COPY"} --dtypes bf16 --modes fwd+bwd \
   --providers eager,fused --out "$WORK/large"
+step stress python3 -m bench.kernel_stress "${STRESS[@]}" --out "$WORK/stress"
 step tests python3 -m pytest -q -p no:cacheprovider --junitxml "$WORK/tests/junit.xml" "${TESTS[@]}"
 case ",$PLANNED" in *,dali,*)
   if python3 -c "import nvidia.dali" 2> /dev/null; then

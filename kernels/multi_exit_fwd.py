@@ -11,6 +11,33 @@ sum_k p_k (t_k/T - z_k/Ts) is accumulated against the teacher's running exponent
 Only log_eps (log(q + eps), the Beta-smoothing code's form) needs a second sweep, since log(q + eps) is not a
 function of running sums. Per-program partial losses go to a scratch buffer; the last program to take a ticket
 (an atomic counter) adds them in a fixed order, so the result is deterministic, and resets the ticket to 0.
+Why the last program sees every partial sum (the ticket pattern on a GPU):
+1. Each program stores its partials with plain `tl.store`s, possibly from several of its threads, then runs
+   `tl.debug_barrier()`, which lowers to the CTA barrier `bar.sync`. In the PTX memory model a CTA barrier orders
+   the memory accesses of every participating thread before the barrier against every access after it
+   ("barrier{.cta}" in the PTX ISA: prior memory accesses requested by the participating threads are performed
+   relative to all of them), so the partials precede, in causality order, whatever the program does next.
+2. The program then takes its ticket with `tl.atomic_add(TICKET, 1)`. Triton's default is `sem="acq_rel"` and
+   `scope="gpu"` (triton.language.atomic_add in the Triton API reference), i.e. PTX `atom.acq_rel.gpu`: a release
+   at GPU scope, which orders the program's earlier writes (step 1) before the increment for any thread of the GPU
+   that acquires it (PTX ISA, "Memory Consistency Model": release and acquire patterns, morally strong operations,
+   causality order, which is transitive through the barrier of step 1).
+3. The tickets form one modification order, so exactly one program reads n_prog - 1, and that read-modify-write is
+   also an acquire at GPU scope that reads from the releases of all the other programs' increments (a release
+   sequence: every increment is an RMW). So all the partials happen before the last program's loads, which also
+   bypass L1 (`cache_modifier=".cg"`), so no stale line of its SM can be read.
+4. The last program resets the ticket with `tl.atomic_xchg(TICKET, 0)` (acq_rel, GPU scope). The next launch on the
+   same stream starts after this one completes, and kernel completion makes its writes visible to later work in
+   the stream (CUDA programming guide, stream semantics), so it finds 0. Launches on other streams use their own
+   ticket and scratch (kernels/multi_exit_loss.py, `Plan.scratch`); a CUDA graph replays the pointers of the
+   stream it was captured on, and finds 0 for the same reason.
+The interpreter runs programs one at a time and cannot exercise any of this; the GPU check's stress step does
+(`python -m bench.kernel_stress`): thousands of launches over grids of 1 to many times the SM count, results
+against float64 and bitwise across repeats, two streams, and a CUDA-graph replay of a step calling the op twice.
+Sources: Triton API reference, triton.language.atomic_add / atomic_xchg (sem, scope and their defaults) and
+triton.language.debug_barrier; NVIDIA PTX ISA, sections "Memory Consistency Model" and "bar, barrier"; CUDA C++
+Programming Guide, "Streams".
+
 Backward: the gradient is recomputed from the logits and the per-row statistics saved by the forward (no [E, B, C]
 buffer is kept between the passes), scaled by the upstream gradient before it is rounded to the logits' dtype.
 

@@ -17,8 +17,12 @@ Nothing is written into an input. No double backward. Out-of-range labels make t
 Eager calls go through a plain torch.autograd.Function with flat tensor arguments; under torch.compile the same
 kernels run as the torch.library ops selfdistill::multi_exit_loss / _backward (fake implementations included), so
 tracing has no graph break. Validation and launch parameters are computed once per configuration (`_plan`).
-One caveat of the single-launch reduction: each configuration owns a scratch buffer and a ticket counter that all
-its calls reuse, so two calls of one configuration must not run concurrently on different streams.
+The single-launch reduction needs a scratch buffer and a ticket counter per configuration; each CUDA stream that
+calls it gets its own pair (`Plan.scratch`, keyed by the current stream's handle), so calls on different streams
+may overlap. Per stream rather than refusing a second stream: the check would have to know, without a host sync,
+whether a launch is still in flight on another stream, and DDP, CUDA graphs and torch.compile all run work on side
+streams. A CUDA graph keeps the pointers of the stream it was captured on; since every launch leaves its ticket at
+0, each replay, and a graph that calls the op several times in stream order, starts from 0 too.
 Memory between the passes: per-row statistics only (the gradient is recomputed), so the peak extra memory is the
 logits' gradient itself.
 
@@ -45,6 +49,12 @@ _TEACHER = {"none": K.TEACHER_NONE.value, "deepest": K.TEACHER_DEEPEST.value, "l
 _HINT = {"none": K.HINT_NONE.value, "sse": K.HINT_SSE.value, "l2": K.HINT_L2.value, "mse": K.HINT_MSE.value}
 _ROW_STATS = K.ROW_STATS.value
 MAX_POW = 8  # exp(x) as exp(x / T)^T up to this T; above (or a fractional T) the polynomial exp2 takes over
+
+
+def current_stream_handle(index: int | None) -> int:
+    """The raw handle of the current CUDA stream (what Triton's own launcher reads: far cheaper than
+    torch.cuda.current_stream())."""
+    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if index is None else index)
 
 
 def interpreting() -> bool:
@@ -84,8 +94,23 @@ class Plan:
     stats_size: int
     part_stride: int
     row_strides: tuple  # of contiguous logits and features: ((C,) * E, (D,) * E)
-    part: Tensor  # fp32 scratch: every program's partial sums
+    part: Tensor  # fp32 scratch: every program's partial sums (the current stream's: `scratch`)
     ticket: Tensor  # int32 [1], 0 between launches: zeroed once here, reset by each launch's last program
+    per_stream: dict  # CUDA stream handle -> (part, ticket) of the streams other than the first one used
+
+    def scratch(self) -> tuple[Tensor, Tensor]:
+        """The scratch buffer and ticket of the current CUDA stream: launches of one plan on two streams may
+        overlap, and a shared ticket would let one launch's last program reduce the other's partials."""
+        if self.device.type != "cuda":
+            return self.part, self.ticket  # the interpreter runs launches one after another
+        stream = current_stream_handle(self.device.index)
+        pair = self.per_stream.get(stream)
+        if pair is None:
+            if not self.per_stream:  # the first stream takes the buffers made with the plan
+                pair = self.per_stream[stream] = (self.part, self.ticket)
+            else:
+                pair = self.per_stream[stream] = (torch.empty_like(self.part), torch.zeros_like(self.ticket))
+        return pair
 
 
 def _pow_of(temperature: float) -> tuple[int, bool]:
@@ -156,7 +181,7 @@ def _plan(opts: LossOptions, E: int, B: int, C: int, D: int, z_dtype: torch.dtyp
     scalars = (opts.ignore_index, 1.0 / t, 1.0 / ts, t * t if opts.t_squared else 1.0, ce_b, opts.log_eps)
     return Plan(opts, E, B, C, D, device, tuple(wh != 0.0 for _, _, wh in w), weights, scalars,
                 1.0 / max(B * D, 1), meta, fwd_meta, grid, (_ROW_STATS * E + 2) * B + E + 1, part_stride,
-                ((C,) * E, (D,) * E), part, ticket)
+                ((C,) * E, (D,) * E), part, ticket, {})
 
 
 def plan_for(opts: LossOptions, logits: Sequence[Tensor], targets: Tensor, features: Sequence[Tensor],
@@ -235,8 +260,9 @@ def forward(plan: Plan, st: Streams) -> tuple[Tensor, Tensor, Tensor]:
     f32 = dict(dtype=torch.float32, device=plan.device)
     total, losses, stats = torch.empty((), **f32), torch.empty((plan.E, 3), **f32), torch.empty(plan.stats_size, **f32)
     zst, fst, t_stride = st.strides
+    part, ticket = plan.scratch()
     multi_exit_fwd._fwd_kernel[plan.grid](
-        st.zs, zst, st.fs, fst, st.tz, t_stride, st.y, st.brow, plan.weights, stats, plan.part, plan.ticket, total,
+        st.zs, zst, st.fs, fst, st.tz, t_stride, st.y, st.brow, plan.weights, stats, part, ticket, total,
         losses, plan.B, plan.C, plan.D, *plan.scalars, plan.inv_bd, **plan.fwd_meta[st.align])
     return total, losses, stats
 

@@ -19,7 +19,7 @@ from tests.helpers import tiny_config
 from tests.test_methods_nosync import no_host_reads
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["env", "loss", "train", "exits", "large", "tests", "dali"]
+STEPS = ["env", "loss", "train", "exits", "large", "stress", "tests", "dali"]
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
@@ -139,11 +139,17 @@ def test_rehearsal_runs_every_step_and_returns_at_most_8_files(tmp_path):
     assert {"compile", "compile-ro", "liger"} <= set(loss) and loss["compile"]["ms_p50"] > 0
     assert loss["fused"]["graph_status"] == "n/a: CUDA graphs need a GPU"
     assert steps["large"]["report"]["copy_gbps"] == steps["env"]["report"]["copy_gbps"]  # step env's copy
-    runs = {(r["variant"], r["backend"]): r for r in steps["train"]["report"]["runs"]}
-    assert set(runs) == {("plain", "torch"), ("byot", "torch"), ("byot", "triton")}
+    runs = {(r["variant"], r["backend"], r["compile"]): r for r in steps["train"]["report"]["runs"]}
+    assert set(runs) == {("plain", "triton", "compiled"), ("byot", "triton", "compiled"),
+                         ("byot", "torch", "compiled"), ("byot", "triton", "compiled-ro")}
     assert all(r["status"] == "ok" and r["img_s"]["mean"] > 0 for r in runs.values()), runs
     over = steps["train"]["report"]["ratios"]["multi_exit_overhead"]
     assert len(over) == 2 and all(o["extra_fwd_flops_pct"] > 0 for o in over)
+    gains = steps["train"]["report"]["ratios"]["optimisation_gains"]
+    assert any(g["with"] == "compiled-ro" and g["without"] == "compiled" and g["gain"] > 0 for g in gains)
+    stress = steps["stress"]["report"]
+    assert stress["configs"] >= 4 and stress["bitwise_repeats"] and stress["max_err_over_tol"] <= 1
+    assert stress["grid_programs"]["max"] > 1 and len(stress["dtypes"]) >= 2 and not stress["failures"]
     exits = steps["exits"]["report"]["exits"]
     assert len(exits) == 4 and all(e["latency"]["eager"][b]["ms"]["mean"] > 0 for e in exits for b in ("1", "8"))
     tests = steps["tests"]["report"]
@@ -194,3 +200,33 @@ def test_rehearsal_killed_midway_still_returns_the_finished_steps(tmp_path):
 def _read_summary(out: Path) -> list[dict]:
     path = out / "summary.json"
     return json.loads(path.read_text())["steps"] if path.is_file() else []
+
+
+def test_dali_parts_rejoin_only_when_every_part_arrived(tmp_path):
+    """bench/dali_parts.sh install: the parts carried one per call are checked against MANIFEST, rejoined and
+    unpacked; a missing part stops with exit 2 and names it."""
+    payload = tmp_path / "src" / "nvidia" / "dali" / "__init__.py"
+    payload.parent.mkdir(parents=True)
+    payload.write_bytes(os.urandom(200_000))  # incompressible: several parts
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    archive = subprocess.run(["bash", "-c", f"tar -C {tmp_path / 'src'} -cf - . | xz"], capture_output=True,
+                             check=True).stdout
+    chunk = 64_000
+    names = []
+    for i in range(0, len(archive), chunk):
+        names.append(f"part-{i // chunk:02d}")
+        (parts / names[-1]).write_bytes(archive[i:i + chunk])
+    import hashlib
+    (parts / "MANIFEST").write_text("".join(f"{n} {hashlib.sha256((parts / n).read_bytes()).hexdigest()}\n"
+                                            for n in names))
+    assert len(names) >= 3
+    env = {**os.environ, "DALI_PARTS_DIR": str(parts)}
+    ok = subprocess.run(["bash", "bench/dali_parts.sh", "install", str(tmp_path / "site")], cwd=REPO, env=env,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "site" / "nvidia" / "dali" / "__init__.py").read_bytes() == payload.read_bytes()
+    (parts / names[1]).unlink()
+    bad = subprocess.run(["bash", "bench/dali_parts.sh", "install", str(tmp_path / "site2")], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and f"{names[1]} is missing" in bad.stderr and not (tmp_path / "site2").exists()

@@ -23,6 +23,8 @@ from tests.helpers import tiny_config
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter"),
               pytest.mark.usefixtures("one_thread")]
+# with a GPU (and no interpreter) the compiled kernels are checked; the DDP test stays on CPU (gloo)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 CPU = torch.device("cpu")
 
 
@@ -36,16 +38,16 @@ def wrong_kernel(monkeypatch, factor: float = 1.01):
     monkeypatch.setattr(fused_mod, "fused_loss", off)
 
 
-def _inputs(B=6, C=5, D=4, E=3, seed=0):
+def _inputs(B=6, C=5, D=4, E=3, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    logits = [(torch.randn(B, C, generator=g) * 2).requires_grad_() for _ in range(E)]
-    feats = [torch.randn(B, D, generator=g).relu().requires_grad_() for _ in range(E)]
-    return ExitOutputs(logits, feats), Batch(torch.empty(0), torch.randint(0, C, (B,), generator=g))
+    logits = [(torch.randn(B, C, generator=g) * 2).to(device).requires_grad_() for _ in range(E)]
+    feats = [torch.randn(B, D, generator=g).relu().to(device).requires_grad_() for _ in range(E)]
+    return ExitOutputs(logits, feats), Batch(torch.empty(0), torch.randint(0, C, (B,), generator=g).to(device))
 
 
-def _byot(backend_seen_by_check: str):
+def _byot(backend_seen_by_check: str, device=DEVICE):
     cfg = load_config(None, ["objective.backend=triton", "objective.self_check=false"])
-    obj = objective_class(cfg)(cfg, num_exits=3, device=CPU)  # the fused call, as on CUDA
+    obj = objective_class(cfg)(cfg, num_exits=3, device=device)  # the fused call, as on CUDA
     report = arm(obj, backend_seen_by_check, True)
     return obj, report
 
@@ -95,19 +97,19 @@ def test_every_routed_objective_is_armed_and_passes_with_the_real_kernel(tmp_pat
     for name, extra in (("byot", []), ("dsn", []), ("ce", ["exits.stages=[]"]),
                         ("label_smoothing", ["exits.stages=[]"])):
         cfg = tiny_config(tmp_path, f"objective.name={name}", "objective.backend=triton", *extra)
-        obj = build_objective(cfg, 1 + len(cfg.exits.stages), CPU)
+        obj = build_objective(cfg, 1 + len(cfg.exits.stages), DEVICE)
         assert isinstance(obj.compute, SelfCheckedCall) and obj.kernel_checks == [], name
         out, batch = _inputs(E=1 + len(cfg.exits.stages), C=10)
         obj.loss(out, batch)
         assert [e["ok"] for e in obj.kernel_checks] == [True], (name, obj.kernel_checks)
-    off = build_objective(tiny_config(tmp_path, "objective.backend=triton", "objective.self_check=false"), 4, CPU)
+    off = build_objective(tiny_config(tmp_path, "objective.backend=triton", "objective.self_check=false"), 4, DEVICE)
     assert off.kernel_checks is None and not isinstance(off.compute, SelfCheckedCall)
-    torch_only = build_objective(tiny_config(tmp_path, "objective.backend=torch"), 4, CPU)
+    torch_only = build_objective(tiny_config(tmp_path, "objective.backend=torch"), 4, DEVICE)
     assert torch_only.kernel_checks is None
 
 
 def test_steady_state_is_still_three_launches_with_the_check_on():
-    step = byot_step(num_exits=4, batch=8, classes=16, dim=8, dtype=torch.float32, device=CPU, self_check=True)
+    step = byot_step(num_exits=4, batch=8, classes=16, dim=8, dtype=torch.float32, device=DEVICE, self_check=True)
     step()  # the first call checks the plan with the real kernels
     got = count(step)
     assert (got["triton"], got["aten"], got["launches"]) == (2, ["ones_like"], 3)
@@ -118,7 +120,7 @@ def test_run_records_the_checks_in_summary_and_meta(tmp_path):
 
     cfg = tiny_config(tmp_path, "objective.name=byot", "objective.backend=triton", "schedule.epochs=1",
                       "data.limit_train=64", "data.limit_eval=64")
-    summary = train(cfg, device="cpu")
+    summary = train(cfg, device=DEVICE.type)
     checks = summary["kernel_self_check"]
     assert checks and all(c["ok"] and c["backend"] == "triton" for c in checks)
     meta = json.loads((Path(cfg.checkpoint.dir) / "meta.json").read_text())
@@ -139,8 +141,8 @@ def _ddp_worker(rank: int, port: int, tmp: str) -> None:
         if rank == 1:  # only one rank's kernel is wrong: both must leave it
             real = fused_mod.fused_loss
             fused_mod.fused_loss = lambda *a, **k: tuple(t * 1.01 for t in real(*a, **k))
-        obj, report = _byot("auto")
-        obj.loss(*_inputs(seed=rank))
+        obj, report = _byot("auto", CPU)
+        obj.loss(*_inputs(seed=rank, device=CPU))
         with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
             json.dump(report, f)
     finally:

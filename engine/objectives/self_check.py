@@ -68,7 +68,7 @@ def _clone_args(args: tuple, kwargs: dict, fp32: bool) -> tuple[tuple, dict, lis
     return tuple(tree(a) for a in args), {k: tree(v) for k, v in kwargs.items()}, grads
 
 
-def _worst(got: Tensor, ref: Tensor, rtol: float, atol: float) -> tuple[float, float, float]:
+def worst_ratio(got: Tensor, ref: Tensor, rtol: float, atol: float) -> tuple[float, float, float]:
     """(largest |got - ref| / (atol + rtol |ref|), that error, that tolerance); NaN anywhere counts as infinite."""
     got, ref = got.detach().double(), ref.detach().double()
     err = (got - ref).abs()
@@ -110,7 +110,7 @@ class SelfCheckedCall:
             worst = (float("inf"), float("nan"), 0.0, f"term names {sorted(f_terms)} vs {sorted(r_terms)}")
         else:
             for k in r_terms:
-                w = _worst(f_terms[k], r_terms[k], TERM_RTOL, TERM_ATOL)
+                w = worst_ratio(f_terms[k], r_terms[k], TERM_RTOL, TERM_ATOL)
                 worst = max(worst, (*w, f"term {k}"))
             f_grads = torch.autograd.grad(f_total, fg, allow_unused=True) if fg else ()
             r_grads = torch.autograd.grad(r_total, rg, allow_unused=True) if rg else ()
@@ -120,7 +120,7 @@ class SelfCheckedCall:
                         worst = max(worst, (float("inf"), float("nan"), 0.0, f"gradient of input {i} missing"))
                     continue
                 rtol = GRAD_RTOL.get(src.dtype, 1e-4)
-                w = _worst(a, b, rtol, rtol * float(b.abs().max()))
+                w = worst_ratio(a, b, rtol, rtol * float(b.abs().max()))
                 worst = max(worst, (*w, f"gradient of input {i}"))
         ok = worst[0] <= 1.0
         if dist.is_available() and dist.is_initialized():  # every rank takes the same backend for this plan
