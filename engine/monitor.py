@@ -77,10 +77,14 @@ class Window:
         self.sum = vals if self.sum is None else self.sum + vals
         self.n += 1
 
-    def read(self, params: list[Tensor], info: DistInfo, stop_requested: bool) -> Reading:
+    def read(self, params: list[Tensor], info: DistInfo, stop_requested: bool,
+             buffers: tuple[Tensor, ...] = ()) -> Reading:
+        """`buffers`: the model's floating buffers (BatchNorm's running statistics), which a checkpoint saves too."""
         device = self.sum.device
         bad_params = torch.stack([~torch.isfinite(p).all() for p in params]).sum().float()
-        flags = torch.stack([bad_params, torch.tensor(float(stop_requested), device=device)])
+        bad_buffers = torch.stack([~torch.isfinite(b).all() for b in buffers]).sum().float() if buffers \
+            else torch.zeros((), device=device)
+        flags = torch.stack([bad_params, bad_buffers.to(device), torch.tensor(float(stop_requested), device=device)])
         vec = torch.cat([self.sum, flags])
         if info.enabled:
             dist.all_reduce(vec)
@@ -88,13 +92,15 @@ class Window:
         steps = self.n * info.world
         k = len(self.names)
         values = {name: host[i] / steps for i, name in enumerate(self.names)}
-        gn_sum, gn_count, params_bad, stops = host[k:]
+        gn_sum, gn_count, params_bad, buffers_bad, stops = host[k:]
         values["grad_norm"] = gn_sum / gn_count if gn_count else None
         problems = [f"loss ({name})" for name in self.names if not math.isfinite(values[name])]
         if gn_count < steps and not self.scaler_skips:
             problems.append("gradient norm")
         if params_bad:
             problems.append("parameters")
+        if buffers_bad:
+            problems.append("buffers (BatchNorm running statistics)")
         return Reading(values, problems, stops > 0)
 
     def reset(self) -> None:

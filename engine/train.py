@@ -64,6 +64,7 @@ def train(cfg: Config, on_step: Optional[Callable[[int], bool]] = None, device: 
         bar = tqdm(total=steps_per_epoch * cfg.schedule.epochs, initial=st.step, disable=not (
             c.info.is_main and cfg.logging.progress), dynamic_ncols=True, unit="step")
         params, asked, stopped = list(c.model.parameters()), False, False
+        buffers = tuple(b for b in c.model.buffers() if b.is_floating_point())
         c.train_model.train()
         with StopFlag() as stop:
             while st.epoch < cfg.schedule.epochs and not stopped:
@@ -74,10 +75,10 @@ def train(cfg: Config, on_step: Optional[Callable[[int], bool]] = None, device: 
                     bar.update(1)
                     asked = asked or stop.requested or (on_step is not None and on_step(st.step))
                     boundary = st.step % cfg.logging.log_every == 0 or st.batch == steps_per_epoch
-                    agreed = boundary and _log_window(cfg, c, run, bar, st, window, params, asked)
+                    agreed = boundary and _log_window(cfg, c, run, bar, st, window, params, asked, buffers)
                     if agreed or (asked and not c.info.enabled):
                         if window.n:  # a single process stopping inside a window: check it, keep it in last.pt
-                            raise_if_diverged(window.read(params, c.info, asked), st, cfg.checkpoint.dir)
+                            raise_if_diverged(window.read(params, c.info, asked, buffers), st, cfg.checkpoint.dir)
                         _save(cfg, c, run, st, window, "last.pt")
                         stopped = True
                         break
@@ -97,9 +98,9 @@ def train(cfg: Config, on_step: Optional[Callable[[int], bool]] = None, device: 
 
 
 def _log_window(cfg: Config, c: Components, run: RunDir, bar, st: TrainState, window: Window, params,
-                asked: bool) -> bool:
+                asked: bool, buffers: tuple = ()) -> bool:
     """Read, check and log the window; returns whether any rank asked to stop."""
-    reading = window.read(params, c.info, asked)
+    reading = window.read(params, c.info, asked, buffers)
     raise_if_diverged(reading, st, cfg.checkpoint.dir)
     rate = window.n * cfg.data.batch_size * c.info.world / max(time.perf_counter() - window.t0, 1e-9)
     run.log({"kind": "train", "epoch": st.epoch, "step": st.step, "lr": c.optimizer.param_groups[0]["lr"],

@@ -143,3 +143,32 @@ def test_sigterm_writes_checkpoint_and_resumes(tmp_path):
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["kind"] == "train"]
     assert steps == list(range(1, steps[-1] + 1))  # no step lost or repeated across the interruption
+
+
+def test_a_non_finite_batchnorm_statistic_is_divergence_too(tmp_path, monkeypatch):
+    """Parameters finite, one BatchNorm running variance inf after step 2: the run stops before a checkpoint
+    holds it (a checkpoint saves buffers as well as parameters)."""
+    import engine.train as engine_train
+
+    real = engine_train.build_components
+
+    def build(cfg, *a, **k):
+        c = real(cfg, *a, **k)
+        bn = next(m for m in c.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        calls = []
+
+        def poison(module, inputs):  # before the second training forward: it updates the statistic from inf
+            if module.training:
+                calls.append(1)
+                if len(calls) == 2:
+                    with torch.no_grad():
+                        module.running_var[0] = float("inf")
+        bn.register_forward_pre_hook(poison)
+        return c
+    monkeypatch.setattr(engine_train, "build_components", build)
+    cfg = tiny_config(tmp_path, "schedule.epochs=3", "data.limit_train=64")
+    with pytest.raises(TrainingDiverged, match=r"non-finite buffers \(BatchNorm running statistics\) at epoch 1"):
+        train(cfg, device="cpu")
+    for name in ("last.pt", "best.pt"):
+        ck = torch.load(tmp_path / "run" / name, weights_only=False)
+        assert all(torch.isfinite(t).all() for t in ck["model"].values() if t.is_floating_point()), name
