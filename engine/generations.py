@@ -25,6 +25,7 @@ from pathlib import Path
 from engine.checkpoint import atomic_write_text
 from engine.config import Config, ConfigError, validate
 from engine.objectives.teacher import load_teacher
+from engine.rundir import check_run_dir, run_lock
 from engine.train import train
 
 
@@ -59,6 +60,14 @@ def _finished(run_dir: Path) -> dict | None:
     return None if summary.get("interrupted") else summary
 
 
+def _holds_chain(base: Path) -> bool:
+    summary = base / "summary.json"
+    try:
+        return summary.is_file() and "generations" in json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -73,6 +82,15 @@ def train_generations(cfg: Config, device: str | None = None, on_step=None) -> d
         raise ConfigError("multi-generation distillation picks each teacher on validation data: set "
                           "data.val_split (images carved from train) or data.select_on_test=true")
     base = Path(cfg.checkpoint.dir)
+    # a chain's folder holds the chain and nothing else: a single run there is refused (the chain would write its
+    # generations beside it and replace its summary.json); a chain of its own is continued or re-read
+    if not _holds_chain(base):
+        check_run_dir(base, resuming=cfg.checkpoint.resume is not None, overwrite=cfg.checkpoint.overwrite)
+    with run_lock(base, enabled=_is_main()):
+        return _chain(cfg, base, device, on_step)
+
+
+def _chain(cfg: Config, base: Path, device: str | None, on_step) -> dict:
     gens: list[dict] = []
     for g in range(cfg.generations):
         gcfg = generation_config(cfg, g)

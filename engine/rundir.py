@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import json
 import os
 import platform
@@ -58,6 +59,39 @@ def versions() -> dict[str, str]:
 def provenance(extra: dict | None = None) -> dict[str, Any]:
     return {"commit": git_commit(), "versions": versions(), "argv": sys.argv, "host": socket.gethostname(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {})}
+
+
+@contextlib.contextmanager
+def run_lock(path: str | Path, enabled: bool = True):
+    """One writer per run directory: an exclusive lock on `<dir>/.lock`, held while the run lives. A second process
+    aimed at the same directory (a second `train`, a second `--resume auto`) stops at once with a RunDirError
+    instead of interleaving checkpoints and metrics. The OS drops the lock when its process dies, even by SIGKILL,
+    so a killed run never leaves the directory locked."""
+    if not enabled:
+        yield
+        return
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        f = open(path / ".lock", "a+")
+    except OSError:  # a file in the way or no permission: check_run_dir names the problem, with no lock to take
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunDirError(f"run directory {path} is in use by another run (pid {holder}); wait for it to end, "
+                              "or choose another checkpoint.dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing releases the lock
 
 
 def check_run_dir(path: str | Path, resuming: bool, overwrite: bool) -> None:

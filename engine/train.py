@@ -9,6 +9,7 @@ one would.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from engine.distributed import barrier, cleanup
 from engine.evaluate import deepest_key, evaluate
 from engine.monitor import StopFlag, TrainingDiverged, Window, raise_if_diverged
 from engine.resume import open_run, restore
-from engine.rundir import RunDir
+from engine.rundir import RunDir, run_lock
 from engine.setup_run import Components, build_components
 from engine.step import train_step
 from engine.summary import eval_model, final_summary
@@ -43,6 +44,11 @@ class TrainState:
 
 def train(cfg: Config, on_step: Optional[Callable[[int], bool]] = None, device: str | None = None) -> dict:
     """Train one run. `on_step(step) -> True` requests a stop like SIGTERM does (used by tests)."""
+    with run_lock(cfg.checkpoint.dir, enabled=int(os.environ.get("RANK", "0")) == 0):  # rank 0 writes the run
+        return _train(cfg, on_step, device)
+
+
+def _train(cfg: Config, on_step: Optional[Callable[[int], bool]], device: str | None) -> dict:
     ck = open_run(cfg)  # refuses, or loads and checks the checkpoint to resume, before anything is written
     c = build_components(cfg, device)
     run = None

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from engine.cli import main
-from tests.helpers import DIGITS, TINY_MODEL, TINY_RUN, records
+from tests.helpers import DIGITS, TINY_MODEL, TINY_RUN, records, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [*TINY_MODEL, *DIGITS, *TINY_RUN, "data.limit_train=128", "data.limit_eval=100"]  # 2 epochs of 2 steps
@@ -267,3 +267,18 @@ def test_stopped_generation_chain_exits_3_and_resumes(tmp_path, capsys, monkeypa
     assert not (run / "summary.json").exists()  # the chain is not finished
     assert _train(run, *chain) == 0
     assert json.loads((run / "summary.json").read_text())["generations"][0]["skipped"]
+
+
+def test_a_second_process_in_the_same_run_directory_is_refused(tmp_path, capsys):
+    """One writer per run directory: while a run holds it, a second `train` or `--resume auto` stops at once."""
+    from engine.rundir import run_lock
+
+    args = tiny_args(tmp_path, "exits.stages=[]", "objective.name=ce", "data.limit_train=64", "schedule.epochs=1")
+    run = tmp_path / "run"
+    with run_lock(run):  # as a first run would hold it
+        for extra in ([], ["--resume", "auto"]):
+            assert main(["train", *args, *extra, "--device", "cpu"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"run directory {run} is in use by another run (pid {os.getpid()})" in err[0]
+        assert not (run / "metrics.jsonl").exists() and not (run / "config.yaml").exists()
+    assert main(["train", *args, "--device", "cpu"]) == 0  # released: the run goes ahead

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from engine.config import ConfigError
 from engine.generations import train_generations
 from engine.objectives.teacher import weights_digest
-from tests.helpers import tiny_config
+from tests.helpers import tiny_args, tiny_config
 
 OVER = ["generations=2", "objective.name=sd_generation", "exits.stages=[]", "data.limit_train=128",
         "data.limit_eval=120"]  # 2 epochs x 2 steps per generation
@@ -68,8 +69,6 @@ def test_interrupted_chain_resumes_where_it_stopped(tmp_path, chain):
     done = train_generations(cfg, device="cpu")
     assert [g["skipped"] for g in done["generations"]] == [True, False]  # gen0 not retrained
     assert (tmp_path / "run" / "gen0" / "summary.json").read_text() == gen0_summary
-    from pathlib import Path
-
     ref = _train_losses(Path(ref_cfg.checkpoint.dir) / "gen1")
     got = _train_losses(tmp_path / "run" / "gen1")
     assert [s for s, _ in got] == list(range(1, 5))  # steps 1-3, then step 4 after the resume
@@ -82,3 +81,20 @@ def test_interrupted_chain_resumes_where_it_stopped(tmp_path, chain):
 def test_chain_needs_a_validation_split(tmp_path):
     with pytest.raises(ConfigError, match="val_split"):
         train_generations(tiny_config(tmp_path, *OVER, "data.val_split=0"), device="cpu")
+
+
+def test_chain_into_a_finished_single_run_is_refused(tmp_path):
+    """A chain would add gen0/ and gen1/ beside the run and replace its summary.json: refused, nothing touched."""
+    from engine.cli import main
+    from engine.train import train
+
+    cfg = tiny_config(tmp_path, "exits.stages=[]", "objective.name=ce", "data.limit_train=64", "data.limit_eval=64",
+                      "schedule.epochs=1")
+    train(cfg, device="cpu")
+    run = Path(cfg.checkpoint.dir)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    args = tiny_args(tmp_path, *OVER)
+    assert main(["train", *args, "--generations", "2", "--device", "cpu"]) == 2
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert not (run / "gen0").exists()
+
