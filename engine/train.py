@@ -88,6 +88,10 @@ def _train(cfg: Config, on_step: Optional[Callable[[int], bool]], device: str | 
                         _save(cfg, c, run, st, window, "last.pt")
                         stopped = True
                         break
+                if not stopped and window.n and st.batch != steps_per_epoch:
+                    # the loader yielded fewer batches than planned (data.skip_corrupt dropped whole batches): the
+                    # epoch's last window is checked and logged here, before the epoch's checkpoint
+                    _log_window(cfg, c, run, bar, st, window, params, asked, buffers)
                 if not stopped:
                     st.batch, st.epoch = 0, st.epoch + 1
                     _end_of_epoch(cfg, c, run, st, window)

@@ -89,3 +89,26 @@ def test_wrong_class_count_names_the_key(tmp_path):
 def test_subcommand_usage(cmd):
     r = subprocess.run([sys.executable, "-m", "engine.cli", *cmd], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+@pytest.mark.parametrize("lr", ["0.05", "1e6"])
+def test_skipped_batches_still_end_the_epoch_with_a_checked_window(tmp_path, lr):
+    """Most of train unreadable, so whole batches are skipped and the loader yields fewer than planned: every epoch
+    still logs its train record, and a diverged window stops the run (exit 4) before a checkpoint holds it."""
+    root = _folder(tmp_path / "data", n=2)
+    for c in ("a", "b"):
+        for i in range(10):
+            (root / "train" / c / f"broken{i}.png").write_bytes(b"not an image")
+    r, run_dir = _run(tmp_path, f"data.root={root}", "data.skip_corrupt=true", "schedule.epochs=2",
+                      "logging.log_every=1000", f"optim.lr={lr}", "data.augment=none")
+    if lr == "0.05":
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [row["epoch"] for row in rows if row["kind"] == "train"] == [0, 1]
+    else:
+        assert r.returncode == 4 and "non-finite" in r.stderr and "epoch 0" in r.stderr, r.stderr
+    import torch
+
+    for ck in run_dir.glob("*.pt"):
+        state = torch.load(ck, weights_only=False)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()), ck
