@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import importlib.util
 import os
 import sys
 import traceback
@@ -36,9 +37,22 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     if args.generations:
         overrides.append(f"generations={args.generations}")
+    if args.help_config:
+        from engine.config import describe
+
+        print("\n".join(describe()))
+        return 0
+    if args.list_models:
+        from engine.models.registry import MODELS  # start-up time (torch)
+
+        print("\n".join(MODELS.names()) + "\ntimm:<name>  any timm model with forward_intermediates "
+              "(pip install 'selfdistill[timm]')")
+        return 0
     cfg = load_config(args.config, overrides)
+    from engine.models.registry import check_model_name
     from engine.objectives import check_config  # torch loads with the commands that need it
 
+    check_model_name(cfg.model.name)
     check_config(cfg)  # what the objective needs from the other sections, before anything runs
     if args.print_config:
         print(dump_yaml(cfg), end="")
@@ -100,20 +114,42 @@ SUBTOOLS = {
 }
 
 
+def _first_line(module: str) -> str:
+    """The first line of a subtool's module docstring, read without importing it (torch stays unloaded)."""
+    spec = importlib.util.find_spec(module)
+    text = open(spec.origin).read() if spec and spec.origin else ""
+    doc = text.split('"""')[1] if text.count('"""') >= 2 else ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
 def _dispatch(command: str, rest: list[str]) -> int:
     key = command
     if command in ("bench", "profile"):
         choices = sorted(k.split()[1] for k in SUBTOOLS if k.startswith(command + " "))
         if not rest or rest[0] not in choices:
-            print(f"usage: selfdistill {command} {{{','.join(choices)}}} ...", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            asked = bool(rest) and rest[0] in ("-h", "--help")
+            usage = (f"usage: selfdistill {command} {{{','.join(choices)}}} ...\n" + "".join(
+                f"  {c:<8} {_first_line(SUBTOOLS[f'{command} {c}'])}\n" for c in choices)
+                + f"`selfdistill {command} <name> --help` shows the options of each.")
+            print(usage, file=sys.stdout if asked else sys.stderr)
+            return 0 if asked else EXIT_BAD_INPUT
         key, rest = f"{command} {rest[0]}", rest[1:]
     return _delegate(SUBTOOLS[key], rest)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("selfdistill")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfdistill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"selfdistill {_version()}")
     p.add_argument("--debug", action="store_true", help="show the traceback of expected errors too "
                                                         "(or set SELFDISTILL_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", help="checkpoint to resume, or 'auto' for the run directory's last.pt")
     t.add_argument("--generations", type=int, help="multi-generation self-distillation: number of generations")
     t.add_argument("--device", choices=["cpu", "cuda"], help="force a device (default: cuda if available)")
+    t.add_argument("--list-models", action="store_true", help="list the registered model names and exit")
+    t.add_argument("--help-config", action="store_true", help="list every config key: default, range, meaning")
     e = sub.add_parser("eval", help="per-exit and ensemble metrics of a checkpoint")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", default="test", choices=["test", "val"])

@@ -438,5 +438,20 @@ def validate(cfg: Config) -> None:
                           f"'sd_generation'; set objective.name to one of them (got {cfg.objective.name!r})")
 
 
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per key: dotted name, default, range and description (`selfdistill train --help-config`)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            lines += describe(type(default), f"{prefix}{f.name}.")
+            continue
+        meta = f.metadata
+        bounds = ", ".join(f"{k} {meta[k]}" for k in ("ge", "gt", "le") if meta.get(k) is not None)
+        doc = "; ".join(x for x in (bounds and f"({bounds})", meta.get("doc", "")) if x)
+        lines.append(f"{prefix}{f.name} = {default!r}" + (f"  # {doc}" if doc else ""))
+    return lines
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -107,3 +107,34 @@ def test_objective_requirement_cli_exits_2_naming_the_key():
     r = subprocess.run([sys.executable, "-m", "engine.cli", "train", "--config", str(ROOT / "configs" / "demo.yaml"),
                         "objective.name=cskd", "--print-config"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "data.sampler=class_pair" in r.stderr and not r.stdout
+
+
+def test_cli_can_be_discovered(capsys):
+    """--version, --list-models, `bench --help` and `profile --help` answer with exit 0; an unknown model name
+    stops at --print-config with one line that lists the registered ones."""
+    from engine.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("selfdistill ")
+    assert main(["train", "--list-models"]) == 0
+    names = capsys.readouterr().out.split()
+    assert {"resnet18", "resnet50", "cskd_preact_resnet18", "timm:<name>"} <= set(names)
+    for command, subs in (("bench", ("kernels", "loader", "train")), ("profile", ("exits",))):
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert all(f"  {s} " in out for s in subs), out
+        assert main([command]) == 2  # no subcommand: usage on stderr, exit 2
+        assert "usage" in capsys.readouterr().err
+    assert main(["train", "--help-config"]) == 0
+    keys = capsys.readouterr().out.splitlines()
+    assert "objective.backend = 'auto'  # auto = Triton on CUDA, PyTorch on CPU" in keys
+    assert any(k.startswith("data.val_split = 0  # (ge 0); images carved from train") for k in keys)
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    from engine.config import to_dict
+    assert {k.split(" = ")[0] for k in keys} == set(leaves(to_dict(load_config(None, []))))  # every key, once
+    assert main(["train", "model.name=resnet19", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.name: 'resnet19' is not a registered model" in err[0] and "resnet18" in err[0]

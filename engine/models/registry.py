@@ -62,6 +62,15 @@ def cskd_preact_resnet34(**kw) -> ResNet:
     return _resnet("cskd_preact_resnet34", **_CSKD, **kw)
 
 
+def check_model_name(name: str) -> None:
+    """ConfigError for a model.name that is neither registered nor timm:<name>, before anything is built."""
+    from engine.config import ConfigError
+
+    if not name.startswith("timm:") and name not in MODELS.names():
+        raise ConfigError(f"model.name: {name!r} is not a registered model; registered: {', '.join(MODELS.names())}"
+                          ", or timm:<name> for a timm model (selfdistill train --list-models)")
+
+
 def create_backbone(model_cfg) -> nn.Module:
     kw = dict(num_classes=model_cfg.num_classes, in_chans=model_cfg.in_chans)
     if model_cfg.name.startswith("timm:"):
