@@ -48,6 +48,16 @@ def wrap_ddp(model: nn.Module, info: DistInfo, find_unused: bool) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm's running statistics). Each rank's last training forward
+    updated its own, so without this the ranks would evaluate with different statistics, and a run resumed from
+    rank 0's last.pt would evaluate differently from the run it continues. DDP broadcasts rank 0's buffers at the
+    next training forward anyway, so training is unchanged."""
+    if info.enabled:
+        for b in model.buffers():
+            dist.broadcast(b.data, 0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from engine.checkpoint import atomic_save, rng_state, unwrap
 from engine.config import Config, ConfigError, to_dict
-from engine.distributed import barrier, cleanup
+from engine.distributed import barrier, broadcast_buffers, cleanup
 from engine.evaluate import deepest_key, evaluate
 from engine.monitor import StopFlag, TrainingDiverged, Window, raise_if_diverged
 from engine.resume import open_run, restore
@@ -123,6 +123,7 @@ def _log_window(cfg: Config, c: Components, run: RunDir, bar, st: TrainState, wi
 def _end_of_epoch(cfg: Config, c: Components, run: RunDir, st: TrainState, window: Window) -> None:
     selector = c.data.val if c.data.val is not None else (c.data.test if cfg.data.select_on_test else None)
     rec: dict = {"kind": "eval", "epoch": st.epoch, "step": st.step}
+    broadcast_buffers(c.model, c.info)  # evaluate with what last.pt holds, on every rank
     if selector is not None:
         # Recall@1 gathers every pooled feature across ranks: once at the end, not every epoch.
         res = evaluate(eval_model(cfg, c), selector, c.info.device, cfg.precision.amp, cfg.logging.ece_bins, c.info,

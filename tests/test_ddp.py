@@ -43,8 +43,9 @@ def _worker(rank: int, tmp: str, port: int) -> None:
     train(tiny_config(Path(tmp), *OVERRIDES), device="cpu")
 
 
-def _cli_worker(rank: int, tmp: str, port: int, argv: list, signalled_rank: int) -> None:
-    """`selfdistill train` on one rank; SIGTERM reaches `signalled_rank` alone, during the process's first step."""
+def _cli_worker(rank: int, tmp: str, port: int, argv: list, signalled_rank: int, at_call: int = 0) -> None:
+    """`selfdistill train` on one rank; SIGTERM reaches `signalled_rank` alone, during the process's step number
+    `at_call` (0: its first)."""
     _env(rank, port)
     import engine.step as engine_step
     from engine.cli import main
@@ -53,7 +54,7 @@ def _cli_worker(rank: int, tmp: str, port: int, argv: list, signalled_rank: int)
         real, calls = engine_step.lr_at, []
 
         def lr_at(step, *args):
-            if not calls:  # this process's first step
+            if len(calls) == at_call:
                 os.kill(os.getpid(), signal.SIGTERM)
             calls.append(step)
             return real(step, *args)
@@ -64,8 +65,9 @@ def _cli_worker(rank: int, tmp: str, port: int, argv: list, signalled_rank: int)
     (Path(tmp) / f"rank{rank}.rc").write_text(str(rc))
 
 
-def _cli(tmp: Path, argv: list, signalled_rank: int = -1, limit_s: float = 450) -> tuple[list[int], list[str]]:
-    ctx = mp.spawn(_cli_worker, args=(str(tmp), _free_port(), argv, signalled_rank), nprocs=2, join=False)
+def _cli(tmp: Path, argv: list, signalled_rank: int = -1, limit_s: float = 450,
+         at_call: int = 0) -> tuple[list[int], list[str]]:
+    ctx = mp.spawn(_cli_worker, args=(str(tmp), _free_port(), argv, signalled_rank, at_call), nprocs=2, join=False)
     deadline = time.time() + limit_s
     while not ctx.join(timeout=1):
         if time.time() > deadline:  # a rank that stopped alone leaves the other blocked in a collective
@@ -146,3 +148,25 @@ def test_ddp_wraps_the_model_before_compile(tmp_path, monkeypatch):
     c = build_components(tiny_config(tmp_path, *OVERRIDES, "precision.compile=true"), "cpu")
     assert c.train_model.kind == "compile" and c.train_model.inner.kind == "ddp"
     assert c.train_model.inner.inner is c.model and not isinstance(c.model, Tag)
+
+
+@pytest.mark.timeout(600)
+def test_resume_after_a_stop_on_an_epochs_last_step_reproduces_the_logs(tmp_path):
+    """The stop request travels in the all-reduce at the epoch's end, so last.pt is written on the epoch's last
+    step, before its evaluation; the resumed run evaluates on every rank with last.pt's BatchNorm statistics, so
+    its records and best.pt's history equal an uninterrupted run's."""
+    from tests.helpers import records
+
+    over = ("schedule.epochs=2", "data.limit_train=256", "data.batch_size=32", "data.val_split=64",
+            "optim.lr=0.05", "logging.log_every=100", "model.num_classes=10")  # 4 steps per rank and epoch
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir()
+    cut.mkdir()
+    assert _cli(whole, ["train", *tiny_args(whole, *over), "--device", "cpu"])[0] == [0, 0]
+    argv = ["train", *tiny_args(cut, *over), "--device", "cpu"]
+    codes, _ = _cli(cut, argv, signalled_rank=1, at_call=2)  # during step 3: stops at step 4, the epoch's last
+    assert codes == [3, 3] and load_checkpoint(cut / "run" / "last.pt")["state"]["step"] == 4
+    assert _cli(cut, [*argv, "--resume", "auto"])[0] == [0, 0]
+    assert records(cut / "run") == records(whole / "run")
+    hist = [load_checkpoint(d / "run" / "best.pt")["state"]["history"] for d in (whole, cut)]
+    assert hist[0] == hist[1]
