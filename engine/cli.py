@@ -12,6 +12,7 @@ import errno
 import importlib
 import importlib.util
 import os
+import signal
 import sys
 import traceback
 
@@ -25,6 +26,19 @@ EXIT_INTERRUPTED = 130
 # OS errors that describe the user's files or disk, not a bug: one line, exit 2.
 USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
                errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG, errno.EEXIST}
+
+
+def _quit_while_starting(signum, frame) -> None:
+    """Ctrl-C while the command starts (importing torch takes seconds): nothing is written yet, so stop at once.
+    A KeyboardInterrupt raised inside a C extension's import gave tracebacks, segfaults and aborts instead."""
+    print("interrupted while starting; nothing was written", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _started() -> None:
+    """The imports are done: Ctrl-C raises KeyboardInterrupt again (train's StopFlag takes it over)."""
+    if signal.getsignal(signal.SIGINT) is _quit_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _is_main_rank() -> bool:
@@ -62,10 +76,12 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.generations > 1:
         from engine.generations import train_generations
 
+        _started()
         summary = train_generations(cfg, device=args.device)
     else:
         from engine.train import train
 
+        _started()
         summary = train(cfg, device=args.device)
     if _is_main_rank():
         _print_summary(summary)
@@ -94,6 +110,7 @@ def _eval(args: argparse.Namespace) -> int:
     from engine.evaluate import format_table  # start-up time (torch)
     from engine.evaluate_cli import evaluate_checkpoint
 
+    _started()
     res = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.bins, args.out, args.device)
     print(format_table(res))
     return 0
@@ -101,7 +118,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _delegate(module: str, argv: list[str]) -> int:
     """Subcommands owned by other packages, each a `main(argv) -> int` imported only when called."""
-    return int(importlib.import_module(module).main(argv) or 0)
+    tool = importlib.import_module(module)
+    _started()
+    return int(tool.main(argv) or 0)
 
 
 SUBTOOLS = {
@@ -206,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("SELFDISTILL_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGINT, _quit_while_starting)
+    except ValueError:  # not the main thread
+        pass
     try:
         if argv and argv[0] in ("data", "bench", "profile", "export"):
             # Their own parsers read the rest (argparse.REMAINDER cannot start with an option such as --checkpoint).
@@ -225,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split("\n")) or type(e).__name__
         print(f"{kind[1]}: {message}", file=sys.stderr)
         return kind[0]
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

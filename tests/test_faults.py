@@ -282,3 +282,22 @@ def test_a_second_process_in_the_same_run_directory_is_refused(tmp_path, capsys)
             assert len(err) == 1 and f"run directory {run} is in use by another run (pid {os.getpid()})" in err[0]
         assert not (run / "metrics.jsonl").exists() and not (run / "config.yaml").exists()
     assert main(["train", *args, "--device", "cpu"]) == 0  # released: the run goes ahead
+
+
+def test_ctrl_c_while_starting_exits_130_with_one_line(tmp_path):
+    """Ctrl-C while the command imports torch: exit 130, one line, no traceback, nothing written. The import is
+    made slow on purpose (a marker, then a sleep where the imports run), so the signal always lands there."""
+    marker = tmp_path / "starting"
+    code = (f"import sys, time, pathlib; from engine import cli; real = cli._train\n"
+            f"def slow(args):\n    pathlib.Path({str(marker)!r}).touch(); time.sleep(60); return real(args)\n"
+            f"cli._train = slow; sys.exit(cli.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "train", *ARGS, f"checkpoint.dir={tmp_path / 'run'}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted while starting; nothing was written"]
+    assert not (tmp_path / "run").exists()
