@@ -130,6 +130,14 @@ def _keep_lines(path: Path, n: int) -> int:
     return len(keep)
 
 
+def _flat_scalars(record: dict, prefix: str = ""):
+    for k, v in record.items():
+        if isinstance(v, dict):
+            yield from _flat_scalars(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield f"{prefix}{k}", v
+
+
 class RunDir:
     """Only the main rank writes; other ranks get a RunDir whose writes are no-ops.
 
@@ -164,8 +172,8 @@ class RunDir:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # optional dependency: tensorboard
             except ImportError:
-                raise ImportError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard") \
-                    from None
+                raise RunDirError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                                  "(or set logging.tensorboard=false)") from None
             self._tb = SummaryWriter(str(self.path / "tb"))
 
     @contextlib.contextmanager
@@ -186,9 +194,9 @@ class RunDir:
             self.counts["jsonl"] += 1
             if record.get("kind") == "train":
                 self._csv(record)
-        if self._tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time", "epoch"):
+        if self._tb is not None:  # nested records (an eval's exits) become select/exit0/top1, ...
+            for k, v in _flat_scalars(record):
+                if k not in ("step", "time", "epoch"):
                     self._tb.add_scalar(f"{record.get('kind', 'x')}/{k}", v, record.get("step", 0))
 
     def _csv(self, record: dict) -> None:

@@ -137,6 +137,17 @@ def _end_of_epoch(cfg: Config, c: Components, run: RunDir, st: TrainState, windo
     run.log(rec)
     if st.epoch % cfg.checkpoint.every_epochs == 0 or st.epoch == cfg.schedule.epochs:
         _save(cfg, c, run, st, window, "last.pt")
+    if c.info.is_main:
+        tqdm.write(epoch_line(st, cfg.schedule.epochs, rec.get("select")))
+
+
+def epoch_line(st: TrainState, epochs: int, select: dict | None) -> str:
+    """One line per epoch, for a terminal or a batch job's log: validation top-1 of every exit, and the best."""
+    parts = [f"epoch {st.epoch}/{epochs}", f"step {st.step}"]
+    if select:
+        parts.append("val top-1 " + " ".join(f"{k} {v['top1']:.2f}" for k, v in select.items()))
+        parts.append(f"best {st.best_metric:.2f} (epoch {st.best_epoch})")
+    return "  ".join(parts)
 
 
 def _save(cfg: Config, c: Components, run: RunDir, st: TrainState, window: Window, name: str) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from engine.evaluate_cli import evaluate_checkpoint
 from engine.train import TrainingDiverged, train
-from tests.helpers import records, tiny_config
+from tests.helpers import records, tiny_args, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -172,3 +172,28 @@ def test_a_non_finite_batchnorm_statistic_is_divergence_too(tmp_path, monkeypatc
     for name in ("last.pt", "best.pt"):
         ck = torch.load(tmp_path / "run" / name, weights_only=False)
         assert all(torch.isfinite(t).all() for t in ck["model"].values() if t.is_floating_point()), name
+
+
+def test_each_epoch_prints_one_line_and_tensorboard_is_one_line_when_missing(tmp_path, capsys):
+    """With logging.progress=false (a batch job's log) every epoch still prints its validation top-1 per exit."""
+    from engine.cli import main
+
+    args = ["train", *tiny_args(tmp_path, "schedule.epochs=2", "data.limit_train=64", "data.val_split=64",
+                                "logging.progress=false"), "--device", "cpu"]
+    assert main(args) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split("  ")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all("val top-1 exit0 " in ln and "exit3 " in ln and "best " in ln for ln in lines), lines
+    try:
+        import tensorboard  # noqa: F401
+        has_tb = True
+    except ImportError:
+        has_tb = False
+    tb_args = ["train", *tiny_args(tmp_path / "tb", "schedule.epochs=1", "data.limit_train=64",
+                                   "data.val_split=64", "logging.tensorboard=true"), "--device", "cpu"]
+    rc = main(tb_args)
+    err = capsys.readouterr().err.strip().splitlines()
+    if has_tb:  # eval records arrive flattened: select/exit0/top1
+        assert rc == 0 and list((tmp_path / "tb" / "run" / "tb").glob("events.*"))
+    else:
+        assert rc == 2 and len(err) == 1 and "pip install tensorboard" in err[0]
