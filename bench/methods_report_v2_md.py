@@ -19,10 +19,10 @@ def write_report(out: Path, key: str, sec: dict | None) -> str:
     """Store `sec` as the json's `key` section (None: keep the json as it is), then write md and png from it."""
     path = out / f"{STEM}.json"
     doc = json.loads(path.read_text()) if path.is_file() else {"alpha": ALPHA, "level": LEVEL}
+    out.mkdir(parents=True, exist_ok=True)
     if sec is not None:
         doc[key] = sec
         doc["report_commit"] = commit()
-        out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(doc, indent=1) + "\n")
     md = markdown(doc)
     (out / f"{STEM}.md").write_text(md)

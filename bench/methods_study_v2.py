@@ -2,7 +2,7 @@
 paired t-intervals with Holm's correction over seeds.
 
     python -m bench.methods_study_v2 [--seeds 0 1 2 3 4] [--methods ...] [--stress] [--jobs 2] [--threads 1]
-                                     [--report-only]
+                                     [--report-only | --collect]
 
 The regime is the pilot's (`bench/methods_pilot.py`, committed in `bench/results/methods_pilot.md`): 5,000
 class-balanced training images, no augmentation, the demo's width-0.25 ResNet-18, 60 epochs of cosine LR; plain CE
@@ -16,7 +16,8 @@ and report section: where smoothing and self-distillation are known to help, it 
 
 Each (method, seed) is an ordinary training run under `runs/methods_v2/` trained in a child process; when it ends,
 its best-validation checkpoint is evaluated on the test set into `study.json` (every exit and both ensembles).
-Re-running skips finished runs, resumes interrupted ones, and rewrites `bench/results/methods_fashion_mnist_v2.*`.
+Re-running skips finished runs, resumes interrupted ones, and rewrites `bench/results/methods_fashion_mnist_v2.*`;
+`--collect` refreshes the json from the finished runs without training, `--report-only` the md and png from the json.
 """
 from __future__ import annotations
 
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=None, help="default runs/methods_v2 (stress: runs/methods_v2_noise)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--report-only", action="store_true", help="rewrite the md and png from the committed json")
+    p.add_argument("--collect", action="store_true", help="train nothing: refresh the json from the finished runs")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.runs = args.runs or (RUNS.with_name(RUNS.name + "_noise") if args.stress else RUNS)
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         run_one(args.one[0], int(args.one[1]), args.runs, args.stress)
         return 0
-    if not args.report_only:
+    if not (args.report_only or args.collect):
         run_all(args)
     images, epochs = (STRESS["limit_train"], STRESS["epochs"]) if args.stress else (TRAIN_IMAGES, EPOCHS)
     sec = None if args.report_only else section(args.runs, {m: w for m, (w, _, _) in METHODS.items()}, images,

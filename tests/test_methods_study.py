@@ -248,3 +248,32 @@ def test_v2_report_only_rewrites_the_md_from_the_json(tmp_path):
     (tmp_path / f"{STEM}.md").unlink()
     assert write_report(tmp_path, "main", None) == first == (tmp_path / f"{STEM}.md").read_text()
     assert "test scope" in first and "Stress test" in first and (tmp_path / f"{STEM}.png").is_file()
+
+
+def test_v2_runs_a_teacher_and_a_fresh_student_then_reports_from_the_json(tmp_path, monkeypatch):
+    """Two tiny v2 runs in this process (ce, then sd_gen1 from a fresh seed), their study.json, the report's
+    section, and --report-only rebuilding the md from the json alone."""
+    from bench import methods_study_v2 as v2
+    from bench.methods_report_v2 import section
+    from bench.methods_report_v2_md import STEM
+
+    monkeypatch.setattr(v2, "EPOCHS", 1)
+    monkeypatch.setattr(v2, "TRAIN_IMAGES", 260)  # 26 per class, 2 steps of 128
+    monkeypatch.setattr(v2, "COMMON", [*v2.COMMON, "data.val_split=500", "data.limit_eval=500"])
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for method in ("ce", "sd_gen1"):
+        v2.run_one(method, 0, runs, stress=False)
+    ce, gen = (json.loads((runs / m / "seed0" / "study.json").read_text()) for m in ("ce", "sd_gen1"))
+    assert (ce["model_seed"], gen["model_seed"]) == (0, 1000) and ce["train_images"] == 260
+    assert set(ce["test_best"]["exit0"]) >= {"top1", "ece15", "nll", "overconf"}
+    sec = section(runs, {m: w for m, (w, _, _) in v2.METHODS.items()}, 260, 1, 0.0)
+    assert set(sec["per_seed"]) == {"ce", "sd_gen1"} and sec["per_seed"]["ce"]["0"]["epochs"] == 1
+    gen_vs_ce = {c["name"]: c for c in sec["comparisons"]}["sd_gen1_vs_ce"]
+    assert gen_vs_ce["diffs"] == [pytest.approx(gen["test_best"]["exit0"]["top1"] - ce["test_best"]["exit0"]["top1"])]
+    assert gen_vs_ce["verdict"] == "inconclusive"  # one seed
+    assert v2.main(["--report-only", "--out", str(out)]) == 0  # no json yet: every section says not run
+    assert "Not run yet." in (out / f"{STEM}.md").read_text()
+    from bench.methods_report_v2_md import write_report
+    md = write_report(out, "main", sec)
+    (out / f"{STEM}.md").unlink()
+    assert v2.main(["--report-only", "--out", str(out)]) == 0 and (out / f"{STEM}.md").read_text() == md
