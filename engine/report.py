@@ -143,12 +143,16 @@ def write_report(out_dir: Path, payload: dict[str, Any], markdown: str,
 
 def lines(series: dict[str, list[tuple]], xlabel: str, ylabel: str, title: str = "", log: str = "",
           hline: Optional[float] = None) -> Callable[[Any], None]:
-    """A figure of one line per named series of (x, y) points; `log` names the log-scaled axes ("x", "xy")."""
+    """A figure of one line per named series of (x, y) or (x, y, point label) points; `log` names the log-scaled
+    axes ("x", "xy")."""
     def draw(fig: Any) -> None:
         ax = fig.add_subplot(111)
         for label, pts in series.items():
             if pts:
-                ax.plot(*zip(*sorted(pts)), marker="o", label=label)
+                pts = sorted(pts, key=lambda p: p[:2])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                for p in (p for p in pts if len(p) > 2):
+                    ax.annotate(str(p[2]), p[:2], textcoords="offset points", xytext=(3, 3), fontsize=6)
         if hline is not None:
             ax.axhline(hline, ls="--", color="grey")
         ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xscale="log" if "x" in log else "linear",

@@ -178,3 +178,27 @@ def test_profile_exits_from_a_checkpoint(tmp_path):
     _check_common(rep, [2], ["eager"])
     assert rep["source"] == {"mode": "checkpoint", "checkpoint": str(ck), "weights": "model", "class_names": None}
     assert rep["accuracy"]["_count"]["samples"] == 100 and "digits val" in rep["accuracy_source"]
+
+
+def test_every_plot_has_a_title_and_the_early_exit_points_name_their_thresholds():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from engine.profile_report import figures
+
+    exit_row = lambda k: {"exit": k, "depth": f"{k + 1}/3", "latency": {"eager": {1: {"status": "ok",  # noqa: E731
+                                                                                     "ms_per_image": 1.0 + k}}},
+                          "speedup_vs_full": {"eager": {1: 2.0}}, "flop_ratio_vs_full": 2.0, "byot_claim": None}
+    policy = [{"threshold": t, "mean_flops_per_image": 1e9 * (1 + t), "top1": 80 + t, "exit_fraction": [0.5, 0.3, 0.2]}
+              for t in (0.5, 0.9)]
+    p = {"settings": {"modes": ["eager"], "batch_sizes": [1]}, "exits": [exit_row(k) for k in range(3)],
+         "policy": policy}
+    for name, draw in figures(p).items():
+        fig = plt.figure()
+        draw(fig)
+        ax = fig.axes[0]
+        assert ax.get_title(), name
+        if name == "early_exit.png":
+            assert [t.get_text() for t in ax.texts] == ["t=0.5", "t=0.9"]
+        plt.close(fig)
