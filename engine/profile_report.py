@@ -56,8 +56,9 @@ def render_markdown(p: dict) -> str:
           f"{s['iters']} timed calls; modes {', '.join(s['modes'])}\n- accuracy: {p['accuracy_source']}\n"
           f"- NVML: {p['nvml_status']}\n", f"\n## Exits (speed-up = full-model latency / exit latency, {m0})\n\n"
           "full = the deepest exit alone (the single-exit network). FLOP ratio = full FLOPs / exit FLOPs (heads "
-          "included); backbone-only = without the exit head; anchors = the ideal backbone-only ratio, multiply-accumulates "
-          "through the exit's stages against the whole backbone, counted by hand from the ResNet definitions.\n\n",
+          "included); backbone-only = without the exit head; anchors = the ideal backbone-only ratio, "
+          "multiply-accumulates through the exit's stages against the whole backbone, counted by hand from the ResNet "
+          "definitions.\n\n",
           md_table(["exit", "depth", "params (M)", "GFLOPs/img", "FLOP ratio", "backbone-only ratio", "anchors",
                     *[f"speed-up bs{b}" for b in bss], "BYOT claim", "top-1"],
                    [[e["exit"], e["depth"], fmt(e["params"] / 1e6), fmt(e["flops_per_image"] / 1e9),
