@@ -16,7 +16,7 @@ import signal
 import sys
 import traceback
 
-from engine.config import ConfigError, dump_yaml, load_config
+from engine.config import ConfigError, dump_yaml, load_config, refuse_repeated_keys
 
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
-    if args.generations:
+    if args.generations is not None:
         overrides.append(f"generations={args.generations}")
     if args.help_config:
         from engine.config import describe
@@ -62,6 +62,7 @@ def _train(args: argparse.Namespace) -> int:
         print("\n".join(MODELS.names()) + "\ntimm:<name>  any timm model with forward_intermediates "
               "(pip install 'selfdistill[timm]')")
         return 0
+    refuse_repeated_keys(overrides)
     cfg = load_config(args.config, overrides)
     from engine.models.registry import check_model_name
     from engine.objectives import check_config  # torch loads with the commands that need it
@@ -111,6 +112,8 @@ def _eval(args: argparse.Namespace) -> int:
     from engine.evaluate_cli import evaluate_checkpoint
 
     _started()
+    if args.bins is not None and args.bins < 1:
+        raise ConfigError(f"--bins {args.bins}: the ECE needs at least 1 bin")
     res = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.bins, args.out, args.device)
     print(format_table(res))
     return 0

@@ -371,6 +371,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config_from_dict(_load_yaml(Path(path)) if path is not None else {}, overrides)
 
 
+def refuse_repeated_keys(overrides: list[str]) -> None:
+    """A key given twice on a command line: the earlier value would be lost without a word. (Programs that build
+    overrides may layer them, the last one winning; the command line may not.)"""
+    seen: dict[str, str] = {}
+    for ov in overrides:
+        key = ov.split("=", 1)[0].strip()
+        if key in seen:
+            raise ConfigError(f"{key}: given twice on the command line ({seen[key]!r} and {ov!r}); keep one")
+        seen[key] = ov
+
+
 def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
     """A plain nested dict (YAML, or a checkpoint's saved config) + dotted overrides -> validated Config."""
     data = copy.deepcopy(data)
@@ -424,8 +435,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"objective.byot.hint_exits: {i} is out of range; allowed 0..{n_shallow - 1}")
     if cfg.model.depths is not None and (len(cfg.model.depths) != 4 or min(cfg.model.depths) < 1):
         raise ConfigError(f"model.depths: expected 4 positive ints, got {cfg.model.depths}")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas: expected 2 values, got {cfg.optim.betas}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: expected 2 values in [0, 1), got {cfg.optim.betas}")
+    if not 0 <= cfg.seed < 2 ** 63:
+        raise ConfigError(f"seed: {cfg.seed} is out of range; allowed 0 .. 2^63 - 1")
     for m in cfg.schedule.milestones:
         if m < 0:
             raise ConfigError(f"schedule.milestones: {m} must be >= 0")

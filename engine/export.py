@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -122,6 +123,9 @@ def verify(loaded: Any, model: nn.Module, x: Tensor, exit_k: Optional[int], thre
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.early_exit is not None and not (math.isfinite(args.early_exit) and args.early_exit >= 0):
+        parser.error(f"--early-exit {args.early_exit}: the threshold must be a finite number >= 0 (0 = always "
+                     "exit 0, above 1 = always the last exit)")
     ck = load_checkpoint(args.checkpoint, "cpu")
     try:
         model, cfg = model_from_checkpoint(ck, list(args.overrides), args.weights, str(args.checkpoint))

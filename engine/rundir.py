@@ -155,8 +155,10 @@ class RunDir:
             return
         with self._guard(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
-            for tmp in (*self.path.glob(f"*{TMP_SUFFIX}"), *self.path.glob(f".*{TMP_SUFFIX}")):
-                tmp.unlink()  # left by a kill during a write; never a file anyone needs
+            # left by a kill during a write; never a file anyone needs. Both patterns match a hidden file on some
+            # Pythons, so each is removed once
+            for tmp in {*self.path.glob(f"*{TMP_SUFFIX}"), *self.path.glob(f".*{TMP_SUFFIX}")}:
+                tmp.unlink(missing_ok=True)
             if overwrite:
                 for name in RUN_FILES:
                     with contextlib.suppress(FileNotFoundError):

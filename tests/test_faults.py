@@ -301,3 +301,32 @@ def test_ctrl_c_while_starting_exits_130_with_one_line(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["interrupted while starting; nothing was written"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["train", "optim.lr=0.1", "optim.lr=0.2", "--print-config"], "optim.lr: given twice"),
+    (["train", "--generations", "0", "--print-config"], "generations: 0 is out of range"),
+    (["train", "seed=1180591620717411303424", "--print-config"], "seed: 1180591620717411303424 is out of range"),
+    (["train", "optim.name=adamw", "optim.betas=[2,3]", "--print-config"], "optim.betas: expected 2 values in [0, 1)"),
+    (["train", "model.name=nosuchnet", "--print-config"], "model.name: 'nosuchnet' is not a registered model"),
+])
+def test_bad_values_are_refused_with_one_line(capsys, argv, names):
+    assert main(argv) == 2
+    assert names in _one_line(capsys.readouterr().err)
+
+
+def test_eval_bins_and_export_threshold_are_checked(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "any.pt"), "--bins", "0"]) == 2
+    assert "--bins 0: the ECE needs at least 1 bin" in _one_line(capsys.readouterr().err)
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error: exit 2
+        main(["export", "--checkpoint", str(tmp_path / "any.pt"), "--early-exit", "nan", "--out", str(tmp_path / "m")])
+    assert e.value.code == 2 and "--early-exit nan: the threshold must be a finite number" in capsys.readouterr().err
+
+
+def test_a_stale_hidden_temp_file_does_not_block_a_resume(tmp_path):
+    """A kill during a write can leave `.last.pt.<random>.tmp`; the next run removes it and goes on."""
+    run = tmp_path / "run"
+    assert main(["train", *ARGS, f"checkpoint.dir={run}", "--device", "cpu"]) == 0
+    (run / ".last.pt.abcd1234.tmp").write_bytes(b"")
+    assert main(["train", *ARGS, f"checkpoint.dir={run}", "--resume", "auto", "--device", "cpu"]) == 0
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
