@@ -91,11 +91,17 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     for step, batches in enumerate(zip(*halves)):
         set_lr(opt, lr_at(step, steps, cfg.optim.lr, cfg.schedule))
         opt.zero_grad(set_to_none=True)
+        total = 0.0
         for b in batches:
             loss, _ = objective(model, b)
             (loss.total / 2).backward()
+            total += loss.total.item() / 2
+        STEP_LOSSES.append(total)  # the mean over the two ranks' halves: what DDP's logged loss averages
         opt.step()
     return {k: v.detach() for k, v in model.named_parameters()}
+
+
+STEP_LOSSES: list[float] = []  # filled by `reference`, one per step
 
 
 def _assert_matches(ddp: dict, ref: dict) -> None:
@@ -108,6 +114,12 @@ def _assert_matches(ddp: dict, ref: dict) -> None:
 def test_ddp_matches_single_process(tmp_path, reference):
     mp.spawn(_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
     _assert_matches(load_checkpoint(tmp_path / "run" / "last.pt")["model"], reference)
+    # every logged loss is the mean over ranks and over the window's steps (log_every=2), not a sum over ranks
+    from tests.helpers import records
+    logged = [(r["step"], r["loss"]) for r in records(tmp_path / "run") if r["kind"] == "train"]
+    assert [s for s, _ in logged] == [2, 4]
+    for step, loss in logged:
+        assert loss == pytest.approx(sum(STEP_LOSSES[step - 2:step]) / 2, rel=1e-4), step
     cfg = tiny_config(tmp_path / "init", *OVERRIDES)
     seed_everything(cfg.seed)
     init = dict(create_model(cfg.model, cfg.exits).named_parameters())

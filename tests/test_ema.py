@@ -58,3 +58,16 @@ def test_ema_eval_uses_the_ema_weights_of_last_and_best(tmp_path):
         assert want["nll"] != pytest.approx(other["nll"], rel=1e-3)  # the two sets of weights are told apart
         assert summary[key]["exit0"]["nll"] == pytest.approx(want["nll"], rel=1e-6), key
         assert summary[key]["exit0"]["top1"] == want["top1"], key
+
+
+def test_resumed_run_has_the_uninterrupted_runs_ema_bit_for_bit(tmp_path):
+    """Stopped mid-epoch and resumed, the EMA weights in last.pt equal an uninterrupted run's exactly."""
+    over = (*BASE, "ema.enabled=true", "ema.decay=0.7", "schedule.epochs=2")
+    train(tiny_config(tmp_path / "a", *over), device="cpu")
+    s = train(tiny_config(tmp_path / "b", *over), on_step=lambda step: step == 4, device="cpu")
+    assert s["interrupted"] and s["step"] == 4
+    train(tiny_config(tmp_path / "b", *over, "checkpoint.resume=auto"), device="cpu")
+    ea, eb = (torch.load(d / "run" / "last.pt", weights_only=False)["ema"] for d in (tmp_path / "a", tmp_path / "b"))
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    live = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=False)["model"]
+    assert any(not torch.equal(ea[k], live[k]) for k in ea if ea[k].is_floating_point())  # a real average
