@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,33 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """A Ctrl-C inside torch.save surfaces as a RuntimeError from its C++ writer ("enforce fail at
+    inline_container.cc"), an exit 1. So SIGINT waits for the write: the handler that was in place (the training
+    loop's StopFlag, whose second Ctrl-C raises KeyboardInterrupt) runs once the file is whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
+    with _ctrl_c_held():
+        _atomic_save(obj, path)
+
+
+def _atomic_save(obj: Any, path: str | Path) -> None:
     path = Path(path)
     tmp = temp_path(path)
     writer = None

@@ -330,3 +330,24 @@ def test_a_stale_hidden_temp_file_does_not_block_a_resume(tmp_path):
     (run / ".last.pt.abcd1234.tmp").write_bytes(b"")
     assert main(["train", *ARGS, f"checkpoint.dir={run}", "--resume", "auto", "--device", "cpu"]) == 0
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+
+
+def test_a_second_ctrl_c_during_a_checkpoint_write_waits_for_the_file(tmp_path, monkeypatch):
+    """The second Ctrl-C arrives inside torch.save: the write finishes, the file loads, then the interrupt
+    (KeyboardInterrupt, exit 130) goes ahead instead of torch's RuntimeError (exit 1)."""
+    from engine import checkpoint
+    from engine.monitor import StopFlag
+
+    real = checkpoint.torch.save
+
+    def save_with_ctrl_c(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered while the write is under way
+        time.sleep(0.05)
+        real(obj, f)
+    monkeypatch.setattr(checkpoint.torch, "save", save_with_ctrl_c)
+    target = tmp_path / "last.pt"
+    with StopFlag() as stop:
+        stop.requested = True  # the first Ctrl-C asked for a stop; this is the second
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.atomic_save({"w": torch.arange(1000)}, target)
+    assert torch.equal(torch.load(target)["w"], torch.arange(1000))
