@@ -194,12 +194,15 @@ class DistributedConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     sync_bn: bool = False
     find_unused_parameters: bool = False
+    timeout_s: float = _f(1800.0, gt=0, doc="how long a collective waits for a missing rank before the run fails")
 
 
 @dataclass
 class CheckpointConfig:
     dir: str = _f("runs/default", doc="run directory")
     every_epochs: int = _f(1, ge=1)
+    every_steps: int = _f(0, ge=0, doc="also write last.pt every N steps, mid-epoch (0 = at epoch ends only); a "
+                          "resume from it continues exactly, data order included")
     keep_last: bool = True
     resume: Optional[str] = _f(None, doc="checkpoint to resume; 'auto' = run dir's last.pt if present")
     overwrite: bool = _f(False, doc="start afresh in a run directory that already holds a run, deleting its "

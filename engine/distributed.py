@@ -1,6 +1,7 @@
 """torch.distributed set-up from the torchrun environment: NCCL on GPU, gloo on CPU."""
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ class DistInfo:
         return self.world > 1
 
 
-def init_distributed(backend: str = "auto", device: str | None = None) -> DistInfo:
+def init_distributed(backend: str = "auto", device: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
     """Reads RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun); a plain `python` run is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -37,7 +38,8 @@ def init_distributed(backend: str = "auto", device: str | None = None) -> DistIn
     if world > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
+        dist.init_process_group(backend=backend, device_id=dev if use_cuda else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local_rank, dev)
 
 

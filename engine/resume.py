@@ -15,7 +15,7 @@ from engine.rundir import check_run_dir
 RESUME_FREE = ("checkpoint.", "logging.", "generations", "schedule.epochs", "data.root", "data.workers",
                "data.eval_batch_size", "data.dali_prefetch", "data.dali_hw_decoder_load",
                "precision.compile", "precision.compile_mode", "precision.compile_backend",
-               "distributed.backend", "objective.self_check")
+               "distributed.backend", "distributed.timeout_s", "objective.self_check")
 RESUME_KEYS = ("model", "optimizer", "scaler", "objective", "rng", "state", "config")
 
 

@@ -54,7 +54,7 @@ def check_data_matches(cfg: Config, data: DataBundle) -> None:
 
 
 def build_components(cfg: Config, device: str | None = None) -> Components:
-    info = init_distributed(cfg.distributed.backend, device)
+    info = init_distributed(cfg.distributed.backend, device, cfg.distributed.timeout_s)
     if cfg.precision.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = not cfg.precision.deterministic

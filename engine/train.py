@@ -9,17 +9,19 @@ one would.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 from tqdm import tqdm
 
-from engine.checkpoint import atomic_save, rng_state, unwrap
+from engine.checkpoint import CheckpointError, atomic_save, rng_state, unwrap
 from engine.config import Config, ConfigError, to_dict
-from engine.distributed import barrier, broadcast_buffers, cleanup
+from engine.distributed import all_gather_object, barrier, broadcast_buffers, cleanup
 from engine.evaluate import deepest_key, evaluate
 from engine.monitor import StopFlag, TrainingDiverged, Window, raise_if_diverged
 from engine.resume import open_run, restore
@@ -51,6 +53,7 @@ def train(cfg: Config, on_step: Optional[Callable[[int], bool]] = None, device: 
 def _train(cfg: Config, on_step: Optional[Callable[[int], bool]], device: str | None) -> dict:
     ck = open_run(cfg)  # refuses, or loads and checks the checkpoint to resume, before anything is written
     c = build_components(cfg, device)
+    same_start(ck, c.info)
     run = None
     try:
         st, window = TrainState(), Window(scaler_skips=c.scaler.is_enabled())
@@ -88,6 +91,11 @@ def _train(cfg: Config, on_step: Optional[Callable[[int], bool]], device: str | 
                         _save(cfg, c, run, st, window, "last.pt")
                         stopped = True
                         break
+                    if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0 \
+                            and st.batch != steps_per_epoch:  # mid-epoch; the epoch's end saves anyway
+                        if window.n:  # every rank reaches this step: the read's all-reduce is collective
+                            raise_if_diverged(window.read(params, c.info, False, buffers), st, cfg.checkpoint.dir)
+                        _save(cfg, c, run, st, window, "last.pt")
                 if not stopped and window.n and st.batch != steps_per_epoch:
                     # the loader yielded fewer batches than planned (data.skip_corrupt dropped whole batches): the
                     # epoch's last window is checked and logged here, before the epoch's checkpoint
@@ -118,6 +126,28 @@ def _log_window(cfg: Config, c: Components, run: RunDir, bar, st: TrainState, wi
     bar.set_postfix(loss=f"{reading.values['loss']:.4f}", img_s=f"{rate:.0f}")
     window.reset()
     return reading.stop
+
+
+def same_start(ck: dict | None, info) -> None:
+    """Every rank loads the checkpoint it resumes from by itself: on several nodes, one that cannot see the run
+    directory would start afresh while the others resume. So the ranks compare what they read (step and a digest
+    of the weights) and stop with a CheckpointError if they differ."""
+    if not info.enabled:
+        return
+    mine = None if not ck else (ck["state"]["step"], _digest(ck["model"]))
+    seen = all_gather_object(mine, info)
+    if len(set(seen)) > 1:
+        where = ", ".join(f"rank {r}: {'no checkpoint' if s is None else f'step {s[0]}'}" for r, s in enumerate(seen))
+        raise CheckpointError(f"the ranks read different checkpoints to resume from ({where}); every node must see "
+                              "the same checkpoint.dir (shared storage)")
+
+
+def _digest(state: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()[:4096])
+    return h.hexdigest()
 
 
 def _end_of_epoch(cfg: Config, c: Components, run: RunDir, st: TrainState, window: Window) -> None:

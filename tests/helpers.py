@@ -17,9 +17,18 @@ TINY_RUN = ["schedule.epochs=2", "schedule.milestones=[100]", "optim.lr=0.05", "
             "logging.log_every=1"]
 
 
+def layered(*overrides: str) -> list[str]:
+    """Overrides with each key once, a later value replacing an earlier one in place: the command line refuses a
+    key given twice, so the tests' defaults and a test's own values are merged before they reach it."""
+    merged: dict[str, str] = {}
+    for ov in overrides:
+        merged[ov.split("=", 1)[0]] = ov
+    return list(merged.values())
+
+
 def tiny_args(tmp_path, *overrides: str) -> list[str]:
     """The overrides of `tiny_config`, for the `selfdistill train` command line."""
-    return [*TINY_MODEL, *DIGITS, *TINY_RUN, f"checkpoint.dir={tmp_path / 'run'}", *overrides]
+    return layered(*TINY_MODEL, *DIGITS, *TINY_RUN, f"checkpoint.dir={tmp_path / 'run'}", *overrides)
 
 
 def tiny_config(tmp_path, *overrides: str) -> Config:

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import layered
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["model.stem=cifar", "model.width=0.125", "model.depths=[1,1,1,1]", "model.num_classes=2",
         "data.dataset=imagefolder", "data.image_size=16", "data.augment=crop_flip", "data.batch_size=4",
@@ -16,7 +18,8 @@ BASE = ["model.stem=cifar", "model.width=0.125", "model.depths=[1,1,1,1]", "mode
 
 def _run(tmp_path, *overrides):
     run_dir = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "train", *BASE, f"checkpoint.dir={run_dir}", *overrides],
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "train",
+                        *layered(*BASE, f"checkpoint.dir={run_dir}", *overrides)],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     return r, run_dir
 

@@ -22,14 +22,16 @@ import pytest
 import torch
 
 from engine.cli import main
-from tests.helpers import DIGITS, TINY_MODEL, TINY_RUN, records, tiny_args
+from tests.helpers import DIGITS, TINY_MODEL, TINY_RUN, layered, records, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [*TINY_MODEL, *DIGITS, *TINY_RUN, "data.limit_train=128", "data.limit_eval=100"]  # 2 epochs of 2 steps
 
 
 def _train(run: Path, *extra: str) -> int:
-    return main(["train", *ARGS, f"checkpoint.dir={run}", "--device", "cpu", *extra])
+    opts = [e for e in extra if "=" in e and not e.startswith("-")]
+    flags = [e for e in extra if e not in opts]
+    return main(["train", *layered(*ARGS, f"checkpoint.dir={run}", *opts), "--device", "cpu", *flags])
 
 
 def _files(run: Path) -> dict[str, bytes]:

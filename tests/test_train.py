@@ -197,3 +197,47 @@ def test_each_epoch_prints_one_line_and_tensorboard_is_one_line_when_missing(tmp
         assert rc == 0 and list((tmp_path / "tb" / "run" / "tb").glob("events.*"))
     else:
         assert rc == 2 and len(err) == 1 and "pip install tensorboard" in err[0]
+
+
+def test_every_steps_checkpoint_survives_a_crash_and_resumes_exactly(tmp_path, monkeypatch):
+    """checkpoint.every_steps=2 writes last.pt mid-epoch (4 steps per epoch: steps 2 and 6); a crash at step 7
+    (nothing saved by it) resumes from step 6, mid-epoch, and ends with the uninterrupted run's records and
+    weights."""
+    over = (*RESUME, "checkpoint.every_steps=2")
+    train(tiny_config(tmp_path / "a", *over), device="cpu")
+
+    def crash(step):
+        if step == 7:
+            raise RuntimeError("simulated crash")
+        return False
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_config(tmp_path / "b", *over), on_step=crash, device="cpu")
+    b = tmp_path / "b" / "run"
+    state = torch.load(b / "last.pt", weights_only=False)["state"]
+    assert (state["step"], state["epoch"], state["batch"]) == (6, 1, 2)
+    train(tiny_config(tmp_path / "b", *over, "checkpoint.resume=auto"), device="cpu")
+    a = tmp_path / "a" / "run"
+    assert records(b) == records(a)
+    wa, wb = (torch.load(r / "last.pt", weights_only=False)["model"] for r in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ranks_that_read_different_checkpoints_stop_the_resume(monkeypatch):
+    """Several nodes: one that cannot see checkpoint.dir would start afresh while the others resume."""
+    import engine.train as engine_train
+    from engine.checkpoint import CheckpointError
+    from engine.distributed import DistInfo
+
+    info = DistInfo(0, 2, 0, torch.device("cpu"))
+    ck = {"state": {"step": 4}, "model": {"w": torch.arange(6.0)}}
+    mine = (4, engine_train._digest(ck["model"]))
+    monkeypatch.setattr(engine_train, "all_gather_object", lambda obj, i: [obj, mine])
+    engine_train.same_start(ck, info)  # the same checkpoint on both ranks
+    monkeypatch.setattr(engine_train, "all_gather_object", lambda obj, i: [obj, None])
+    with pytest.raises(CheckpointError, match=r"rank 0: step 4, rank 1: no checkpoint.*shared storage"):
+        engine_train.same_start(ck, info)
+    other = {"state": {"step": 4}, "model": {"w": torch.arange(6.0) + 1}}
+    monkeypatch.setattr(engine_train, "all_gather_object",
+                        lambda obj, i: [obj, (4, engine_train._digest(other["model"]))])
+    with pytest.raises(CheckpointError, match="different checkpoints"):
+        engine_train.same_start(ck, info)
