@@ -6,8 +6,8 @@ objective's `torch_terms` in fp32 with autocast off, and the terms and the input
 
 - terms: within 1e-3 relative + 1e-6 absolute, whatever the dtype (the kernels compute in fp32 from the inputs
   as loaded; a KL term is a difference of larger sums, hence 1e-3 and not fp32's 1e-6);
-- gradients: within r relative + r * max|reference| absolute, with r = 1e-4 for fp32 inputs and two units in the
-  last place of the gradient's dtype otherwise (2^-7 for bf16, 2^-10 for fp16): the kernels round each gradient
+- gradients: within r relative + r * max|reference| absolute, with r = 1e-4 for fp32 inputs and one unit in the
+  last place of the gradient's dtype at 1.0 otherwise (2^-7 for bf16, 2^-10 for fp16): the kernels round each gradient
   once to the input's dtype.
 
 A plan that passes keeps the fused call; its later calls cost one dict lookup. On a mismatch, `objective.backend=auto`
