@@ -26,7 +26,8 @@ from engine.config import dump_yaml
 
 PACKAGES = ("torch", "triton", "numpy", "nvidia-dali-cuda130", "timm", "scikit-learn", "pillow", "liger-kernel")
 RUN_MARKERS = ("last.pt", "best.pt", "metrics.jsonl", "summary.json")  # a directory holding one of these has a run
-RUN_FILES = (*RUN_MARKERS, "metrics.csv", "reliability.png", "exit_accuracy.png")  # removed by checkpoint.overwrite
+CSVS = {"csv": "metrics.csv", "eval_csv": "metrics_eval.csv"}  # counts key -> file: train and validation records
+RUN_FILES = (*RUN_MARKERS, *CSVS.values(), "reliability.png", "exit_accuracy.png")  # removed by checkpoint.overwrite
 
 
 class RunDirError(RuntimeError):
@@ -148,9 +149,9 @@ class RunDir:
     def __init__(self, path: str | Path, cfg, enabled: bool = True, extra_meta: dict | None = None,
                  records: dict | None = None, overwrite: bool = False):
         self.path, self.enabled = Path(path), enabled
-        self._csv_fields: list[str] | None = None
+        self._csv_fields: dict[str, list[str]] = {}
         self._tb = None
-        self.counts = {"jsonl": 0, "csv": 0}
+        self.counts = {"jsonl": 0, **{k: 0 for k in CSVS}}
         if not enabled:
             return
         with self._guard(self.path):
@@ -163,11 +164,14 @@ class RunDir:
                 for name in RUN_FILES:
                     with contextlib.suppress(FileNotFoundError):
                         (self.path / name).unlink()
-            jsonl, csv_path = self.path / "metrics.jsonl", self.path / "metrics.csv"
+            jsonl = self.path / "metrics.jsonl"
             if records is not None:
                 _keep_lines(jsonl, records.get("jsonl", 0))
-                _keep_lines(csv_path, records.get("csv", 0) + 1 if records.get("csv", 0) else 0)
-            self.counts = {"jsonl": len(_complete_lines(jsonl)), "csv": max(len(_complete_lines(csv_path)) - 1, 0)}
+                for key, name in CSVS.items():  # a header line, then one row per record
+                    n = records.get(key, 0)
+                    _keep_lines(self.path / name, n + 1 if n else 0)
+            self.counts = {"jsonl": len(_complete_lines(jsonl)),
+                           **{k: max(len(_complete_lines(self.path / n)) - 1, 0) for k, n in CSVS.items()}}
             atomic_write_text(dump_yaml(cfg), self.path / "config.yaml")
             atomic_write_text(json.dumps(provenance(extra_meta), indent=2), self.path / "meta.json")
         if cfg.logging.tensorboard:
@@ -195,25 +199,31 @@ class RunDir:
                 f.write(json.dumps(record) + "\n")
             self.counts["jsonl"] += 1
             if record.get("kind") == "train":
-                self._csv(record)
+                self._csv(record, "csv")
+            elif record.get("kind") == "eval" and record.get("select"):  # one column per exit and metric
+                self._csv({"time": record["time"], "epoch": record["epoch"], "step": record["step"],
+                           **{f"val_{k}_{m}": v for k, ms in record["select"].items() for m, v in ms.items()}},
+                          "eval_csv")
         if self._tb is not None:  # nested records (an eval's exits) become select/exit0/top1, ...
             for k, v in _flat_scalars(record):
                 if k not in ("step", "time", "epoch"):
                     self._tb.add_scalar(f"{record.get('kind', 'x')}/{k}", v, record.get("step", 0))
 
-    def _csv(self, record: dict) -> None:
-        path = self.path / "metrics.csv"
-        if self._csv_fields is None:
+    def _csv(self, record: dict, key: str) -> None:
+        path = self.path / CSVS[key]
+        if key not in self._csv_fields:
+            fields = None
             if path.exists():  # resumed run: keep the existing header
                 with open(path) as f:
-                    self._csv_fields = next(csv.reader(f), None)
-            if not self._csv_fields:
-                self._csv_fields = list(record)
+                    fields = next(csv.reader(f), None)
+            if not fields:
+                fields = list(record)
                 with open(path, "w", newline="") as f:
-                    csv.writer(f).writerow(self._csv_fields)
+                    csv.writer(f).writerow(fields)
+            self._csv_fields[key] = fields
         with open(path, "a", newline="") as f:
-            csv.DictWriter(f, self._csv_fields, extrasaction="ignore").writerow(record)
-        self.counts["csv"] += 1
+            csv.DictWriter(f, self._csv_fields[key], extrasaction="ignore").writerow(record)
+        self.counts[key] += 1
 
     def update_meta(self, extra: dict) -> None:
         """Add keys to meta.json (written whole again, atomically)."""

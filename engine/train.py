@@ -63,7 +63,7 @@ def _train(cfg: Config, on_step: Optional[Callable[[int], bool]], device: str | 
             if ck.get("window"):
                 window.load_state_dict(ck["window"], c.info.device)
         # Resuming cuts the metrics back to what the checkpoint had seen (all of them when there is none yet).
-        records = None if ck is None else (ck.get("records") if ck else {"jsonl": 0, "csv": 0})
+        records = None if ck is None else (ck.get("records") if ck else {"jsonl": 0, "csv": 0, "eval_csv": 0})
         run = RunDir(cfg.checkpoint.dir, cfg, enabled=c.info.is_main, records=records,
                      overwrite=cfg.checkpoint.overwrite and ck is None)
         loader, steps_per_epoch = c.data.train, len(c.data.train)

@@ -123,6 +123,7 @@ def test_sigkill_during_a_checkpoint_write_loses_nothing(reference, tmp_path):
     assert not _tmp_files(run)
     assert records(run) == records(reference)  # no record repeated or lost
     assert records(run, "metrics.csv") == records(reference, "metrics.csv")
+    assert records(run, "metrics_eval.csv") == records(reference, "metrics_eval.csv")
 
 
 class _FullDisk:

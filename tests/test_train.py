@@ -32,8 +32,12 @@ def test_run_directory_contents(trained):
     from pathlib import Path
 
     run = Path(run)
-    for name in ("config.yaml", "meta.json", "metrics.jsonl", "metrics.csv", "last.pt", "best.pt", "summary.json"):
+    for name in ("config.yaml", "meta.json", "metrics.jsonl", "metrics.csv", "metrics_eval.csv", "last.pt", "best.pt",
+                 "summary.json"):
         assert (run / name).is_file(), name
+    evals = [r for r in records(run) if r["kind"] == "eval"]
+    rows = records(run, "metrics_eval.csv")  # one row per validation, a column per exit and metric
+    assert len(rows) == len(evals) and float(rows[-1]["val_exit0_top1"]) == evals[-1]["select"]["exit0"]["top1"]
     meta = json.loads((run / "meta.json").read_text())
     assert "torch" in meta["versions"] and meta["commit"]
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
@@ -63,6 +67,7 @@ def test_resume_gives_identical_records_and_weights(tmp_path):
     assert [r["step"] for r in records(a) if r["kind"] == "train"] == [3, 4, 6, 8]
     assert records(b) == records(a)
     assert records(b, "metrics.csv") == records(a, "metrics.csv")
+    assert records(b, "metrics_eval.csv") == records(a, "metrics_eval.csv") and records(a, "metrics_eval.csv")
     wa, wb = (torch.load(r / "last.pt", weights_only=False)["model"] for r in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
