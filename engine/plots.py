@@ -7,7 +7,10 @@
   the ensembles at the cost of the whole model): the trade-off a user picks an exit from. The GFLOPs come from the
   run's `config.yaml` (`engine.models.exit_flops`) and are also written to `exit_gflops.json`.
 
-Both read the summary that `engine.train` returns (the `_reliability` bins come from `engine.metrics`).
+- `curves.png`: the training loss per logging window and every exit's validation top-1 per epoch, from
+  `metrics.jsonl`.
+
+The first two read the summary that `engine.train` returns (the `_reliability` bins come from `engine.metrics`).
 """
 from __future__ import annotations
 
@@ -145,6 +148,28 @@ def run_gflops(run_dir: str | Path) -> dict[str, float] | None:
         return None
 
 
+def curves(run_dir: Path, path: Path) -> Path | None:
+    """Training loss (per logged window) and validation top-1 of every predictor (per epoch) over the steps."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval" and r.get("select")]
+    if not train:
+        return None
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(*zip(*train))
+    a.set(xlabel="step", ylabel="training loss", title="Training loss per logging window")
+    for name in (evals[0]["select"] if evals else {}):
+        b.plot([r["step"] for r in evals], [r["select"][name]["top1"] for r in evals], "o-", ms=3, label=name)
+    b.set(xlabel="step", ylabel="validation top-1 (%)", title="Validation top-1 per epoch")
+    if evals:
+        b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_run_plots(run_dir: str | Path, summary: dict) -> list[str]:
     """Both PNGs for a finished run; returns the files written (none when there is no test split or matplotlib)."""
     key = "test_best" if "test_best" in summary else "test_last"
@@ -163,4 +188,6 @@ def write_run_plots(run_dir: str | Path, summary: dict) -> list[str]:
     if gflops is not None:
         (run_dir / "exit_gflops.json").write_text(json.dumps(gflops, indent=2))
         out.append(run_dir / "exit_gflops.json")
+    if (run_dir / "metrics.jsonl").is_file() and (c := curves(run_dir, run_dir / "curves.png")) is not None:
+        out.append(c)
     return [str(p) for p in out]

@@ -27,7 +27,8 @@ from engine.config import dump_yaml
 PACKAGES = ("torch", "triton", "numpy", "nvidia-dali-cuda130", "timm", "scikit-learn", "pillow", "liger-kernel")
 RUN_MARKERS = ("last.pt", "best.pt", "metrics.jsonl", "summary.json")  # a directory holding one of these has a run
 CSVS = {"csv": "metrics.csv", "eval_csv": "metrics_eval.csv"}  # counts key -> file: train and validation records
-RUN_FILES = (*RUN_MARKERS, *CSVS.values(), "reliability.png", "exit_accuracy.png")  # removed by checkpoint.overwrite
+# removed by checkpoint.overwrite
+RUN_FILES = (*RUN_MARKERS, *CSVS.values(), "reliability.png", "exit_accuracy.png", "curves.png")
 
 
 class RunDirError(RuntimeError):

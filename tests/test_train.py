@@ -33,7 +33,7 @@ def test_run_directory_contents(trained):
 
     run = Path(run)
     for name in ("config.yaml", "meta.json", "metrics.jsonl", "metrics.csv", "metrics_eval.csv", "last.pt", "best.pt",
-                 "summary.json"):
+                 "summary.json", "curves.png"):
         assert (run / name).is_file(), name
     evals = [r for r in records(run) if r["kind"] == "eval"]
     rows = records(run, "metrics_eval.csv")  # one row per validation, a column per exit and metric
