@@ -40,6 +40,8 @@ class ModelConfig:
     depths: Optional[list[int]] = _f(None, doc="blocks per stage, overrides the named depth (e.g. [1,1,1,1])")
     zero_init_residual: bool = False
     drop_rate: float = _f(0.0, ge=0, le=1)
+    pretrained_file: Optional[str] = _f(None, doc="timm models: start from this local weights file (timm's "
+                                        "pretrained_cfg_overlay); nothing is downloaded")
 
 
 # Exits are indexed 0..E-1, shallow to deep, everywhere (config, logs, reports): exit i of BYOT sits after backbone

@@ -74,7 +74,8 @@ def check_model_name(name: str) -> None:
 def create_backbone(model_cfg) -> nn.Module:
     kw = dict(num_classes=model_cfg.num_classes, in_chans=model_cfg.in_chans)
     if model_cfg.name.startswith("timm:"):
-        return create_timm_backbone(model_cfg.name[len("timm:"):], drop_rate=model_cfg.drop_rate, **kw)
+        return create_timm_backbone(model_cfg.name[len("timm:"):], drop_rate=model_cfg.drop_rate,
+                                    pretrained_file=model_cfg.pretrained_file, **kw)
     factory = MODELS.get(model_cfg.name)
     return factory(stem=model_cfg.stem, width=model_cfg.width, depths=model_cfg.depths,
                    zero_init_residual=model_cfg.zero_init_residual, drop_rate=model_cfg.drop_rate, **kw)

@@ -1,10 +1,15 @@
 """Optional: any timm model with `forward_intermediates` as a multi-exit backbone (`model.name: timm:<name>`).
 
-timm counts the stem as a feature level for some families (ResNet: 5 levels); exits address the last four
-levels as stages 0..3, so the same `exits.stages` config means the same thing for our ResNets and timm's.
+Stages 0..3 mean the same as for our ResNets: the depth's quarters. A hierarchical model (its feature levels
+downsample) has a stage per resolution; timm counts the stem as a level for some families (ResNet: 5 levels), so
+the last four are the stages. A plain model (ViT: one level per block, all at one resolution) has its stages at the
+blocks ending each quarter of its depth (blocks 2, 5, 8, 11 of 12), as the papers place their exits.
+The deepest exit's feature is the head's pre-logits output, whose width is `head_hidden_size` where a model has a
+hidden head layer after pooling (MobileNetV3/V4, GhostNet: 1024 or 1280 against `num_features` 576 or 960).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 from torch import Tensor, nn
@@ -20,13 +25,15 @@ class TimmBackbone(nn.Module):
         info = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
         if len(info) < 4:
             raise ValueError(f"{type(model).__name__} exposes {len(info)} feature levels; exits need at least 4")
-        self.offset = len(info) - 4
-        self.feature_info = [dict(d) for d in info[self.offset:]]
-        self.num_features = model.num_features
+        n = len(info)
+        plain = n > 5 and len({d.get("reduction") for d in info}) == 1
+        self.levels = [round(n * (k + 1) / 4) - 1 for k in range(4)] if plain else list(range(n - 4, n))
+        self.feature_info = [dict(info[i]) for i in self.levels]
+        self.num_features = getattr(model, "head_hidden_size", None) or model.num_features
         self.num_classes = model.num_classes
 
     def forward_intermediates(self, x: Tensor, indices: Sequence[int] | None = None):
-        idx = [self.offset + (i % 4) for i in (range(4) if indices is None else indices)]
+        idx = [self.levels[i % 4] for i in (range(4) if indices is None else indices)]
         if not idx:  # no exits: plain forward_features
             return self.model.forward_features(x), []
         return self.model.forward_intermediates(x, indices=idx)
@@ -41,9 +48,16 @@ class TimmBackbone(nn.Module):
         return self.model(x)
 
 
-def create_timm_backbone(name: str, **kw) -> TimmBackbone:
+def create_timm_backbone(name: str, pretrained_file: str | None = None, **kw) -> TimmBackbone:
     try:
         import timm  # optional dependency: timm
     except ImportError:
         raise ImportError(f"model.name 'timm:{name}' needs timm: pip install 'selfdistill[timm]'") from None
-    return TimmBackbone(timm.create_model(name, pretrained=False, **kw))
+    if pretrained_file is None:
+        return TimmBackbone(timm.create_model(name, pretrained=False, **kw))
+    if not Path(pretrained_file).is_file():
+        from engine.config import ConfigError  # models sit below the config; only this error needs it
+
+        raise ConfigError(f"model.pretrained_file: {pretrained_file} does not exist")
+    return TimmBackbone(timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": pretrained_file},
+                                          **kw))
