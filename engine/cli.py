@@ -51,17 +51,16 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     if args.generations is not None:
         overrides.append(f"generations={args.generations}")
-    if args.help_config:
+    if args.help_config is not None:
         from engine.config import describe
 
-        print("\n".join(describe()))
+        keys = [k for k in describe() if k.startswith(args.help_config)]
+        if not keys:
+            raise ConfigError(f"--help-config {args.help_config}: no config key starts with it")
+        print("\n".join(keys))
         return 0
     if args.list_models:
-        from engine.models.registry import MODELS  # start-up time (torch)
-
-        print("\n".join(MODELS.names()) + "\ntimm:<name>  any timm model with forward_intermediates "
-              "(pip install 'selfdistill[timm]')")
-        return 0
+        return _models(argparse.Namespace(pattern="*"))
     refuse_repeated_keys(overrides)
     cfg = load_config(args.config, overrides)
     from engine.models.registry import check_model_name
@@ -105,6 +104,22 @@ def _print_summary(summary: dict) -> None:
         print(f"\ndata.skip_corrupt: skipped {len(skipped)} unreadable image file(s), listed in summary.json")
     if "run_dir" in summary:
         print(f"\nrun directory: {summary['run_dir']}")
+
+
+def _models(args: argparse.Namespace) -> int:
+    """The registered backbones matching a shell pattern, then timm's where timm is installed."""
+    import fnmatch
+
+    from engine.models.registry import MODELS  # start-up time (torch)
+
+    names = [n for n in MODELS.names() if fnmatch.fnmatch(n, args.pattern)]
+    try:
+        import timm  # optional dependency: timm
+        names += [f"timm:{n}" for n in timm.list_models(args.pattern)]
+    except ImportError:
+        names.append("timm:<name>  (any timm model with forward_intermediates: pip install 'selfdistill[timm]')")
+    print("\n".join(names))
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -183,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--generations", type=int, help="multi-generation self-distillation: number of generations")
     t.add_argument("--device", choices=["cpu", "cuda"], help="force a device (default: cuda if available)")
     t.add_argument("--list-models", action="store_true", help="list the registered model names and exit")
-    t.add_argument("--help-config", action="store_true", help="list every config key: default, range, meaning")
+    t.add_argument("--help-config", nargs="?", const="", metavar="PREFIX",
+                   help="list the config keys (those under PREFIX, e.g. optim): default, range, meaning")
+    m = sub.add_parser("models", help="list the backbones model.name accepts")
+    m.add_argument("pattern", nargs="?", default="*", help="a shell pattern, e.g. 'resnet*'")
     e = sub.add_parser("eval", help="per-exit and ensemble metrics of a checkpoint")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", default="test", choices=["test", "val"])
@@ -242,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command not in ("train", "eval") or any(x.startswith("-") or "=" not in x for x in extra):
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
             args.overrides = list(args.overrides) + extra
-        return _train(args) if args.command == "train" else _eval(args)
+        return {"train": _train, "eval": _eval, "models": _models}[args.command](args)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - sorted into expected errors and bugs
         kind = _classify(e)
         if kind is None:

@@ -151,6 +151,7 @@ class RunDir:
                  records: dict | None = None, overwrite: bool = False):
         self.path, self.enabled = Path(path), enabled
         self._csv_fields: dict[str, list[str]] = {}
+        self.last_train: dict = {}
         self._tb = None
         self.counts = {"jsonl": 0, **{k: 0 for k in CSVS}}
         if not enabled:
@@ -195,6 +196,8 @@ class RunDir:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
+        if record.get("kind") == "train":
+            self.last_train = record  # the epoch's console line quotes its loss and rate
         with self._guard(self.path / "metrics.jsonl"):
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

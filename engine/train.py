@@ -75,6 +75,7 @@ def _train(cfg: Config, on_step: Optional[Callable[[int], bool]], device: str | 
         params, asked, stopped = list(c.model.parameters()), False, False
         buffers = tuple(b for b in c.model.buffers() if b.is_floating_point())
         c.train_model.train()
+        pace = (time.perf_counter(), st.step, steps_per_epoch * cfg.schedule.epochs)  # for the epoch line's ETA
         with StopFlag() as stop:
             while st.epoch < cfg.schedule.epochs and not stopped:
                 loader.set_epoch(st.epoch, st.batch)
@@ -102,7 +103,7 @@ def _train(cfg: Config, on_step: Optional[Callable[[int], bool]], device: str | 
                     _log_window(cfg, c, run, bar, st, window, params, asked, buffers)
                 if not stopped:
                     st.batch, st.epoch = 0, st.epoch + 1
-                    _end_of_epoch(cfg, c, run, st, window)
+                    _end_of_epoch(cfg, c, run, st, window, pace)
         bar.close()
         summary = ({"interrupted": True, "epoch": st.epoch, "batch": st.batch, "step": st.step} if stopped
                    else final_summary(cfg, c, run, st.step, st.best_epoch, st.best_metric))
@@ -150,7 +151,8 @@ def _digest(state: dict) -> str:
     return h.hexdigest()
 
 
-def _end_of_epoch(cfg: Config, c: Components, run: RunDir, st: TrainState, window: Window) -> None:
+def _end_of_epoch(cfg: Config, c: Components, run: RunDir, st: TrainState, window: Window,
+                  pace: tuple = ()) -> None:
     selector = c.data.val if c.data.val is not None else (c.data.test if cfg.data.select_on_test else None)
     rec: dict = {"kind": "eval", "epoch": st.epoch, "step": st.step}
     broadcast_buffers(c.model, c.info)  # evaluate with what last.pt holds, on every rank
@@ -168,16 +170,29 @@ def _end_of_epoch(cfg: Config, c: Components, run: RunDir, st: TrainState, windo
     if st.epoch % cfg.checkpoint.every_epochs == 0 or st.epoch == cfg.schedule.epochs:
         _save(cfg, c, run, st, window, "last.pt")
     if c.info.is_main:
-        tqdm.write(epoch_line(st, cfg.schedule.epochs, rec.get("select")))
+        tqdm.write(epoch_line(st, cfg.schedule.epochs, rec.get("select"), run.last_train, pace))
 
 
-def epoch_line(st: TrainState, epochs: int, select: dict | None) -> str:
-    """One line per epoch, for a terminal or a batch job's log: validation top-1 of every exit, and the best."""
+def epoch_line(st: TrainState, epochs: int, select: dict | None, train: dict | None = None,
+               pace: tuple = ()) -> str:
+    """One line per epoch, for a terminal or a batch job's log: the last window's loss and rate, every exit's
+    validation top-1, the best so far, the time this process has run and the time left at its pace."""
     parts = [f"epoch {st.epoch}/{epochs}", f"step {st.step}"]
+    if train:
+        parts.append(f"loss {train['loss']:.4f}  {train['img_per_s']:.0f} img/s")
     if select:
         parts.append("val top-1 " + " ".join(f"{k} {v['top1']:.2f}" for k, v in select.items()))
         parts.append(f"best {st.best_metric:.2f} (epoch {st.best_epoch})")
+    if pace and st.step > pace[1]:
+        elapsed = time.perf_counter() - pace[0]
+        left = elapsed / (st.step - pace[1]) * max(pace[2] - st.step, 0)
+        parts.append(f"{_hms(elapsed)} elapsed, {_hms(left)} left")
     return "  ".join(parts)
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
 def _save(cfg: Config, c: Components, run: RunDir, st: TrainState, window: Window, name: str) -> None:

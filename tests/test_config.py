@@ -135,6 +135,12 @@ def test_cli_can_be_discovered(capsys):
             yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
     from engine.config import to_dict
     assert {k.split(" = ")[0] for k in keys} == set(leaves(to_dict(load_config(None, []))))  # every key, once
+    assert main(["models", "resnet*"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert {"resnet18", "resnet34", "resnet50", "resnet101"} <= set(listed) and "preact_resnet18" not in listed
+    assert main(["train", "--help-config", "optim"]) == 0
+    optim_keys = capsys.readouterr().out.splitlines()
+    assert optim_keys and all(k.startswith("optim.") for k in optim_keys)
     assert main(["train", "model.name=resnet19", "--print-config"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.name: 'resnet19' is not a registered model" in err[0] and "resnet18" in err[0]

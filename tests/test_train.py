@@ -189,6 +189,8 @@ def test_each_epoch_prints_one_line_and_tensorboard_is_one_line_when_missing(tmp
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch ")]
     assert [ln.split("  ")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
     assert all("val top-1 exit0 " in ln and "exit3 " in ln and "best " in ln for ln in lines), lines
+    assert all(" img/s" in ln and "loss " in ln and " elapsed, " in ln and " left" in ln for ln in lines), lines
+    assert lines[-1].endswith("0:00:00 left")
     try:
         import tensorboard  # noqa: F401
         has_tb = True
