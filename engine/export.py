@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -74,7 +75,13 @@ def export_artifact(module: nn.Module, example: Tensor, fmt: str, max_batch: int
 
 
 def save_artifact(artifact: Any, fmt: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # torch's writers report an unwritable folder as an internal assertion ("inline_container.cc"): check first
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"--out {path}: cannot create {path.parent}: {e.strerror or e}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--out {path}: {path.parent} is not writable (permission denied)")
     tmp = path.with_name(f".{path.name}.tmp")
     if fmt == "export":
         torch.export.save(artifact, str(tmp))

@@ -89,3 +89,30 @@ def test_export_rejects_an_exit_out_of_range(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         export_cmd.main(["--checkpoint", str(ck), "--exit", "2", "--out", str(tmp_path / "x.pt2")])
     assert e.value.code == 2 and "the model has 2 exits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["export", "torchscript"])
+def test_an_unwritable_out_folder_is_one_line(checkpoint, tmp_path, fmt):
+    """Read-only (as a non-root user sees it) and blocked by a file: exit 2, one line naming --out."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_faults import _no_root_override
+
+    ck, _, _ = checkpoint
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    (tmp_path / "afile").write_text("")
+    root = Path(__file__).resolve().parents[1]
+    try:
+        for out in (locked / "m.pt2", tmp_path / "afile" / "m.pt2"):
+            r = subprocess.run([sys.executable, "-m", "engine.cli", "export", "--checkpoint", str(ck), "--exit", "0",
+                                "--format", fmt, "--out", str(out)], cwd=root, capture_output=True, text=True,
+                               timeout=300, preexec_fn=_no_root_override if os.geteuid() == 0 else None)
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            assert r.returncode == 2 and len(lines) == 1 and f"--out {out}" in lines[0], r.stderr
+    finally:
+        locked.chmod(0o755)
