@@ -59,8 +59,9 @@ def _comparison_rows(sec: dict) -> list[str]:
             "here | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for c in sec["comparisons"]:
         iv = c["interval"]
-        if iv["n"] < 2:
-            rows.append(f"| {c['claim']} | {c['held']} | {iv['n']} | — | — | — | — | — | {c['verdict']} |")
+        if iv["n"] < 2:  # one seed: its difference, no interval
+            diff = f"{c['diffs'][0]:+.2f} (one seed)" if c["diffs"] else "—"
+            rows.append(f"| {c['claim']} | {c['held']} | {iv['n']} | {diff} | — | — | — | — | {c['verdict']} |")
             continue
         eff = "—" if c["paper_effect_here"] is None else f"{c['paper_effect_here']:+.2f}"
         rows.append(f"| {c['claim']} (`{c['a']}` {c['pa']} − `{c['b']}` {c['pb']}, {METRIC_NAMES[c['metric']]}"
