@@ -119,19 +119,22 @@ def plot(doc: dict, path: Path) -> None:
     secs = [(k, doc[k]) for k in ("main", "stress") if k in doc]
     fig, axes = plt.subplots(1, max(1, len(secs)), figsize=(7 * max(1, len(secs)), 4.5), squeeze=False)
     for ax, (key, sec) in zip(axes[0], secs):
-        comps = [c for c in sec["comparisons"] if c["interval"]["n"] >= 2]
+        comps = [c for c in sec["comparisons"] if c["interval"]["n"] >= 1]
         for i, c in enumerate(comps):
             iv = c["interval"]
             color = {"supported": "tab:green", "contradicted": "tab:red"}.get(c["verdict"], "tab:gray")
-            ax.errorbar(iv["mean"], i, xerr=[[iv["mean"] - iv["lo"]], [iv["hi"] - iv["mean"]]], fmt="o",
-                        color=color, capsize=3)
+            if iv["n"] >= 2:
+                ax.errorbar(iv["mean"], i, xerr=[[iv["mean"] - iv["lo"]], [iv["hi"] - iv["mean"]]], fmt="o",
+                            color=color, capsize=3)
+            else:  # one seed: its difference, hollow, no interval
+                ax.plot(iv["mean"], i, "o", mfc="none", color=color)
             if c["paper_effect_here"] is not None:
                 ax.plot(c["paper_effect_here"], i, marker="x", color="black")
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(range(len(comps)), [c["name"] for c in comps], fontsize=8)
         ax.set_xlabel("paired difference, oriented so the paper predicts > 0 (points)")
         ax.set_title(f"{'main study' if key == 'main' else 'label-noise stress test'}: {LEVEL:.0%} t-intervals "
-                     "(x = paper's effect)", fontsize=9)
+                     "(hollow: one seed, no interval; x = paper's effect)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
