@@ -90,11 +90,28 @@ def load_runs(runs: Path) -> dict[str, dict[str, dict]]:
     return out
 
 
-def section(runs: Path, methods: dict[str, str], images: int, epochs: int, noise: float) -> dict:
-    """One section of the json (the main study or the stress test): scope, per-seed results, comparisons."""
-    per_seed = load_runs(runs)
+def committed(path: Path, key: str) -> dict[str, dict[str, dict]]:
+    """method -> seed -> result already in the committed json's `key` section: the runs folder is not committed,
+    so a later session finds the earlier seeds here."""
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text()).get(key, {}).get("per_seed", {})
+
+
+def section(runs: Path, methods: dict[str, str], images: int, epochs: int, noise: float,
+            earlier: dict | None = None, earlier_commit: str | None = None) -> dict:
+    """One section of the json (the main study or the stress test): scope, per-seed results, comparisons. The
+    `earlier` results (from the committed json) are kept; the runs in `runs` add the seeds they lack."""
+    per_seed = {m: dict(v) for m, v in (earlier or {}).items()}
+    for m, v in load_runs(runs).items():  # a committed result stays (a teacher trained again does not replace it)
+        for seed, r in v.items():
+            per_seed.setdefault(m, {}).setdefault(seed, r)
     noise_text = f" with {noise:.0%} symmetric label noise" if noise else ""
     code = (runs / "code_commit.txt").read_text().strip() if (runs / "code_commit.txt").is_file() else "unknown"
+    if earlier_commit and code not in earlier_commit:
+        code = f"{earlier_commit}, then {code}"
+    elif earlier_commit:
+        code = earlier_commit
     cpu_h = sum(r["cpu_s"] for m in per_seed.values() for r in m.values()) / 3600
     return {"scope": SCOPE.format(images=images, noise=noise_text, epochs=epochs), "runs_commit": code,
             "train_images": images, "epochs": epochs, "label_noise": noise, "methods": methods,

@@ -16,7 +16,9 @@ and report section: where smoothing and self-distillation are known to help, it 
 
 Each (method, seed) is an ordinary training run under `runs/methods_v2/` trained in a child process; when it ends,
 its best-validation checkpoint is evaluated on the test set into `study.json` (every exit and both ensembles).
-Re-running skips finished runs, resumes interrupted ones, and rewrites `bench/results/methods_fashion_mnist_v2.*`;
+Re-running skips finished runs (those with a study.json under `runs/`, and those whose results the committed json
+already holds, since `runs/` is not committed), resumes interrupted ones, and rewrites
+`bench/results/methods_fashion_mnist_v2.*`;
 `--collect` refreshes the json from the finished runs without training, `--report-only` the md and png from the json.
 """
 from __future__ import annotations
@@ -33,8 +35,8 @@ from pathlib import Path
 import torch
 
 from bench.methods_pilot import DATA, NET, OPTIM
-from bench.methods_report_v2 import section
-from bench.methods_report_v2_md import write_report
+from bench.methods_report_v2 import committed, section
+from bench.methods_report_v2_md import STEM, write_report
 from bench.methods_study import evaluate_best
 from engine.config import Config, load_config
 from engine.report import commit
@@ -140,11 +142,19 @@ def _launch(job: tuple[str, int], args: argparse.Namespace) -> bool:
     return rc == 0
 
 
-def run_all(args: argparse.Namespace) -> None:
+def run_all(args: argparse.Namespace, earlier: dict) -> None:
     """Every pending run, `args.jobs` at a time, seed by seed (an interrupted study has whole seeds), a teacher
-    before its student."""
-    done = {(m, s) for m in METHODS for s in args.seeds if (run_dir(args.runs, m, s) / "study.json").is_file()}
+    before its student. A run is done when its study.json is in the runs folder or its result is in the committed
+    json (`earlier`); a student whose teacher's checkpoint is gone (a new checkout) has its teacher trained again
+    first, into the runs folder, without replacing the teacher's committed result."""
+    done = {(m, s) for m in METHODS for s in args.seeds
+            if (run_dir(args.runs, m, s) / "study.json").is_file() or str(s) in earlier.get(m, {})}
     todo = [(m, s) for s in args.seeds for m in args.methods if (m, s) not in done]
+    for m, s in list(todo):
+        teacher = METHODS[m][2]
+        if teacher and not (run_dir(args.runs, teacher, s) / "best.pt").is_file() and (teacher, s) in done:
+            done.discard((teacher, s))
+            todo.insert(todo.index((m, s)), (teacher, s))
     stamp = args.runs / "code_commit.txt"
     if todo and not stamp.is_file():
         args.runs.mkdir(parents=True, exist_ok=True)
@@ -178,12 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         run_one(args.one[0], int(args.one[1]), args.runs, args.stress)
         return 0
+    key = "stress" if args.stress else "main"
+    json_path = args.out / f"{STEM}.json"
+    earlier = committed(json_path, key)
     if not (args.report_only or args.collect):
-        run_all(args)
+        run_all(args, earlier)
     images, epochs = (STRESS["limit_train"], STRESS["epochs"]) if args.stress else (TRAIN_IMAGES, EPOCHS)
+    earlier_commit = json.loads(json_path.read_text()).get(key, {}).get("runs_commit") if earlier else None
     sec = None if args.report_only else section(args.runs, {m: w for m, (w, _, _) in METHODS.items()}, images,
-                                                 epochs, STRESS["label_noise"] if args.stress else 0.0)
-    print(write_report(args.out, "stress" if args.stress else "main", sec))
+                                                 epochs, STRESS["label_noise"] if args.stress else 0.0, earlier,
+                                                 earlier_commit)
+    print(write_report(args.out, key, sec))
     return 0
 
 

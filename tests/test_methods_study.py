@@ -1,6 +1,7 @@
 """The methods study: its configs, the teacher chain, the paired-difference rule and the report, end to end."""
 import json
 import math
+import types
 
 import pytest
 
@@ -277,3 +278,28 @@ def test_v2_runs_a_teacher_and_a_fresh_student_then_reports_from_the_json(tmp_pa
     md = write_report(out, "main", sec)
     (out / f"{STEM}.md").unlink()
     assert v2.main(["--report-only", "--out", str(out)]) == 0 and (out / f"{STEM}.md").read_text() == md
+
+
+def test_v2_resumes_from_the_committed_json_in_a_new_checkout(tmp_path, monkeypatch):
+    """The runs folder is not committed: a later session counts the json's seeds as done, trains a student's
+    teacher again when its checkpoint is gone, and keeps the committed results in the report."""
+    from bench import methods_study_v2 as v2
+    from bench.methods_report_v2 import section
+
+    launched = []
+    monkeypatch.setattr(v2, "_launch", lambda job, args: launched.append(job) or True)
+    earlier = {"ce": {"0": _v2_run({"exit0": 88.0})}, "ls": {"0": _v2_run({"exit0": 87.0})}}
+    args = types.SimpleNamespace(seeds=[0, 1], methods=["ce", "ls", "sd_gen1"], runs=tmp_path / "runs", jobs=1,
+                                 threads=1)
+    v2.run_all(args, earlier)
+    # seed 0: ce again (the student's teacher, its best.pt is gone), then sd_gen1; ls is done. seed 1: all three.
+    assert launched == [("ce", 0), ("sd_gen1", 0), ("ce", 1), ("ls", 1), ("sd_gen1", 1)]
+    launched.clear()
+    (tmp_path / "runs" / "ce" / "seed0").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "runs" / "ce" / "seed0" / "best.pt").write_bytes(b"")
+    v2.run_all(types.SimpleNamespace(**{**vars(args), "seeds": [0]}), earlier)
+    assert launched == [("sd_gen1", 0)]  # the teacher's checkpoint is there: only the student
+    retrained = {"method": "ce", "seed": 0, **_v2_run({"exit0": 50.0})}
+    (tmp_path / "runs" / "ce" / "seed0" / "study.json").write_text(json.dumps(retrained))
+    sec = section(tmp_path / "runs", {"ce": "CE"}, 100, 1, 0.0, earlier, "abc")
+    assert sec["per_seed"]["ce"]["0"]["test_best"]["exit0"]["top1"] == 88.0  # the committed result stays
