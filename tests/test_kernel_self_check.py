@@ -155,3 +155,28 @@ def test_ddp_ranks_agree_on_the_backend(tmp_path):
     assert [r[0]["backend"] for r in reports] == ["torch", "torch"]
     assert [r[0]["ok"] for r in reports] == [False, False]
     assert reports[0][0]["error"] <= reports[0][0]["tolerance"]  # rank 0's own kernel was right: it followed rank 1
+
+
+def test_each_cuda_stream_gets_its_own_scratch_and_ticket(monkeypatch):
+    """Plan.scratch keys the reduction's buffers by the current stream: the first stream keeps the plan's own, every
+    other gets a fresh pair (ticket at 0), and a stream seen again gets the same pair back."""
+    import dataclasses
+
+    import kernels.multi_exit_loss as mel
+
+    opts = mel.LossOptions(teacher="none")
+    base = mel.plan_for(opts, [torch.zeros(3, 5)], torch.zeros(3, dtype=torch.long), [], None, None)
+    assert base.scratch() == (base.part, base.ticket)  # CPU: one pair, the interpreter runs launches in turn
+    fake = dataclasses.replace(base, device=torch.device("cuda", 0), per_stream={})
+    current = {"stream": 11}
+    monkeypatch.setattr(mel, "current_stream_handle", lambda index: current["stream"])
+    first = fake.scratch()
+    assert first[0] is base.part and first[1] is base.ticket
+    current["stream"] = 22
+    second = fake.scratch()
+    assert second[0] is not base.part and second[1] is not base.ticket and int(second[1]) == 0
+    assert second[0].shape == base.part.shape
+    current["stream"] = 11
+    assert fake.scratch()[0] is first[0]
+    current["stream"] = 22
+    assert fake.scratch()[1] is second[1]
