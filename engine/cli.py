@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 from engine.config import ConfigError, dump_yaml, load_config, refuse_repeated_keys
 
@@ -154,7 +155,7 @@ SUBTOOLS = {
 def _first_line(module: str) -> str:
     """The first line of a subtool's module docstring, read without importing it (torch stays unloaded)."""
     spec = importlib.util.find_spec(module)
-    text = open(spec.origin).read() if spec and spec.origin else ""
+    text = Path(spec.origin).read_text() if spec and spec.origin else ""
     doc = text.split('"""')[1] if text.count('"""') >= 2 else ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
