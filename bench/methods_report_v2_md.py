@@ -34,7 +34,7 @@ def _ms(values: list[float], fmt: str = "{:.2f}") -> str:
     if not values:
         return "—"
     sd = statistics.stdev(values) if len(values) > 1 else math.nan
-    return fmt.format(statistics.fmean(values)) + ("" if math.isnan(sd) else " ± " + fmt.format(sd))
+    return fmt.format(statistics.fmean(values)) + ("" if math.isnan(sd) else " ± " + fmt.format(sd).lstrip("+"))
 
 
 def _method_rows(sec: dict) -> list[str]:
