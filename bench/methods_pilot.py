@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bench.study_runner import launch
 from engine.checkpoint import load_checkpoint, model_from_checkpoint
 from engine.config import Config, load_config
 from engine.evaluate import collect_outputs
@@ -104,12 +105,9 @@ def run_one(name: str, runs: Path) -> None:
 
 
 def _launch(name: str, args: argparse.Namespace) -> int:
-    (args.runs / name).mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "bench.methods_pilot", "--one", name, "--runs", str(args.runs),
            "--threads", str(args.threads)]
-    with open(args.runs / name / "pilot.log", "a") as log:
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return launch(cmd, args.runs / name / "pilot.log", args.threads, name)
 
 
 def measure_jobs(name: str, runs: Path, epochs: int = 3) -> dict:
@@ -189,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.report_only:
         todo = [n for n in args.pilots if not (args.runs / n / "pilot.json").is_file()]
         with ThreadPoolExecutor(args.jobs) as pool:
-            for n, rc in zip(todo, pool.map(_launch, todo, [args] * len(todo))):
-                print(f"{n}: exit {rc}", flush=True)
+            list(pool.map(_launch, todo, [args] * len(todo)))
     print(write_report(args.runs, args.out))
     return 0
 

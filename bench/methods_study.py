@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from bench.methods_report_md import write_study_report
+from bench.study_runner import generation as study_generation
+from bench.study_runner import launch, run_waves
 from engine.checkpoint import load_checkpoint, model_from_checkpoint
 from engine.config import Config, load_config
 from engine.evaluate import collect_outputs
 from engine.metrics import exit_metrics
-from engine.report import commit
 from engine.setup_run import data_from_config
 from engine.train import train
 
@@ -131,42 +129,25 @@ def run_one(method: str, seed: int, runs: Path, schedule: dict) -> None:
 
 def _launch(job: tuple[str, int], args: argparse.Namespace) -> bool:
     method, seed = job
-    d = run_dir(args.runs, method, seed)
-    d.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "bench.methods_study", "--one", method, str(seed), "--runs", str(args.runs),
            "--threads", str(args.threads), *(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SCHEDULE)]
-    t0 = time.strftime("%H:%M:%S")
-    with open(d / "study.log", "a") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    print(f"[{t0} -> {time.strftime('%H:%M:%S')}] {method} seed {seed}: exit {rc}", flush=True)
-    return rc == 0
+    return launch(cmd, run_dir(args.runs, method, seed) / "study.log", args.threads, f"{method} seed {seed}") == 0
 
 
 def generation(method: str) -> int:
     """How many teachers stand before the method (ce -> sd_gen1 -> sd_gen2)."""
-    teacher = METHODS[method][2]
-    return 0 if teacher is None else 1 + generation(teacher)
+    return study_generation(method, _teacher)
+
+
+def _teacher(method: str) -> str | None:
+    return METHODS[method][2]
 
 
 def run_all(args: argparse.Namespace) -> None:
-    """Every pending run, `args.jobs` at a time: seed by seed (an interrupted study has whole seeds rather than
-    whole methods), and within a seed one generation after another, so that a teacher is done before its student."""
+    """Every pending run, `args.jobs` at a time, a teacher before its student (bench.study_runner.run_waves)."""
     done = {(m, s) for m in METHODS for s in args.seeds if (run_dir(args.runs, m, s) / "study.json").is_file()}
     todo = [(m, s) for s in args.seeds for m in args.methods if (m, s) not in done]
-    stamp = args.runs / "code_commit.txt"  # the report names the commit the runs were trained at
-    if todo and not stamp.is_file():
-        args.runs.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(commit() + "\n")
-    print(f"{len(todo)} run(s) to do, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for seed in args.seeds:
-            for g in range(1 + max(map(generation, METHODS))):
-                wave = [(m, s) for m, s in todo if s == seed and generation(m) == g
-                        and (METHODS[m][2] is None or (METHODS[m][2], s) in done)]
-                done |= {job for job, ok in zip(wave, pool.map(_launch, wave, [args] * len(wave))) if ok}
-    if missing := [job for job in todo if job not in done]:
-        print(f"not finished: {missing}", flush=True)
+    run_waves(todo, done, args.seeds, _teacher, lambda job: _launch(job, args), args.jobs, args.threads, args.runs)
 
 
 def main(argv: list[str] | None = None) -> int:

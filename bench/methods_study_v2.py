@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,8 +35,8 @@ from bench.methods_pilot import DATA, NET, OPTIM
 from bench.methods_report_v2 import committed, section
 from bench.methods_report_v2_md import STEM, write_report
 from bench.methods_study import evaluate_best
+from bench.study_runner import launch, run_waves
 from engine.config import Config, load_config
-from engine.report import commit
 from engine.train import train
 
 RUNS = Path("runs/methods_v2")
@@ -130,23 +127,16 @@ def run_one(method: str, seed: int, runs: Path, stress: bool) -> None:
 
 def _launch(job: tuple[str, int], args: argparse.Namespace) -> bool:
     method, seed = job
-    d = run_dir(args.runs, method, seed)
-    d.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "bench.methods_study_v2", "--one", method, str(seed), "--runs", str(args.runs),
            "--threads", str(args.threads), *(["--stress"] if args.stress else [])]
-    t0 = time.strftime("%H:%M:%S")
-    with open(d / "study.log", "a") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    print(f"[{t0} -> {time.strftime('%H:%M:%S')}] {method} seed {seed}: exit {rc}", flush=True)
-    return rc == 0
+    return launch(cmd, run_dir(args.runs, method, seed) / "study.log", args.threads, f"{method} seed {seed}") == 0
 
 
 def run_all(args: argparse.Namespace, earlier: dict) -> None:
-    """Every pending run, `args.jobs` at a time, seed by seed (an interrupted study has whole seeds), a teacher
-    before its student. A run is done when its study.json is in the runs folder or its result is in the committed
-    json (`earlier`); a student whose teacher's checkpoint is gone (a new checkout) has its teacher trained again
-    first, into the runs folder, without replacing the teacher's committed result."""
+    """Every pending run, `args.jobs` at a time, seed by seed, a teacher before its student
+    (bench.study_runner.run_waves). A run is done when its study.json is in the runs folder or its result is in the
+    committed json (`earlier`); a student whose teacher's checkpoint is gone (a new checkout) has its teacher
+    trained again first, into the runs folder, without replacing the teacher's committed result."""
     done = {(m, s) for m in METHODS for s in args.seeds
             if (run_dir(args.runs, m, s) / "study.json").is_file() or str(s) in earlier.get(m, {})}
     todo = [(m, s) for s in args.seeds for m in args.methods if (m, s) not in done]
@@ -155,19 +145,8 @@ def run_all(args: argparse.Namespace, earlier: dict) -> None:
         if teacher and not (run_dir(args.runs, teacher, s) / "best.pt").is_file() and (teacher, s) in done:
             done.discard((teacher, s))
             todo.insert(todo.index((m, s)), (teacher, s))
-    stamp = args.runs / "code_commit.txt"
-    if todo and not stamp.is_file():
-        args.runs.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(commit() + "\n")
-    print(f"{len(todo)} run(s) to do, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for seed in args.seeds:
-            for wave_teachers in (True, False):
-                wave = [(m, s) for m, s in todo if s == seed and (METHODS[m][2] is None) == wave_teachers
-                        and (METHODS[m][2] is None or (METHODS[m][2], s) in done)]
-                done |= {job for job, ok in zip(wave, pool.map(_launch, wave, [args] * len(wave))) if ok}
-    if missing := [job for job in todo if job not in done]:
-        print(f"not finished: {missing}", flush=True)
+    run_waves(todo, done, args.seeds, lambda m: METHODS[m][2], lambda job: _launch(job, args), args.jobs,
+              args.threads, args.runs)
 
 
 def main(argv: list[str] | None = None) -> int:
