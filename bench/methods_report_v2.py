@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 from bench.study_stats import Interval, holm, t_interval, verdict
+from engine.evaluate import deepest_key
 
 STEM = "methods_fashion_mnist_v2"
 EXIT_KEYS = ("exit0", "exit1", "exit2", "exit3")
@@ -58,7 +59,7 @@ def value(run: dict, predictor: str, metric: str) -> float:
     if predictor == "exits_mean":
         return statistics.fmean(res[k][metric] for k in EXIT_KEYS)
     if predictor == "deepest":
-        predictor = max((k for k in res if k.startswith("exit")), key=lambda k: int(k[4:]))
+        predictor = deepest_key(res)
     return res[predictor][metric]
 
 
