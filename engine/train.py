@@ -87,16 +87,13 @@ def _train(cfg: Config, on_step: Optional[Callable[[int], bool]], device: str | 
                     boundary = st.step % cfg.logging.log_every == 0 or st.batch == steps_per_epoch
                     agreed = boundary and _log_window(cfg, c, run, bar, st, window, params, asked, buffers)
                     if agreed or (asked and not c.info.enabled):
-                        if window.n:  # a single process stopping inside a window: check it, keep it in last.pt
-                            raise_if_diverged(window.read(params, c.info, asked, buffers), st, cfg.checkpoint.dir)
-                        _save(cfg, c, run, st, window, "last.pt")
+                        # a single process stopping inside a window: check it, keep it in last.pt
+                        _save_inside_window(cfg, c, run, st, window, params, asked, buffers)
                         stopped = True
                         break
                     if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0 \
                             and st.batch != steps_per_epoch:  # mid-epoch; the epoch's end saves anyway
-                        if window.n:  # every rank reaches this step: the read's all-reduce is collective
-                            raise_if_diverged(window.read(params, c.info, False, buffers), st, cfg.checkpoint.dir)
-                        _save(cfg, c, run, st, window, "last.pt")
+                        _save_inside_window(cfg, c, run, st, window, params, False, buffers)
                 if not stopped and window.n and st.batch != steps_per_epoch:
                     # the loader yielded fewer batches than planned (data.skip_corrupt dropped whole batches): the
                     # epoch's last window is checked and logged here, before the epoch's checkpoint
@@ -193,6 +190,15 @@ def epoch_line(st: TrainState, epochs: int, select: dict | None, train: dict | N
 def _hms(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def _save_inside_window(cfg: Config, c: Components, run: RunDir, st: TrainState, window: Window, params,
+                        asked: bool, buffers: tuple) -> None:
+    """last.pt between logging boundaries: the open window is checked first (every rank reaches the same step, so
+    the read's all-reduce is collective) and travels in the checkpoint."""
+    if window.n:
+        raise_if_diverged(window.read(params, c.info, asked, buffers), st, cfg.checkpoint.dir)
+    _save(cfg, c, run, st, window, "last.pt")
 
 
 def _save(cfg: Config, c: Components, run: RunDir, st: TrainState, window: Window, name: str) -> None:
