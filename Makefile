@@ -10,9 +10,13 @@ install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -e ".[dali]"
 
+# timm pulls torchvision, whose newest release asks for a newer torch: the installed torch is pinned (a
+# constraints file), so pip picks the torchvision of that torch and never replaces torch (README, timm).
+TORCH_PIN := build/torch-pin.txt
 install-dev:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -e ".[dev,dali]"
+	@mkdir -p build && $(PYTHON) -c "import torch; print('torch==' + torch.__version__)" > $(TORCH_PIN)
+	$(PYTHON) -m pip install -c $(TORCH_PIN) -e ".[dev,dali,timm]"
 
 # Fashion-MNIST ships as a Debian package; installing it needs root.
 fashion-mnist:

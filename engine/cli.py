@@ -112,10 +112,11 @@ def _models(args: argparse.Namespace) -> int:
     import fnmatch
 
     from engine.models.registry import MODELS  # start-up time (torch)
+    from engine.models.timm_backbone import import_timm
 
     names = [n for n in MODELS.names() if fnmatch.fnmatch(n, args.pattern)]
     try:
-        import timm  # optional dependency: timm
+        timm = import_timm()
         names += [f"timm:{n}" for n in timm.list_models(args.pattern)]
     except ImportError:
         names.append("timm:<name>  (any timm model with forward_intermediates: pip install 'selfdistill[timm]')")

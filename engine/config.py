@@ -42,6 +42,8 @@ class ModelConfig:
     drop_rate: float = _f(0.0, ge=0, le=1)
     pretrained_file: Optional[str] = _f(None, doc="timm models: start from this local weights file (timm's "
                                         "pretrained_cfg_overlay); nothing is downloaded")
+    img_size: Optional[int] = _f(None, ge=1, doc="timm models with a fixed input size (ViT): build for this size "
+                                 "(timm's img_size), e.g. data.image_size")
 
 
 # Exits are indexed 0..E-1, shallow to deep, everywhere (config, logs, reports): exit i of BYOT sits after backbone

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from engine.config import ConfigError
 from engine.models.early_exit import EarlyExitModel, TruncatedModel, exit_index_for_threshold
 from engine.rundir import provenance
 
@@ -127,6 +128,15 @@ def verify(loaded: Any, model: nn.Module, x: Tensor, exit_k: Optional[int], thre
     return res
 
 
+def normalisation(ck: dict, cfg) -> dict[str, Any]:
+    """What the training loader applied to uint8 images, (x / 255 - mean) / std per channel: recorded in the
+    checkpoint; an older checkpoint has only the config's, null where the loader computed its own."""
+    if ck.get("normalisation"):
+        return {**ck["normalisation"], "formula": "(x / 255 - mean) / std"}
+    return {"mean": cfg.data.mean, "std": cfg.data.std, "formula": "(x / 255 - mean) / std",
+            "note": "null: not recorded in this checkpoint (the loader's dataset statistics)"}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -143,7 +153,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--exit {args.exit}: the model has {model.num_exits} exits (0..{model.num_exits - 1}, "
                      "-1 = the last)")
     exit_k = None if args.exit is None else args.exit % model.num_exits
-    module = deploy_module(model, exit_k, args.early_exit)
+    try:
+        module = deploy_module(model, exit_k, args.early_exit)
+    except NotImplementedError as e:  # early exit on a backbone without a stage chain
+        raise ConfigError(f"--early-exit: {e}") from None
     shape = (cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)
     g = torch.Generator().manual_seed(0)
     example = torch.randn(EXAMPLE_BATCH, *shape, generator=g)
@@ -158,8 +171,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "input_dtype": "float32", "outputs": (["logits [B, C] float32", "exit_index [B] int64"] if exit_k is None
                                               else ["logits [B, C]"]),
         "num_classes": cfg.model.num_classes, "class_names": ck.get("class_names"),
-        "normalisation": {"mean": cfg.data.mean, "std": cfg.data.std,
-                          "note": "null = the training loader's default (dataset statistics / ImageNet)"},
+        "normalisation": normalisation(ck, cfg),
         "model": {"name": cfg.model.name, "stem": cfg.model.stem, "width": cfg.model.width,
                   "depths": cfg.model.depths, "head": cfg.exits.head},
         "checkpoint": str(args.checkpoint), "weights": args.weights,

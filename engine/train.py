@@ -209,5 +209,6 @@ def _save(cfg: Config, c: Components, run: RunDir, st: TrainState, window: Windo
           "scaler": c.scaler.state_dict(), "objective": c.objective.state_dict(),
           "ema": c.ema.module.state_dict() if c.ema is not None else None, "rng": rng_state(),
           "state": vars(st).copy(), "config": to_dict(cfg), "class_names": c.data.class_names,
+          "normalisation": c.data.normalisation,
           "records": dict(run.counts), "window": window.state_dict()}
     atomic_save(ck, Path(cfg.checkpoint.dir) / name)

@@ -31,3 +31,5 @@ class DataBundle:
     num_classes: int
     in_chans: int
     class_names: list[str]
+    # what the loaders apply, (x / 255 - mean) / std per channel; None for synthetic batches (already normal)
+    normalisation: Optional[dict[str, list[float]]] = None

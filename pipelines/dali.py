@@ -89,4 +89,4 @@ def build_dali_data(d, device: torch.device, rank: int = 0, world: int = 1, *, s
 
     train_loader.skipped = skipped.get("train", 0)
     return DataBundle(train_loader, evaluation(val, "val"), evaluation(test, "test"), len(splits.classes),
-                      in_chans, splits.classes)
+                      in_chans, splits.classes, {"mean": list(splits.mean), "std": list(splits.std)})

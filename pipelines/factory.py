@@ -110,7 +110,8 @@ def _in_memory(d, device, rank, world, mf, seed, allow_self) -> DataBundle:
 
     val = mk(xval[: _limit(len(yval), d.limit_eval)], yval[: _limit(len(yval), d.limit_eval)], False) \
         if xval is not None else None
-    return DataBundle(mk(xtr, ytr, True), val, mk(xte, yte, False), len(classes), xtr.shape[1], classes)
+    return DataBundle(mk(xtr, ytr, True), val, mk(xte, yte, False), len(classes), xtr.shape[1], classes,
+                      {"mean": mean.tolist(), "std": std.tolist()})
 
 
 def _folder(d, device, rank, world, mf, seed, in_chans, allow_self) -> DataBundle:
@@ -125,4 +126,5 @@ def _folder(d, device, rank, world, mf, seed, in_chans, allow_self) -> DataBundl
                             d.image_size, in_chans, mean, std, device, d.workers, rank, world, seed,
                             d.skip_corrupt, mf, pairs=pairs, extra_view=d.extra_view and is_train)
 
-    return DataBundle(mk(s.train, True), mk(s.val, False), mk(s.test, False), len(s.classes), in_chans, s.classes)
+    return DataBundle(mk(s.train, True), mk(s.val, False), mk(s.test, False), len(s.classes), in_chans, s.classes,
+                      {"mean": list(s.mean), "std": list(s.std)})

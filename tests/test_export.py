@@ -51,6 +51,8 @@ def test_truncated_artefact_matches_training_model(checkpoint, tmp_path, exit_k,
     assert meta["verification"]["ok"] and meta["format"] == fmt and meta["kind"] == "truncated"
     assert meta["exit"] == exit_k % 2 and meta["exit_stage"] == [2, 3][exit_k] and meta["num_classes"] == 10
     assert meta["input_shape"] == ["batch", 1, 8, 8] and meta["provenance"]["commit"]
+    # a checkpoint that does not record its loader's normalisation says so rather than inventing one
+    assert meta["normalisation"]["mean"] is None and "not recorded" in meta["normalisation"]["note"]
     loaded = _load(out, fmt)
     with torch.no_grad():
         ref = model(x).logits[exit_k]

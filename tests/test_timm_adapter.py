@@ -1,6 +1,6 @@
 """The timm adapter (engine/models/timm_backbone.py) against a stand-in `timm` module with timm's model contract
-(`feature_info`, `forward_intermediates`, `forward_head(pre_logits=...)`, `head_hidden_size`): it runs in CI, where
-timm itself cannot be installed beside the CPU torch build (tests/test_gpu_suite.py tests real timm on the GPU)."""
+(`feature_info`, `forward_intermediates`, `forward_head(pre_logits=...)`, `head_hidden_size`), so each rule is
+checked on shapes chosen to tell it apart; tests/test_timm.py runs real timm models."""
 from __future__ import annotations
 
 import sys

@@ -22,7 +22,9 @@ Export:
   have exited and skips the remaining stages once *every* sample has exited (`torch.cond`). Per-sample outputs
   are identical to the compaction form; it saves compute at batch 1 and whenever a whole batch exits early.
 
-Both need a backbone with `forward_stem`, a `stages` list and `forward_head` (the engine's ResNets).
+`EarlyExitModel` needs a backbone with a stage chain: `forward_stem`, a `stages` list and `forward_head` (the
+engine's ResNets). `TruncatedModel` takes any backbone: without a chain (timm's) it stops the backbone's
+`forward_intermediates` at exit k's level.
 """
 from __future__ import annotations
 
@@ -38,13 +40,15 @@ __all__ = ["TruncatedModel", "EarlyExitModel", "ExitStep", "exit_steps", "exit_i
            "policy_curve"]
 
 
+def _has_chain(backbone: nn.Module) -> bool:
+    return all(hasattr(backbone, a) for a in ("forward_stem", "stages", "forward_head"))
+
+
 def _check_backbone(backbone: nn.Module) -> None:
-    missing = [a for a in ("forward_stem", "stages", "forward_head") if not hasattr(backbone, a)]
-    if missing:
+    if not _has_chain(backbone):
         raise NotImplementedError(
-            f"{type(backbone).__name__} lacks {', '.join(missing)}: truncated / early-exit forwards need a backbone "
-            "with forward_stem(), a `stages` list and forward_head() (the engine's ResNets); timm backbones are not "
-            "supported yet")
+            f"{type(backbone).__name__} has no stage chain (forward_stem(), a `stages` list, forward_head()), which "
+            "early exit runs stage by stage; such backbones (timm's) deploy one exit at a time (export --exit K)")
 
 
 def _child_name(parent: nn.Module, child: nn.Module) -> Optional[str]:
@@ -145,22 +149,43 @@ def _normalise_exit(model: nn.Module, k: int) -> int:
     return k % n
 
 
+class _IntermediatesExit(nn.Module):
+    """Exit k of a backbone without a stage chain (timm's): its `forward_intermediates` stopped at exit k's level,
+    then exit k's head; the deepest exit is the backbone's own forward."""
+
+    def __init__(self, model: nn.Module, k: int):
+        super().__init__()
+        self.backbone = model.backbone
+        self.final = k == model.num_exits - 1
+        self.level = _exit_stages(model)[k]
+        self.head = nn.Identity() if self.final else _ShallowExit(model.heads[k])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.final:
+            return self.backbone(x)
+        _, inters = self.backbone.forward_intermediates(x, indices=[self.level], stop_early=True)
+        return self.head(inters[0])
+
+
 class TruncatedModel(nn.Module):
     """The backbone up to exit k's stage plus exit k's head: forward(x) -> exit k's logits [B, C]."""
 
     def __init__(self, model: nn.Module, k: int):
         super().__init__()
-        _check_backbone(model.backbone)
         k = _normalise_exit(model, k)
         self.exit = k
         self.num_exits = model.num_exits
         self.stage = _exit_stages(model)[k]
+        self.chain = _has_chain(model.backbone)
+        if not self.chain:
+            self.body = _IntermediatesExit(model, k)
+            return
         final = k == model.num_exits - 1
         head = _FinalExit(model.backbone) if final else _ShallowExit(model.heads[k])
         self.body = ExitStep(_Stem(model.backbone), list(model.backbone.stages)[: self.stage + 1], head)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x)[1]
+        return self.body(x)[1] if self.chain else self.body(x)
 
 
 def exit_index_for_threshold(logits: list[Tensor], threshold: float) -> Tensor:

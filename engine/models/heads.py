@@ -69,10 +69,12 @@ class JournalHead(nn.Module):
         return self.fc(feat), feat
 
 
-def make_head(kind: str, cin: int, cout: int, stage: int, num_classes: int) -> nn.Module:
-    """The head after 0-based backbone stage `stage` of 4."""
+def make_head(kind: str, cin: int, cout: int, downsample: int, num_classes: int) -> nn.Module:
+    """The head on a feature map `downsample` times larger than the last stage's: the bottleneck head's kxk
+    stride-k conv takes k = downsample (8, 4, 2 after stages 0-2 of a ResNet, as in the reference; 1 on a plain
+    model such as ViT, whose levels share one resolution)."""
     if kind == "bottleneck":
-        return BottleneckHead(cin, cout, 2 ** (3 - stage), num_classes)
+        return BottleneckHead(cin, cout, max(1, downsample), num_classes)
     if kind == "journal":
         return JournalHead(cin, cout, num_classes)
     raise ValueError(f"unknown exit head {kind!r}; allowed: bottleneck, journal")

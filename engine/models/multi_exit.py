@@ -24,8 +24,10 @@ class MultiExitModel(nn.Module):
         n_stages = len(backbone.feature_info)
         num_classes = backbone.num_classes
         final = backbone.num_features
+        last = backbone.feature_info[-1]["reduction"]
         self.heads = nn.ModuleList(
-            make_head(head, backbone.feature_info[s]["num_chs"], final, s, num_classes) for s in self.exit_stages)
+            make_head(head, backbone.feature_info[s]["num_chs"], final, last // backbone.feature_info[s]["reduction"],
+                      num_classes) for s in self.exit_stages)
         # Adapters are built eagerly (the journal code builds them lazily at step 1 and must rebuild its optimizer).
         self.adapters = nn.ModuleList(nn.Linear(h.out_features, final) for h in self.heads) if hint_adapter else None
         self.exit_info = [

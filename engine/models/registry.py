@@ -75,7 +75,8 @@ def create_backbone(model_cfg) -> nn.Module:
     kw = dict(num_classes=model_cfg.num_classes, in_chans=model_cfg.in_chans)
     if model_cfg.name.startswith("timm:"):
         return create_timm_backbone(model_cfg.name[len("timm:"):], drop_rate=model_cfg.drop_rate,
-                                    pretrained_file=model_cfg.pretrained_file, **kw)
+                                    pretrained_file=model_cfg.pretrained_file, **kw,
+                                    **({} if model_cfg.img_size is None else {"img_size": model_cfg.img_size}))
     factory = MODELS.get(model_cfg.name)
     return factory(stem=model_cfg.stem, width=model_cfg.width, depths=model_cfg.depths,
                    zero_init_residual=model_cfg.zero_init_residual, drop_rate=model_cfg.drop_rate, **kw)

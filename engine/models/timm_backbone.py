@@ -9,10 +9,14 @@ hidden head layer after pooling (MobileNetV3/V4, GhostNet: 1024 or 1280 against 
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
+
+_TORCHVISION_SCHEMAS = None  # the Library must outlive the import: dropping it removes the schemas
 
 
 class TimmBackbone(nn.Module):
@@ -32,10 +36,12 @@ class TimmBackbone(nn.Module):
         self.num_features = getattr(model, "head_hidden_size", None) or model.num_features
         self.num_classes = model.num_classes
 
-    def forward_intermediates(self, x: Tensor, indices: Sequence[int] | None = None):
+    def forward_intermediates(self, x: Tensor, indices: Sequence[int] | None = None, stop_early: bool = False):
         idx = [self.levels[i % 4] for i in (range(4) if indices is None else indices)]
         if not idx:  # no exits: plain forward_features
             return self.model.forward_features(x), []
+        if stop_early:  # timm stops early only when asked for the intermediates alone
+            return None, self.model.forward_intermediates(x, indices=idx, stop_early=True, intermediates_only=True)
         return self.model.forward_intermediates(x, indices=idx)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -48,9 +54,39 @@ class TimmBackbone(nn.Module):
         return self.model(x)
 
 
-def create_timm_backbone(name: str, pretrained_file: str | None = None, **kw) -> TimmBackbone:
+def import_timm():
+    """timm, or ImportError. timm imports torchvision, and a torchvision wheel built for CUDA beside a CPU torch
+    (what pip picks for torch's CPU build: the CPU wheels are on PyTorch's own index only) cannot load its C++ ops,
+    so its import dies registering fake kernels for `torchvision::nms`/`qnms`. Declaring those two schemas lets the
+    Python side import; timm needs none of the C++ ops (torchvision.ops.nms itself still raises)."""
     try:
         import timm  # optional dependency: timm
+        return timm
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+    for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
+        del sys.modules[name]  # the half-imported modules
+    global _TORCHVISION_SCHEMAS
+    _TORCHVISION_SCHEMAS = torch.library.Library("torchvision", "FRAGMENT")
+    for op in ("nms", "qnms"):
+        if not _has_schema(f"torchvision::{op}"):
+            _TORCHVISION_SCHEMAS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import timm
+    return timm
+
+
+def _has_schema(qualname: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(qualname, "")
+        return True
+    except RuntimeError:
+        return False
+
+
+def create_timm_backbone(name: str, pretrained_file: str | None = None, **kw) -> TimmBackbone:
+    try:
+        timm = import_timm()
     except ImportError:
         raise ImportError(f"model.name 'timm:{name}' needs timm: pip install 'selfdistill[timm]'") from None
     if pretrained_file is None:
