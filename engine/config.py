@@ -374,8 +374,29 @@ def _deep_update(base: dict, new: dict) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """YAML file (may name `base: other.yaml`, resolved relative to it) + dotted overrides -> validated Config."""
-    return config_from_dict(_load_yaml(Path(path)) if path is not None else {}, overrides)
+    """YAML file or shipped recipe (`find_config`; may name `base: other.yaml`, resolved relative to it) + dotted
+    overrides -> validated Config."""
+    return config_from_dict(_load_yaml(find_config(path)) if path is not None else {}, overrides)
+
+
+# The recipes of configs/: beside the packages in a clone or an editable install, inside engine/ in a wheel.
+RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parent / "recipes")
+
+
+def shipped_configs() -> list[str]:
+    return sorted({p.stem for d in RECIPE_DIRS if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def find_config(path: str | Path) -> Path:
+    """A file path as given; else a bare name (`demo`, `imagenet_resnet50_byot.yaml`) of a shipped recipe."""
+    path = Path(path)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    for d in RECIPE_DIRS:
+        for name in (path.name, f"{path.name}.yaml"):
+            if (d / name).is_file():
+                return d / name
+    raise ConfigError(f"config file not found: {path} (nor a shipped recipe: {', '.join(shipped_configs())})")
 
 
 def refuse_repeated_keys(overrides: list[str]) -> None:

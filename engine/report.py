@@ -20,8 +20,9 @@ from engine.rundir import git_commit
 from engine.rundir import provenance as run_provenance
 
 _REPO = Path(__file__).resolve().parents[1]
-# The committed results folder (bench/README.md lists what it holds): every report command writes there by default.
-RESULTS_DIR = _REPO / "bench" / "results"
+# Every report command writes under ./bench/results of the working directory by default: in a clone, the committed
+# results folder (bench/README.md lists what it holds); after a pip install, never inside site-packages.
+RESULTS_DIR = Path("bench") / "results"
 # Written by `make gpu-prep` before the tree travels to a machine where it arrives without .git (bench/GPU.md).
 COMMIT_STAMP = _REPO / ".whl" / "COMMIT"
 
@@ -33,7 +34,8 @@ def base_parser(prog: str, doc: str, repeats: int = 3) -> argparse.ArgumentParse
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 avoids OpenMP "
                                                "spinning on a shared machine")
     p.add_argument("--repeats", type=int, default=repeats, help="timed repeats (reports: mean ± std over them)")
-    p.add_argument("--out", help="report folder (default: a new bench/results/<name>-<date>-<device>/)")
+    p.add_argument("--out", help="report folder (default: a new ./bench/results/<name>-<date>-<device>/ of the "
+                   "working directory)")
     p.add_argument("--no-plots", action="store_true")
     return p
 
@@ -90,9 +92,10 @@ def provenance_md(prov: dict[str, Any]) -> str:
 
 
 def default_out_dir(name: str, device: torch.device, root: Path = RESULTS_DIR) -> Path:
-    """bench/results/<name>-<UTC date>-<device>/; a second run the same day gets -2, -3, ... (never overwrites)."""
+    """./bench/results/<name>-<UTC date>-<device>/ (absolute); a second run the same day gets -2, -3, ... (never
+    overwrites)."""
     slug = "cpu" if device.type != "cuda" else re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower())
-    base = root / f"{name}-{datetime.now(timezone.utc):%Y-%m-%d}-{slug.strip('-')}"
+    base = root.absolute() / f"{name}-{datetime.now(timezone.utc):%Y-%m-%d}-{slug.strip('-')}"
     path, i = base, 2
     while path.exists():
         path, i = base.with_name(f"{base.name}-{i}"), i + 1

@@ -187,3 +187,9 @@ def test_stats_and_out_dir(tmp_path):
     assert first.name.startswith("train-") and first.name.endswith("-cpu")
     first.mkdir()
     assert default_out_dir("train", torch.device("cpu"), root=tmp_path).name == first.name + "-2"
+
+
+def test_reports_default_to_the_working_directory(tmp_path, monkeypatch):
+    """After a pip install the package sits in site-packages: reports go under the user's ./bench/results."""
+    monkeypatch.chdir(tmp_path)
+    assert default_out_dir("exits", torch.device("cpu")).parent == tmp_path / "bench" / "results"

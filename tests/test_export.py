@@ -1,5 +1,6 @@
 """`selfdistill export`: artefacts (torch.export and TorchScript) reproduce the training model's outputs."""
 import json
+import sys
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 
 from engine import export as export_cmd
 from engine.checkpoint import atomic_save
-from engine.config import load_config, to_dict
+from engine.config import ConfigError, load_config, to_dict
 from engine.models import create_model
 from engine.models.early_exit import exit_index_for_threshold
 
@@ -65,11 +66,12 @@ def test_early_exit_artefacts_match_training_model(checkpoint, tmp_path):
     ck, model, x = checkpoint
     with torch.no_grad():
         ref = model(x).logits
-    thr = F.softmax(ref[0], 1).amax(1).median().item()
+    conf = F.softmax(ref[0], 1).amax(1).sort().values
+    thr = ((conf[1] + conf[2]) / 2).item()  # between two samples: no sample sits on the boundary (ONNX rounds apart)
     expected_idx = exit_index_for_threshold(ref, thr)
     assert (expected_idx == 0).any() and (expected_idx > 0).any()
     expected = torch.stack(ref)[expected_idx, torch.arange(5)]
-    for fmt, threshold in (("export", thr), ("torchscript", thr), ("torchscript", 1.5)):
+    for fmt, threshold in (("export", thr), ("torchscript", thr), ("torchscript", 1.5), ("onnx", thr)):
         out = tmp_path / f"ee-{fmt}-{threshold}.bin"
         assert export_cmd.main(["--checkpoint", str(ck), "--early-exit", str(threshold), "--format", fmt,
                                 "--out", str(out)]) == 0
@@ -84,6 +86,24 @@ def test_early_exit_artefacts_match_training_model(checkpoint, tmp_path):
         else:
             assert torch.equal(idx, expected_idx)
             torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_onnx_of_an_exit_runs_in_onnxruntime_and_is_checked_without_it(checkpoint, tmp_path, monkeypatch):
+    ck, model, x = checkpoint
+    out = tmp_path / "exit0.onnx"
+    assert export_cmd.main(["--checkpoint", str(ck), "--exit", "0", "--format", "onnx", "--out", str(out)]) == 0
+    meta = json.loads((tmp_path / "exit0.onnx.json").read_text())
+    assert meta["verification"]["ok"] and meta["verification"]["max_abs_diff"] < 1e-4 and meta["format"] == "onnx"
+    with torch.no_grad():
+        torch.testing.assert_close(export_cmd.load_artifact(out)(x), model(x).logits[0], rtol=1e-5, atol=1e-5)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed: onnx.checker alone, and it says so
+    assert export_cmd.main(["--checkpoint", str(ck), "--exit", "0", "--format", "onnx", "--out",
+                            str(tmp_path / "b.onnx")]) == 0
+    v = json.loads((tmp_path / "b.onnx.json").read_text())["verification"]
+    assert v["ok"] and v["ran"] is False and "onnx.checker passed" in v["note"]
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(ConfigError, match="--format onnx needs onnx and onnxscript"):
+        export_cmd.main(["--checkpoint", str(ck), "--exit", "0", "--format", "onnx", "--out", str(tmp_path / "c")])
 
 
 def test_export_rejects_an_exit_out_of_range(checkpoint, tmp_path, capsys):

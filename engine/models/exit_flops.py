@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.models.early_exit import TruncatedModel, exit_steps
+from engine.models.early_exit import TruncatedModel
 
 
 def count_flops(fn: Callable[..., Any], *args: Any) -> int:
@@ -33,22 +33,21 @@ def exit_costs(model: nn.Module, x: torch.Tensor) -> tuple[list[dict[str, Any]],
     """(one record per exit, shallow -> deep; the training forward with every exit) for one image `x` [1, C, H, W].
 
     Per exit: its parameters and FLOPs deployed alone (`TruncatedModel`), its head's share, and the path FLOPs of
-    an early exit there (every stage and head up to it, what `EarlyExitModel` has run when a sample leaves at k).
-    Ratios are against the full model, the deepest exit alone."""
-    n, n_stages = model.num_exits, len(model.backbone.stages)
-    exits, h, path = [], x, 0
-    for k, step in enumerate(exit_steps(model)):
-        path += count_flops(step, h)
-        out = step.stages(step.stem(h))
+    an early exit there: the backbone up to it and every head up to it, what `EarlyExitModel` has run when a sample
+    leaves at k. Ratios are against the full model, the deepest exit alone."""
+    n, n_stages = model.num_exits, len(model.backbone.feature_info)
+    _, inters = model.backbone.forward_intermediates(x, indices=model.exit_stages)
+    exits, heads_so_far = [], 0
+    for k in range(n):
         trunc = TruncatedModel(model, k).eval()
         shallow = k < n - 1
-        flops, head_flops = count_flops(trunc, x), count_flops(step.head, out) if shallow else 0
-        exits.append({"exit": k, "stage": int(model.exit_info[k]["stage"]),
-                      "depth": f"{len(trunc.body.stages)}/{n_stages}", "params": count_params(trunc),
+        flops, head_flops = count_flops(trunc, x), count_flops(model.heads[k], inters[k]) if shallow else 0
+        heads_so_far += head_flops
+        stage = int(model.exit_info[k]["stage"])
+        exits.append({"exit": k, "stage": stage, "depth": f"{stage + 1}/{n_stages}", "params": count_params(trunc),
                       "head_params": count_params(model.heads[k]) if shallow else 0, "flops_per_image": flops,
-                      "early_exit_path_flops_per_image": path, "head_flops_per_image": head_flops,
-                      "backbone_flops_per_image": flops - head_flops})
-        h = out
+                      "early_exit_path_flops_per_image": flops - head_flops + heads_so_far,
+                      "head_flops_per_image": head_flops, "backbone_flops_per_image": flops - head_flops})
     full, all_flops = exits[-1], count_flops(model, x)
     for e in exits:
         e["flop_ratio_vs_full"] = round(full["flops_per_image"] / e["flops_per_image"], 4)

@@ -16,6 +16,8 @@ Beta-smoothing code in the methods that come from it, the exact log-softmax else
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import Tensor, nn
 
@@ -128,9 +130,14 @@ def combine(*parts: tuple[Tensor, dict[str, Tensor]]) -> LossOutput:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """auto = Triton on CUDA, PyTorch elsewhere."""
+    """auto = Triton on CUDA where triton is installed (it is a dependency only where it has wheels), else
+    PyTorch."""
+    has_triton = importlib.util.find_spec("triton") is not None
     if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    if name == "triton" and not has_triton:
+        raise ConfigError("objective.backend=triton needs triton (pip install triton), which has wheels for Linux "
+                          "only; objective.backend=torch runs everywhere")
     return name
 
 
