@@ -17,9 +17,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from engine.config_errors import ConfigError
+from engine.config_files import find_config, read_yaml, shipped_configs
 
-class ConfigError(ValueError):
-    pass
+__all__ = ["ConfigError", "Config", "load_config", "config_from_dict", "find_config", "shipped_configs", "to_dict",
+           "validate", "describe", "dump_yaml", "refuse_repeated_keys"]
 
 
 def _f(default: Any = dataclasses.MISSING, *, factory: Any = None, ge: float | None = None,
@@ -364,39 +366,10 @@ def _merge(base: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _deep_update(base: dict, new: dict) -> dict:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
-        else:
-            base[k] = v
-    return base
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """YAML file or shipped recipe (`find_config`; may name `base: other.yaml`, resolved relative to it) + dotted
     overrides -> validated Config."""
-    return config_from_dict(_load_yaml(find_config(path)) if path is not None else {}, overrides)
-
-
-# The recipes of configs/: beside the packages in a clone or an editable install, inside engine/ in a wheel.
-RECIPE_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parent / "recipes")
-
-
-def shipped_configs() -> list[str]:
-    return sorted({p.stem for d in RECIPE_DIRS if d.is_dir() for p in d.glob("*.yaml")})
-
-
-def find_config(path: str | Path) -> Path:
-    """A file path as given; else a bare name (`demo`, `imagenet_resnet50_byot.yaml`) of a shipped recipe."""
-    path = Path(path)
-    if path.is_file() or path.parent != Path("."):
-        return path
-    for d in RECIPE_DIRS:
-        for name in (path.name, f"{path.name}.yaml"):
-            if (d / name).is_file():
-                return d / name
-    raise ConfigError(f"config file not found: {path} (nor a shipped recipe: {', '.join(shipped_configs())})")
+    return config_from_dict(read_yaml(find_config(path)) if path is not None else {}, overrides)
 
 
 def refuse_repeated_keys(overrides: list[str]) -> None:
@@ -419,26 +392,6 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
     cfg = _build(Config, data)
     validate(cfg)
     return cfg
-
-
-def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    if path.resolve() in chain:
-        names = " -> ".join(str(p) for p in (*chain, path.resolve()))
-        raise ConfigError(f"{path}: `base:` files form a cycle: {names}")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    base = data.pop("base", None)
-    if base is not None:
-        if not isinstance(base, str):
-            raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
-        data = _deep_update(_load_yaml(path.parent / base, (*chain, path.resolve())), data)
-    return data
 
 
 def validate(cfg: Config) -> None:

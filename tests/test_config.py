@@ -109,7 +109,7 @@ def test_objective_requirement_cli_exits_2_naming_the_key():
     assert r.returncode == 2 and "data.sampler=class_pair" in r.stderr and not r.stdout
 
 
-def test_cli_can_be_discovered(capsys):
+def test_cli_can_be_discovered(capsys, monkeypatch):
     """--version, --list-models, `bench --help` and `profile --help` answer with exit 0; an unknown model name
     stops at --print-config with one line that lists the registered ones."""
     from engine.cli import main
@@ -119,7 +119,14 @@ def test_cli_can_be_discovered(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith("selfdistill ")
     assert main(["train", "--list-models"]) == 0
     names = capsys.readouterr().out.split()
-    assert {"resnet18", "resnet50", "cskd_preact_resnet18", "timm:<name>"} <= set(names)
+    assert {"resnet18", "resnet50", "cskd_preact_resnet18", "timm:resnet18", "timm:vit_tiny_patch16_224"} <= set(names)
+
+    def no_timm():
+        raise ImportError("No module named 'timm'")
+    monkeypatch.setattr("engine.models.timm_backbone.import_timm", no_timm)
+    assert main(["train", "--list-models"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18" in out.split() and "timm:<name>  (any timm model with forward_intermediates" in out
     for command, subs in (("bench", ("kernels", "loader", "train")), ("profile", ("exits",))):
         assert main([command, "--help"]) == 0
         out = capsys.readouterr().out

@@ -3,6 +3,7 @@ name; triton is needed only where the fused loss is asked for."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,12 @@ def test_a_wheel_install_runs_a_recipe_by_name_from_another_directory(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     py, elsewhere = venv / "bin" / "python", tmp_path / "elsewhere"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(REPO)],
+    src = tmp_path / "src"  # a copy: the build writes build/ into the tree it builds, and stale files would travel
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "runs", "results", "*.egg-info",
+                                                             "__pycache__", ".whl", ".dali"))
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(src)],
                    check=True, capture_output=True, cwd=tmp_path, timeout=600)
+    shutil.rmtree(src)
     elsewhere.mkdir()
     where = subprocess.run([str(py), "-c", "import engine.config as c; print(c.__file__)"], cwd=elsewhere,
                            capture_output=True, text=True, check=True).stdout.strip()
