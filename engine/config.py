@@ -152,14 +152,15 @@ class DataConfig:
     dali_prefetch: int = _f(2, ge=1)
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
-    limit_train: int = _f(0, ge=0, doc="use only the first N training samples (quick runs)")
+    limit_train: int = _f(0, ge=0, doc="use only N training samples (quick runs): image folders keep N spread over "
+                          "the classes, the built-in sets the first N of their seed-shuffled order")
     split_seed: Optional[int] = _f(None, doc="seed of the validation carve, the training subset and the label noise; "
                                    "null = the run's seed (a study varies the model's seed on fixed data with it)")
     balanced_subset: bool = _f(False, doc="limit_train keeps the first limit_train/K samples of each of the K classes "
                                "(fashion_mnist, digits)")
     label_noise: float = _f(0.0, ge=0, le=0.9, doc="share of training labels moved to another class drawn uniformly, "
                             "seed-fixed (symmetric noise; fashion_mnist, digits); val and test stay clean")
-    limit_eval: int = _f(0, ge=0)
+    limit_eval: int = _f(0, ge=0, doc="evaluate on N images only, chosen as limit_train's")
 
 
 @dataclass
@@ -209,7 +210,6 @@ class CheckpointConfig:
     every_epochs: int = _f(1, ge=1)
     every_steps: int = _f(0, ge=0, doc="also write last.pt every N steps, mid-epoch (0 = at epoch ends only); a "
                           "resume from it continues exactly, data order included")
-    keep_last: bool = True
     resume: Optional[str] = _f(None, doc="checkpoint to resume; 'auto' = run dir's last.pt if present")
     overwrite: bool = _f(False, doc="start afresh in a run directory that already holds a run, deleting its "
                                     "checkpoints and metrics")

@@ -3,7 +3,8 @@
 The rules are those of `pipelines.factory._folder` (torch backend), factored out so the DALI backend reads exactly
 the same files with the same labels: root/train/ is required; val/ (or valid/, validation/) and test/ are
 optional; `data.val_split` carves a seed-fixed validation set out of train, and then the folder's own val/ becomes
-the test set when there is no test/ (ImageNet convention); `limit_train` / `limit_eval` keep the first N.
+the test set when there is no test/ (ImageNet convention); `limit_train` / `limit_eval` keep N spread evenly over
+the classes.
 """
 from __future__ import annotations
 
@@ -46,7 +47,17 @@ def carve(n: int, val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _limit(samples: Optional[Samples], limit: int) -> Optional[Samples]:
-    return samples[:limit] if (samples is not None and limit) else samples
+    """N samples spread over the classes: class by class in turn, each class's in list order (a folder lists its
+    files class after class, so the first N would be a few classes only); the kept ones stay in list order."""
+    if samples is None or not limit or limit >= len(samples):
+        return samples
+    seen: dict[int, int] = {}
+    rank = []
+    for _, y in samples:
+        rank.append(seen.get(y, 0))
+        seen[y] = rank[-1] + 1
+    keep = sorted(sorted(range(len(samples)), key=lambda i: (rank[i], samples[i][1]))[:limit])
+    return [samples[i] for i in keep]
 
 
 def folder_splits(d, seed: int, in_chans: int) -> FolderSplits:

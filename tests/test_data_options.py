@@ -110,3 +110,16 @@ def test_subset_and_noise_refuse_other_datasets():
     opts = dataclasses.asdict(DataConfig(dataset="synthetic", label_noise=0.2))
     with pytest.raises(Exception, match="data.balanced_subset and data.label_noise need"):
         build_data(SimpleNamespace(**opts), CPU, seed=0, num_classes=10, in_chans=1)
+
+
+def test_a_folder_limit_spreads_over_the_classes():
+    """A folder lists its files class after class: N of them are taken from every class in turn, not the first N
+    (which would be the first few classes), and stay in the folder's order."""
+    from pipelines.folder_splits import _limit
+
+    files = [(f"c{y}/{i}.png", y) for y, n in ((0, 6), (1, 2), (2, 5)) for i in range(n)]
+    kept = _limit(files, 7)
+    assert sorted(y for _, y in kept) == [0, 0, 0, 1, 1, 2, 2]  # 3 rounds of 3 classes, class 1 runs out after 2
+    assert kept == [f for f in files if f in kept] and [f for f, _ in kept][:3] == ["c0/0.png", "c0/1.png", "c0/2.png"]
+    assert _limit(files, 4) == [files[0], files[1], files[6], files[8]]  # one of each, then class 0 again
+    assert _limit(files, 0) == files and _limit(files, 99) == files and _limit(None, 3) is None
