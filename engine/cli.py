@@ -84,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
 
         _started()
         summary = train(cfg, device=args.device)
-    if _is_main_rank():
+    if _is_main_rank() or summary.get("interrupted"):  # a stop: one line from every rank, as each exits 3
         _print_summary(summary)
     return EXIT_STOPPED if summary.get("interrupted") else 0
 
@@ -94,7 +94,8 @@ def _print_summary(summary: dict) -> None:
 
     if summary.get("interrupted"):
         where = f"generation {summary['generation']}, " if "generation" in summary else ""
-        print(f"stopped at {where}epoch {summary['epoch']} step {summary['step']}; last.pt is saved: continue with "
+        rank = "" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else f"rank {os.environ.get('RANK', '0')}: "
+        print(f"{rank}stopped at {where}epoch {summary['epoch']} step {summary['step']}; last.pt is saved: continue with "
               f"--resume auto (exit code {EXIT_STOPPED})")
         return
     for key, title in (("test_best", "test, best-validation checkpoint"), ("test_last", "test, last epoch")):

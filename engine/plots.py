@@ -34,6 +34,16 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> None:
+    """savefig, with the file named when it fails: a full disk's OSError names none."""
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        _pyplot().close(fig)
+
+
 def _predictors(res: dict) -> list[str]:
     return [k for k in res if not k.startswith("_")]
 
@@ -75,8 +85,7 @@ def reliability_diagram(res: dict, path: str | Path, title: str = "") -> Path:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -110,8 +119,7 @@ def exit_accuracy_chart(summary: dict, path: str | Path, metric: str = "top1",
         _tradeoff(axes[0, 1], summary, series, exits, [n for n in names if n.startswith("ens")], gflops, metric)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -165,8 +173,7 @@ def curves(run_dir: Path, path: Path) -> Path | None:
     if evals:
         b.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 

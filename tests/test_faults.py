@@ -171,6 +171,22 @@ def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, mo
     assert torch.load(run / "last.pt", weights_only=False)["state"]["step"] == 2
 
 
+def test_full_disk_during_the_final_plots_names_the_file(tmp_path, monkeypatch, capsys):
+    """The checkpoints and summary are written; the PNGs come last, and a full disk there still names its file."""
+    from matplotlib.figure import Figure
+
+    def savefig(self, path, *args, **kwargs):
+        with _FullDisk(open(path, "wb")) as f:
+            f.write(b"\0" * 8192)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    run = tmp_path / "run"
+    assert _train(run) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "No space left on device" in line and str(run / "reliability.png") in line, line
+    assert torch.load(run / "best.pt", weights_only=False)["state"]["step"] == 4
+
+
 def test_corrupt_checkpoint_one_line_everywhere_and_the_run_untouched(copy_of, capsys, monkeypatch):
     ck = copy_of / "last.pt"
     ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
