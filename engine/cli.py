@@ -223,6 +223,7 @@ def _classify(e: BaseException) -> tuple[int, str] | None:
     """(exit code, label) for an expected error; None for a bug, which keeps its traceback."""
     # start-up time (torch), as in `_train`
     from engine.checkpoint import CheckpointError
+    from engine.distributed import CollectiveTimeout
     from engine.monitor import TrainingDiverged
     from engine.rundir import RunDirError
     from pipelines.batch import DataConfigError, DataError
@@ -235,6 +236,8 @@ def _classify(e: BaseException) -> tuple[int, str] | None:
         return EXIT_BAD_INPUT, "checkpoint error"
     if isinstance(e, RunDirError):
         return EXIT_BAD_INPUT, "run directory error"
+    if isinstance(e, CollectiveTimeout):
+        return EXIT_BAD_INPUT, "distributed error"
     if (isinstance(e, OSError) and e.errno in USER_ERRNOS) or isinstance(e, (FileNotFoundError, NotADirectoryError)):
         return EXIT_BAD_INPUT, "error"
     if isinstance(e, TrainingDiverged):
@@ -265,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         return {"train": _train, "eval": _eval, "models": _models}[args.command](args)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - sorted into expected errors and bugs
+        if "engine.distributed" in sys.modules:  # a process group was set up: a peer may have stopped answering
+            e = sys.modules["engine.distributed"].as_collective_timeout(e) or e
         kind = _classify(e)
         if kind is None:
             raise

@@ -383,11 +383,20 @@ def refuse_repeated_keys(overrides: list[str]) -> None:
         seen[key] = ov
 
 
+# Keys that did nothing and were removed: older checkpoints and YAML files still name them, and still load.
+RETIRED = {("checkpoint", "keep_last")}
+
+
 def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
     """A plain nested dict (YAML, or a checkpoint's saved config) + dotted overrides -> validated Config."""
     data = copy.deepcopy(data)
+    for section, key in RETIRED:
+        if isinstance(data.get(section), dict):
+            data[section].pop(key, None)
     for ov in overrides:
         keys, value = _parse_override(ov)
+        if tuple(keys) in RETIRED:
+            raise ConfigError(f"{'.'.join(keys)}: this key was removed (it had no effect); drop it")
         _merge(data, keys, value)
     cfg = _build(Config, data)
     validate(cfg)

@@ -10,6 +10,25 @@ import torch.distributed as dist
 from torch import nn
 
 
+_TIMEOUT_S: list[float] = []  # the process group's collective timeout, once one is set up
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective gave up on a rank that stopped answering (hung, frozen or dead)."""
+
+
+def as_collective_timeout(e: BaseException) -> CollectiveTimeout | None:
+    """The backend's timeout error (gloo: "Timed out waiting ...ms", NCCL's watchdog: "... timeout") as one clear
+    error naming `distributed.timeout_s`; None for anything else."""
+    text = str(e)
+    if not _TIMEOUT_S or not isinstance(e, RuntimeError) or not ("Timed out" in text or "timeout" in text.lower()):
+        return None
+    first = text.strip().splitlines()[-1] if text.strip() else type(e).__name__
+    return CollectiveTimeout(f"a rank did not answer within distributed.timeout_s={_TIMEOUT_S[0]:g} s (hung, "
+                             f"stopped or dead); last.pt holds the last saved state, so --resume auto once every rank "
+                             f"runs again ({first})")
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -40,6 +59,7 @@ def init_distributed(backend: str = "auto", device: str | None = None, timeout_s
             backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if use_cuda else None,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        _TIMEOUT_S[:] = [timeout_s]
     return DistInfo(rank, world, local_rank, dev)
 
 

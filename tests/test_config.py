@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from engine.cli import main
-from engine.config import Config, ConfigError, dump_yaml, load_config, validate
+from engine.config import Config, ConfigError, dump_yaml, load_config, to_dict, validate
 from engine.objectives import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,3 +151,15 @@ def test_cli_can_be_discovered(capsys, monkeypatch):
     assert main(["train", "model.name=resnet19", "--print-config"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.name: 'resnet19' is not a registered model" in err[0] and "resnet18" in err[0]
+
+
+def test_a_retired_key_in_an_old_checkpoint_config_still_loads():
+    """checkpoint.keep_last did nothing and is gone: configs saved in older checkpoints name it and must load; on
+    the command line it is refused with the reason."""
+    from engine.config import config_from_dict
+
+    old = to_dict(load_config(None, ["seed=3"]))
+    old["checkpoint"]["keep_last"] = True
+    assert config_from_dict(old).seed == 3
+    with pytest.raises(ConfigError, match="checkpoint.keep_last: this key was removed"):
+        load_config(None, ["checkpoint.keep_last=false"])

@@ -43,8 +43,9 @@ def _worker(rank: int, tmp: str, port: int) -> None:
     train(tiny_config(Path(tmp), *OVERRIDES), device="cpu")
 
 
-def _cli_worker(rank: int, tmp: str, port: int, argv: list, signalled_rank: int, at_call: int = 0) -> None:
-    """`selfdistill train` on one rank; SIGTERM reaches `signalled_rank` alone, during the process's step number
+def _cli_worker(rank: int, tmp: str, port: int, argv: list, signalled_rank: int, at_call: int = 0,
+                sig: int = signal.SIGTERM) -> None:
+    """`selfdistill train` on one rank; `sig` reaches `signalled_rank` alone, during the process's step number
     `at_call` (0: its first)."""
     _env(rank, port)
     import engine.step as engine_step
@@ -55,12 +56,13 @@ def _cli_worker(rank: int, tmp: str, port: int, argv: list, signalled_rank: int,
 
         def lr_at(step, *args):
             if len(calls) == at_call:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), sig)
             calls.append(step)
             return real(step, *args)
 
         engine_step.lr_at = lr_at
-    with open(Path(tmp) / f"rank{rank}.out", "w") as f, contextlib.redirect_stdout(f):
+    with open(Path(tmp) / f"rank{rank}.out", "w") as f, contextlib.redirect_stdout(f), \
+            open(Path(tmp) / f"rank{rank}.err", "w") as err, contextlib.redirect_stderr(err):
         rc = main(argv)
     (Path(tmp) / f"rank{rank}.rc").write_text(str(rc))
 
@@ -133,14 +135,33 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, referen
     codes, outs = _cli(tmp_path, argv, signalled_rank=1)
     assert codes == [3, 3], outs  # both stopped, both resumable
     assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == 2
-    assert outs[0].count("--resume auto") == 1 and outs[1] == ""  # rank 0 reports, once
+    assert [o.splitlines() for o in outs] == [[o.strip()] for o in outs]  # one line from each rank, no more
+    assert outs[0].startswith("rank 0: stopped at epoch 0 step 2") and outs[1].startswith("rank 1: stopped at")
     # Resumed, SIGTERM now reaches rank 0 alone during step 3: both stop at step 4, and rank 0 saves.
     codes, outs = _cli(tmp_path, [*argv, "--resume", "auto"], signalled_rank=0)
     assert codes == [3, 3], outs
     ck = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ck["state"]["step"] == 4
-    assert outs[0].count("--resume auto") == 1 and outs[1] == ""
+    assert all(o.count("--resume auto") == 1 and o.startswith(f"rank {r}: ") for r, o in enumerate(outs))
     _assert_matches(ck["model"], reference)  # two interruptions, the same weights as one uninterrupted pass
+
+
+def test_a_hung_rank_fails_the_others_after_distributed_timeout_s(tmp_path):
+    """Rank 1 freezes (SIGSTOP) in its second step: rank 0 gives up at its next collective after
+    distributed.timeout_s=5, with one line, rather than after PyTorch's default 30 minutes."""
+    argv = ["train", *tiny_args(tmp_path, *OVERRIDES, "distributed.timeout_s=5"), "--device", "cpu"]
+    ctx = mp.spawn(_cli_worker, args=(str(tmp_path), _free_port(), argv, 1, 1, signal.SIGSTOP), nprocs=2, join=False)
+    rc0, deadline = tmp_path / "rank0.rc", time.time() + 120
+    try:
+        while not rc0.is_file() and time.time() < deadline and ctx.processes[0].is_alive():
+            time.sleep(0.5)
+        ctx.processes[0].join(timeout=10)
+    finally:
+        for p in ctx.processes:
+            p.kill()
+    assert rc0.is_file(), "rank 0 still waits for the frozen rank"
+    err = (tmp_path / "rank0.err").read_text()
+    assert int(rc0.read_text()) == 2 and "distributed.timeout_s=5" in err and "Traceback" not in err, err
 
 
 def test_ddp_wraps_the_model_before_compile(tmp_path, monkeypatch):
