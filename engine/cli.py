@@ -53,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.generations is not None:
         overrides.append(f"generations={args.generations}")
     if args.help_config is not None:
-        from engine.config import describe
+        from engine.config_help import describe
 
         keys = [k for k in describe() if k.startswith(args.help_config)]
         if not keys:
@@ -95,8 +95,8 @@ def _print_summary(summary: dict) -> None:
     if summary.get("interrupted"):
         where = f"generation {summary['generation']}, " if "generation" in summary else ""
         rank = "" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else f"rank {os.environ.get('RANK', '0')}: "
-        print(f"{rank}stopped at {where}epoch {summary['epoch']} step {summary['step']}; last.pt is saved: continue with "
-              f"--resume auto (exit code {EXIT_STOPPED})")
+        print(f"{rank}stopped at {where}epoch {summary['epoch']} step {summary['step']}; last.pt is saved: "
+              f"continue with --resume auto (exit code {EXIT_STOPPED})")
         return
     for key, title in (("test_best", "test, best-validation checkpoint"), ("test_last", "test, last epoch")):
         if key in summary:
@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
             args.overrides = list(args.overrides) + extra
         return {"train": _train, "eval": _eval, "models": _models}[args.command](args)
+    except BrokenPipeError:  # the reader went away (`selfdistill models | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 141
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - sorted into expected errors and bugs
         if "engine.distributed" in sys.modules:  # a process group was set up: a peer may have stopped answering
             e = sys.modules["engine.distributed"].as_collective_timeout(e) or e

@@ -21,7 +21,7 @@ from engine.config_errors import ConfigError
 from engine.config_files import find_config, read_yaml, shipped_configs
 
 __all__ = ["ConfigError", "Config", "load_config", "config_from_dict", "find_config", "shipped_configs", "to_dict",
-           "validate", "describe", "dump_yaml", "refuse_repeated_keys"]
+           "validate", "dump_yaml", "refuse_repeated_keys"]
 
 
 def _f(default: Any = dataclasses.MISSING, *, factory: Any = None, ge: float | None = None,
@@ -439,21 +439,6 @@ def validate(cfg: Config) -> None:
     if cfg.generations > 1 and cfg.objective.name not in ("ce", "sd_generation"):
         raise ConfigError(f"generations={cfg.generations}: generation 0 trains with 'ce' and later ones with "
                           f"'sd_generation'; set objective.name to one of them (got {cfg.objective.name!r})")
-
-
-def describe(cls: type = Config, prefix: str = "") -> list[str]:
-    """One line per key: dotted name, default, range and description (`selfdistill train --help-config`)."""
-    lines = []
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            lines += describe(type(default), f"{prefix}{f.name}.")
-            continue
-        meta = f.metadata
-        bounds = ", ".join(f"{k} {meta[k]}" for k in ("ge", "gt", "le") if meta.get(k) is not None)
-        doc = "; ".join(x for x in (bounds and f"({bounds})", meta.get("doc", "")) if x)
-        lines.append(f"{prefix}{f.name} = {default!r}" + (f"  # {doc}" if doc else ""))
-    return lines
 
 
 def dump_yaml(cfg: Config) -> str:

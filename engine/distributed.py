@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
 _TIMEOUT_S: list[float] = []  # the process group's collective timeout, once one is set up
 
 

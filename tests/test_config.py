@@ -163,3 +163,18 @@ def test_a_retired_key_in_an_old_checkpoint_config_still_loads():
     assert config_from_dict(old).seed == 3
     with pytest.raises(ConfigError, match="checkpoint.keep_last: this key was removed"):
         load_config(None, ["checkpoint.keep_last=false"])
+
+
+def test_a_closed_pipe_ends_a_listing_quietly():
+    """`selfdistill models | head -1`: the reader leaves early; no BrokenPipeError traceback, exit 141 as cat."""
+    import fcntl
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "engine.cli", "models"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, bufsize=1)
+    fcntl.fcntl(p.stdout.fileno(), 1031, 4096)  # F_SETPIPE_SZ: the listing (timm's names) no longer fits the pipe
+    assert p.stdout.readline().strip()
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
