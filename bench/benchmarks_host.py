@@ -5,7 +5,7 @@
     pytest bench/benchmarks_host.py --benchmark-only                        # GPU: real CUDA tensors, stubbed launches
 
 The target (<= 60 us per BYOT forward + backward on the project's 2-core machine) is judged by
-`selfdistill bench kernels --host-overhead`, not here.
+`selfdistill bench host-overhead`, not here.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ def env(out: Path) -> int:
     import torch
 
     from bench.kernels import copy_bandwidth
-    from engine.report import log, provenance, provenance_md, resolve_device, write_report
+    from bench.report import log, provenance, provenance_md, resolve_device, write_report
 
     device = resolve_device("auto")
     try:

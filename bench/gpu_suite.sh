@@ -166,7 +166,7 @@ step loss python3 -m bench.kernels "${LOSS[@]}" ${COPY:+--copy-gbps "$COPY"} --d
   --providers eager,fused,liger,compile,compile-ro --graphs --out "$WORK/loss"
 step train python3 -m bench.train "${TRAIN[@]}" --variants plain,byot --backend triton,torch --ablate byot \
   --compile compiled,compiled-ro --amp bf16 --layout channels_last --loaders synthetic --no-plots --out "$WORK/train"
-step exits python3 -m engine.profile "${EXITS[@]}" --thresholds 0,0.5,0.9,1.01 --no-plots --out "$WORK/exits"
+step exits python3 -m bench.profile "${EXITS[@]}" --thresholds 0,0.5,0.9,1.01 --no-plots --out "$WORK/exits"
 step large python3 -m bench.kernels "${LARGE[@]}" ${COPY:+--copy-gbps "$COPY"} --dtypes bf16 --modes fwd+bwd \
   --providers eager,fused --out "$WORK/large"
 step stress python3 -m bench.kernel_stress "${STRESS[@]}" --out "$WORK/stress"

@@ -1,22 +1,24 @@
 """Host time and device operations of one fused-loss forward + backward, with the Triton launches stubbed out.
 
+`selfdistill bench host-overhead` writes the report (`kernels-host-<date>-<device>/`).
+
 `host_us` is our own host code per forward + backward with the two launches replaced by no-ops; `launches` counts
 the device operations that read or write memory (the Triton launches plus every other aten op; views, allocations
 and metadata are free). The stubs make both independent of the device and of the interpreter; on a GPU, Triton's
 launcher comes on top. tests/test_kernels_launches.py and bench/benchmarks_host.py (pytest-benchmark) use the same
-calls; the op counter is engine.measure.OpCounter.
+calls; the op counter is bench.measure.OpCounter.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from engine.measure import OpCounter, median_p20_p80
-from engine.report import log, md_table, provenance, provenance_md, write_report
+from bench.measure import OpCounter, median_p20_p80
+from bench.report import base_parser, fail, log, md_table, provenance, provenance_md, start, write_report
 
 
 @contextlib.contextmanager
@@ -125,7 +127,7 @@ def host_us(step: Callable[[], None], reps: int = 200) -> dict:
 
 
 def host_report(device: torch.device, reps: int, out_dir: Path) -> dict:
-    """The --host-overhead report: the fused BYOT objective against the eager one, same shape and inputs."""
+    """The report: the fused BYOT objective against the eager one, same shape and inputs."""
     fused, eager = byot_step(device=device), byot_step(device=device, backend="torch")
     counts, host, floor = count(fused), host_us(fused, reps), host_us(torch_floor_step(device=device), reps)
     own = host["median"] - floor["median"]
@@ -151,3 +153,20 @@ def host_report(device: torch.device, reps: int, out_dir: Path) -> dict:
         f"{floor['median']:.1f} us), {counts['launches']} device ops; "
         f"report: {payload['written']['markdown']}")
     return payload
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = base_parser("selfdistill bench host-overhead", __doc__, repeats=1)
+    p.add_argument("--reps", type=int, default=500, help="timed calls of the fused forward + backward")
+    args = p.parse_args(argv)
+    device, out_dir = start(args, "kernels-host")
+    from bench.kernels import fused_runs  # chooses the interpreter on CPU before the kernels load
+
+    if not fused_runs(device):
+        fail("bench host-overhead: the fused kernel needs TRITON_INTERPRET=1 on CPU")
+    host_report(device, args.reps, out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from bench.report import provenance
 from engine.objectives.self_check import GRAD_RTOL, TERM_ATOL, TERM_RTOL, worst_ratio
-from engine.report import provenance
 from kernels.multi_exit_loss import fused_loss, plan_for
 from kernels.options import LossOptions
 from kernels.reference import multi_exit_loss_reference

@@ -3,7 +3,7 @@
 BYOT's loss with the engine's defaults on E exits of [B, C] logits and [B, D] features; providers eager
 (kernels.reference in fp32), compile and compile-ro (torch.compile of it, the second with reduce-overhead), liger
 (CUDA only) and fused; modes fwd, bwd and fwd+bwd. On CPU the fused kernel runs in the Triton interpreter: a smoke
-test, not a measurement. --host-overhead reports the host side instead. bench/README.md: what is measured.
+test, not a measurement. `selfdistill bench host-overhead` reports the host side. bench/README.md: what is measured.
 """
 from __future__ import annotations
 
@@ -17,14 +17,10 @@ import torch
 import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
-from bench.targets import target
-from engine.config import load_config
-from engine.measure import cuda_graph_fn, median_p20_p80
-from engine.objectives.functional import hint_loss
-from engine.report import (
+from bench.measure import cuda_graph_fn, median_p20_p80
+from bench.report import (
     base_parser,
     csv_list,
-    fail,
     fmt,
     lines,
     log,
@@ -34,6 +30,9 @@ from engine.report import (
     start,
     write_report,
 )
+from bench.targets import target
+from engine.config import load_config
+from engine.objectives.functional import hint_loss
 from kernels.reference import multi_exit_loss_reference
 
 PROVIDERS = ("eager", "compile", "compile-ro", "liger", "fused")
@@ -373,9 +372,6 @@ def parse_args(argv: list[str]):
     p.add_argument("--graphs", action="store_true", help="also time fwd and fwd+bwd as CUDA-graph replays (GPU)")
     p.add_argument("--copy-gbps", type=float, help="copy bandwidth measured earlier (default: measure it here)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile providers")
-    p.add_argument("--host-overhead", action="store_true", help="only the host time and device-op count of the BYOT "
-                   "objective's fused forward + backward, launches stubbed (bench/host_overhead.py)")
-    p.add_argument("--host-reps", type=int, default=500, help="timed calls of --host-overhead")
     a = p.parse_args(argv)
     a.modes, a.providers = csv_list(a.modes, str, MODES, "--modes"), csv_list(a.providers, str, PROVIDERS,
                                                                                "--providers")
@@ -394,13 +390,7 @@ def cases(args, device: torch.device) -> list[Case]:
 def run(argv: list[str]) -> dict[str, Any]:
     """Measure and write the report, rewritten after every provider; the payload, with the written paths."""
     args = parse_args(argv)
-    device, out_dir = start(args, "kernels-host" if args.host_overhead else "kernels")
-    if args.host_overhead:
-        if not fused_runs(device):
-            fail("--host-overhead: the fused kernel needs TRITON_INTERPRET=1 on CPU")
-        from bench.host_overhead import host_report  # imports the kernels: after the interpreter is chosen
-
-        return host_report(device, args.host_reps, out_dir)
+    device, out_dir = start(args, "kernels")
     fns, todo = loss_fns(args.providers, device, args.compile_backend), cases(args, device)
     copy_gbps = copy_bandwidth(device, args)
     log(f"bench kernels on {device}: copy bandwidth {copy_gbps:.1f} GB/s")

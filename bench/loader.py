@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.measure import Timer, endless, stats, synchronize
+from bench.report import base_parser, csv_list, fail, md_table, provenance, provenance_md, start, write_report
 from engine.config import load_config
-from engine.measure import Timer, endless, stats, synchronize
-from engine.report import base_parser, csv_list, fail, md_table, provenance, provenance_md, start, write_report
 from engine.setup_run import data_from_config
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from bench.report import commit
 from bench.study_runner import launch
 from engine.checkpoint import load_checkpoint, model_from_checkpoint
 from engine.config import Config, load_config
 from engine.evaluate import collect_outputs
 from engine.metrics import exit_metrics
-from engine.report import commit
 from engine.setup_run import data_from_config
 from engine.train import train
 from pipelines.torch_loader import TensorLoader

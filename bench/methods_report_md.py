@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.methods_report import claims, load, summarize
-from engine.report import commit, md_table, write_report
+from bench.report import commit, md_table, write_report
 
 METRICS = [("top1", "top-1 (%)", "{:.2f}"), ("nll", "NLL", "{:.4f}"), ("ece15", "ECE-15 (%)", "{:.2f}"),
            ("ece20", "ECE-20 (%)", "{:.2f}"), ("overconf", "conf − acc (pts)", "{:+.2f}"),

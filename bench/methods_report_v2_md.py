@@ -8,8 +8,8 @@ import statistics
 from pathlib import Path
 
 from bench.methods_report_v2 import COMPARISONS, EXIT_KEYS, METRIC_NAMES, STEM, value
+from bench.report import commit
 from bench.study_stats import ALPHA, LEVEL
-from engine.report import commit
 
 PREDICTORS = (*EXIT_KEYS, "ens_logits")
 MULTI_EXIT = ("dsn", "dsn_journal", "byot_iccv", "byot_journal")

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
-from engine.report import commit
+from bench.report import commit
 
 
 def launch(cmd: list[str], log: Path, threads: int, label: str) -> int:

@@ -21,12 +21,8 @@ from typing import Any, Optional
 
 import torch
 
-from bench.targets import target
-from engine.config import load_config
-from engine.measure import NvmlSampler, Timer, endless, stats, synchronize
-from engine.models.exit_flops import count_flops
-from engine.monitor import Window
-from engine.report import (
+from bench.measure import NvmlSampler, Timer, endless, stats, synchronize
+from bench.report import (
     bars,
     base_parser,
     csv_list,
@@ -39,6 +35,10 @@ from engine.report import (
     start,
     write_report,
 )
+from bench.targets import target
+from engine.config import load_config
+from engine.models.exit_flops import count_flops
+from engine.monitor import Window
 from engine.setup_run import build_components
 from engine.step import train_step
 from engine.types import Batch

@@ -147,9 +147,10 @@ def _delegate(module: str, argv: list[str]) -> int:
 SUBTOOLS = {
     "data": "pipelines.prepare",
     "bench kernels": "bench.kernels",
+    "bench host-overhead": "bench.host_overhead",
     "bench loader": "bench.loader",
     "bench train": "bench.train",
-    "profile exits": "engine.profile",
+    "profile exits": "bench.profile",
     "export": "engine.export",
 }
 

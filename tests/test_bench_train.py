@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from bench import train as bench_train
+from bench.measure import NvmlSampler, stats
+from bench.report import default_out_dir, resolve_device
 from engine.config import load_config
-from engine.measure import NvmlSampler, stats
 from engine.models.exit_flops import count_flops
-from engine.report import default_out_dir, resolve_device
 
 DEVICE = resolve_device("auto").type  # what the bench picks without --device
 TINY = ["--models", "resnet18", "--sizes", "8", "--batch", "4", "--steps", "2", "--warmup", "1", "--repeats", "2",

@@ -90,12 +90,12 @@ def test_timm_backbone_with_byot_exits_forward_backward(tmp_path):
 
 
 def test_commit_stamp_is_read_where_there_is_no_git(tmp_path, monkeypatch):
-    from engine import report
+    from bench import report
 
     stamp = tmp_path / "COMMIT"
     stamp.write_text("0123abcd\n")
     assert report.commit(stamp) != "0123abcd (stamped by make gpu-prep)"  # git wins where there is a .git
-    monkeypatch.setattr("engine.report.git_commit", lambda: "unknown")
+    monkeypatch.setattr("bench.report.git_commit", lambda: "unknown")
     assert report.commit(stamp) == "0123abcd (stamped by make gpu-prep)"
     assert report.commit(tmp_path / "missing") == "unknown"
 

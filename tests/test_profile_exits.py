@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from engine import profile
+from bench import profile
+from bench.report import resolve_device
 from engine.models.exit_flops import count_flops
 from engine.models.heads import BottleneckHead
-from engine.report import resolve_device
 
 DEVICE = resolve_device("auto").type  # what the profiler picks without --device
 
@@ -185,7 +185,7 @@ def test_every_plot_has_a_title_and_the_early_exit_points_name_their_thresholds(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from engine.profile_report import figures
+    from bench.profile_report import figures
 
     exit_row = lambda k: {"exit": k, "depth": f"{k + 1}/3", "latency": {"eager": {1: {"status": "ok",  # noqa: E731
                                                                                      "ms_per_image": 1.0 + k}}},

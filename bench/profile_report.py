@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from engine.report import bars, fmt, lines, md_table, provenance_md
+from bench.report import bars, fmt, lines, md_table, provenance_md
 
 SPEEDUP_TOLERANCE = 0.15  # target: measured per-exit speed-ups at batch 256 within 15% of the FLOP ratio
 # BYOT's speed-up claims (Zhang et al., ICCV 2019, its speed/accuracy table), by the stages an exit runs (of 4).
