@@ -17,7 +17,7 @@ import torch
 from bench.host_overhead import byot_step, stubbed_launches
 from engine.config import load_config
 from engine.objectives.fused import loss_options
-from kernels.multi_exit_loss import fused_loss
+from kernels.multi_exit.op import fused_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 

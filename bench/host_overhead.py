@@ -25,7 +25,8 @@ from bench.report import base_parser, fail, log, md_table, provenance, provenanc
 def stubbed_launches() -> Iterator[list[str]]:
     """Replace the fused kernels' launches by no-ops that record the kernel's name."""
     # loads triton: after bench.kernels has chosen the interpreter on CPU (TRITON_INTERPRET before triton)
-    from kernels import multi_exit_bwd, multi_exit_fwd
+    from kernels.multi_exit import backward as bwd
+    from kernels.multi_exit import forward as fwd
 
     launched: list[str] = []
 
@@ -36,12 +37,12 @@ def stubbed_launches() -> Iterator[list[str]]:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launched.append(self.fn.__name__)
 
-    saved = multi_exit_fwd._fwd_kernel, multi_exit_bwd._bwd_kernel
-    multi_exit_fwd._fwd_kernel, multi_exit_bwd._bwd_kernel = Stub(saved[0]), Stub(saved[1])
+    saved = fwd._fwd_kernel, bwd._bwd_kernel
+    fwd._fwd_kernel, bwd._bwd_kernel = Stub(saved[0]), Stub(saved[1])
     try:
         yield launched
     finally:
-        multi_exit_fwd._fwd_kernel, multi_exit_bwd._bwd_kernel = saved
+        fwd._fwd_kernel, bwd._bwd_kernel = saved
 
 
 def byot_step(num_exits: int = 4, batch: int = 256, classes: int = 1000, dim: int = 512,

@@ -1,15 +1,16 @@
-"""The fused loss under real concurrency: the GPU check's `stress` step (kernels/multi_exit_fwd.py says what it tests).
+"""The fused loss under real concurrency: the GPU check's `stress` step (kernels/multi_exit/forward.py says what it
+tests).
 
     python -m bench.kernel_stress --out DIR [--seconds 45] [--max-configs 400] [--repeats 3] [--seed 0]
 
 Random configurations (exits, rows, classes, feature width, dtype, teacher, hint, temperature, smoothing) are drawn
 so that the forward's grid runs from 1 program to many times the SM count; each runs forward + backward `repeats`
 times. Every repeat must equal the first bit for bit (the fixed-order reduction is meant to be deterministic), and
-the first must match the float64 reference (kernels/reference.py) within the tolerances of the fused loss's check
-at first use (engine/objectives/self_check.py). On CUDA two more checks run: the same plan launched on two streams
-at once, and a CUDA graph of a step that calls the op twice, replayed on fresh inputs; both bitwise against eager
-launches. On CPU (the rehearsal, Triton interpreter) the sizes are toys and the stream and graph checks say n/a.
-Writes `report.json` and `report.md`; exit 1 if anything disagrees.
+the first must match the float64 reference (kernels/multi_exit/reference.py) within the tolerances of the fused
+loss's check at first use (engine/objectives/self_check.py). On CUDA two more checks run: the same plan launched on
+two streams at once, and a CUDA graph of a step that calls the op twice, replayed on fresh inputs; both bitwise
+against eager launches. On CPU (the rehearsal, Triton interpreter) the sizes are toys and the stream and graph
+checks say n/a. Writes `report.json` and `report.md`; exit 1 if anything disagrees.
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ import torch
 
 from bench.report import provenance
 from engine.objectives.self_check import GRAD_RTOL, TERM_ATOL, TERM_RTOL, worst_ratio
-from kernels.multi_exit_loss import fused_loss, plan_for
-from kernels.options import LossOptions
-from kernels.reference import multi_exit_loss_reference
+from kernels.multi_exit.op import fused_loss, plan_for
+from kernels.multi_exit.options import LossOptions
+from kernels.multi_exit.reference import multi_exit_loss_reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OPTIONS = [

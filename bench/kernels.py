@@ -1,13 +1,13 @@
 """`selfdistill bench kernels`: the fused multi-exit loss against eager PyTorch, torch.compile and Liger-Kernel.
 
 BYOT's loss with the engine's defaults on E exits of [B, C] logits and [B, D] features; providers eager
-(kernels.reference in fp32), compile and compile-ro (torch.compile of it, the second with reduce-overhead), liger
-(CUDA only) and fused; modes fwd, bwd and fwd+bwd. On CPU the fused kernel runs in the Triton interpreter: a smoke
-test, not a measurement. `selfdistill bench host-overhead` reports the host side. bench/README.md: what is measured.
+(kernels.multi_exit.reference in fp32), compile and compile-ro (torch.compile of it, the second with
+reduce-overhead), liger (CUDA only) and fused; modes fwd, bwd and fwd+bwd. On CPU the fused kernel runs in the
+Triton interpreter: a smoke test, not a measurement. `selfdistill bench host-overhead` reports the host side.
+bench/README.md: what is measured.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,7 +33,8 @@ from bench.report import (
 from bench.targets import target
 from engine.config import load_config
 from engine.objectives.functional import hint_loss
-from kernels.reference import multi_exit_loss_reference
+from kernels import choose_interpreter
+from kernels.multi_exit.reference import multi_exit_loss_reference
 
 PROVIDERS = ("eager", "compile", "compile-ro", "liger", "fused")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -125,7 +126,7 @@ def loss_fns(providers: list[str], device: torch.device, compile_backend: str) -
         return factory
 
     def fused(opts):
-        from kernels.multi_exit_loss import fused_loss  # loads triton: after fused_status chose the interpreter
+        from kernels.multi_exit.op import fused_loss  # loads triton: after fused_status chose the interpreter
 
         return lambda z, f, y: fused_loss(z, y, opts, features=f or None)[0]
 
@@ -136,11 +137,8 @@ def loss_fns(providers: list[str], device: torch.device, compile_backend: str) -
 
 
 def fused_runs(device: torch.device) -> bool:
-    """Whether the fused kernel can run: on CPU, in the Triton interpreter (chosen when the kernels are first
-    imported, so it is selected here if nothing imported them yet)."""
-    if device.type == "cpu" and "kernels.multi_exit_tiles" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    return device.type != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the fused kernel can run here: compiled on CUDA, or on CPU in Triton's interpreter."""
+    return choose_interpreter(device.type == "cuda") or device.type == "cuda"
 
 
 def bench(fn: Callable[[], Any], device: torch.device, args, grads: list[torch.Tensor]) -> list[float]:

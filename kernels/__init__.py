@@ -1,13 +1,25 @@
-"""Fused Triton loss kernels (CUDA; CPU only under TRITON_INTERPRET=1) and their PyTorch reference.
+"""Triton kernels, one package per op, and the offline tools that check them without a GPU.
 
-    kernels.options           LossOptions: the frozen options of the op, its fake, its backward and the reference
-    kernels.multi_exit_loss   the fused multi-exit CE / KD / hint op: fused_loss(), multi_exit_loss(), MultiExitLoss
-    kernels.multi_exit_fwd    the forward @triton.jit kernel (one launch), the design of the op in its docstring
-    kernels.multi_exit_bwd    the backward kernel (one launch)
-    kernels.multi_exit_tiles  the tiles, loads, per-lane online softmax and exponentials both kernels share
-    kernels.reference         multi_exit_loss_reference(): the float64/fp32 PyTorch reference (tests, bench)
-    kernels.aot_check         compile every launched kernel for sm_90 without a GPU; registers, spills, SASS and MUFU
-                              per logit element, and the issue / MUFU / DRAM time model (kernels.aot_sass parses SASS)
+    kernels.multi_exit   the fused multi-exit CE / KD / hint loss: op, forward and backward kernels, shared tiles,
+                         options, and the independent float64 reference (tests, bench)
+    kernels.aot          compile every launched kernel for sm_90 without a GPU: registers, spills, SASS and MUFU per
+                         logit element, and the issue / MUFU / DRAM time model
 
 The package imports nothing from the rest of the project. Importing it does not import triton; the submodules do.
+`choose_interpreter()` is the one place that decides, before triton loads, whether the kernels run compiled (CUDA)
+or in Triton's interpreter (CPU): entry points and tests/conftest.py call it first.
 """
+from __future__ import annotations
+
+import os
+import sys
+
+
+def choose_interpreter(cuda_available: bool) -> bool:
+    """Select Triton's interpreter where there is no GPU, unless the environment already says (TRITON_INTERPRET),
+    and only while no kernel is decorated yet: `triton.jit` reads the variable when it decorates. Returns whether
+    the kernels will run in the interpreter."""
+    decorated = any(name.startswith("kernels.multi_exit.") for name in sys.modules)
+    if "TRITON_INTERPRET" not in os.environ and not cuda_available and not decorated:
+        os.environ["TRITON_INTERPRET"] = "1"
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -6,6 +6,8 @@ import tempfile
 import pytest
 import torch
 
+from kernels import choose_interpreter
+
 # Inductor's cache keys do not include the vector ISA chosen through ATEN_CPU_CAPABILITY: a wrapper generated for
 # AVX2 (8-float steps) reused under AVX-512 stores 16 floats per step and overruns its buffers (heap corruption,
 # seen here). So a narrowed pass compiles into a cache of its own.
@@ -14,8 +16,7 @@ if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os
         tempfile.gettempdir(), f"torchinductor-{getpass.getuser()}-{os.environ['ATEN_CPU_CAPABILITY']}")
 
 # With no GPU the Triton kernels run under the interpreter, which is chosen when a kernel is decorated: set it first.
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+choose_interpreter(torch.cuda.is_available())
 
 
 @pytest.fixture

@@ -162,7 +162,7 @@ def test_each_cuda_stream_gets_its_own_scratch_and_ticket(monkeypatch):
     other gets a fresh pair (ticket at 0), and a stream seen again gets the same pair back."""
     import dataclasses
 
-    import kernels.multi_exit_loss as mel
+    import kernels.multi_exit.op as mel
 
     opts = mel.LossOptions(teacher="none")
     base = mel.plan_for(opts, [torch.zeros(3, 5)], torch.zeros(3, dtype=torch.long), [], None, None)

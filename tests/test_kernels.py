@@ -1,4 +1,5 @@
-"""Fused multi-exit loss kernel vs the float64 PyTorch reference (kernels/reference.py), values and gradients.
+"""Fused multi-exit loss kernel vs the float64 PyTorch reference (kernels/multi_exit/reference.py), values and
+gradients.
 
 On CPU the kernels run under the Triton interpreter (tests/conftest.py), whose cost is per op and program, so the
 shapes are small and the blocks large. bf16/fp16 gradients are compared within 1 ulp of the reference rounding:
@@ -13,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.multi_exit_loss import MultiExitLoss, multi_exit_loss
-from kernels.options import LossOptions
-from kernels.reference import multi_exit_loss_reference
+from kernels.multi_exit.op import MultiExitLoss, multi_exit_loss
+from kernels.multi_exit.options import LossOptions
+from kernels.multi_exit.reference import multi_exit_loss_reference
 
 pytestmark = [pytest.mark.filterwarnings(
     # -inf - -inf on masked columns, 0/0 on rows without a term: NumPy warns, the kernel masks the results

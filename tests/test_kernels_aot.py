@@ -1,4 +1,4 @@
-"""kernels/aot_check.py: the kernels compile for sm_90 exactly as a launch specializes them, and the SASS counting,
+"""kernels/aot/check.py: the kernels compile for sm_90 exactly as a launch specializes them, and the SASS counting,
 traffic and spill figures behind the performance proxy are right on small kernels whose counts are known by
 construction, and plausible on the fused loss itself."""
 from __future__ import annotations
@@ -159,8 +159,8 @@ def _probe() -> dict:
     line info stripped of its inlining records, as Triton 3.6 emits it."""
     import re
 
-    from kernels import aot_check
-    from kernels.aot_source import Source
+    from kernels.aot import check as aot_check
+    from kernels.aot.source import Source
 
     def launch(kernel, grid, *args, **kwargs):
         launches = []
@@ -333,7 +333,7 @@ def test_quick_mode_compiles_every_launched_kernel(tmp_path):
     large shape sits a little above its class loop's own rate (the tail and the per-row work)."""
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
     out = tmp_path / "aot_quick.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot_check", "--quick", "--json", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "kernels.aot.check", "--quick", "--json", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())

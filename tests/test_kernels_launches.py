@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bench.host_overhead import byot_step, count
-from kernels.multi_exit_loss import multi_exit_loss
-from kernels.reference import multi_exit_loss_reference
+from kernels.multi_exit.op import multi_exit_loss
+from kernels.multi_exit.reference import multi_exit_loss_reference
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter"),
               pytest.mark.usefixtures("one_thread")]

@@ -18,8 +18,8 @@ from engine.objectives.byot import ByotWeights, byot_terms
 from engine.objectives.functional import kd_loss
 from engine.objectives.fused import FusedCall, byot_call
 from engine.types import Batch
-from kernels.options import LossOptions, ce_true_mass
-from kernels.reference import closed_form_target, multi_exit_loss_reference
+from kernels.multi_exit.options import LossOptions, ce_true_mass
+from kernels.multi_exit.reference import closed_form_target, multi_exit_loss_reference
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter"),
               pytest.mark.usefixtures("one_thread")]

@@ -1,7 +1,7 @@
 """The objectives' fused-kernel backend (objective.backend = triton, or auto on CUDA).
 
-`loss_options` turns an objective's config into the kernels.options.LossOptions of its fused call; the objectives,
-the benchmarks and the tests all build their options here. A fused call gives the differentiable
+`loss_options` turns an objective's config into the kernels.multi_exit.options.LossOptions of its fused call; the
+objectives, the benchmarks and the tests all build their options here. A fused call gives the differentiable
 total of its weighted terms and the terms themselves: the objective backpropagates through the total (one sum,
 no per-term selects in the graph) and logs the terms detached.
 
@@ -16,8 +16,8 @@ from torch import Tensor
 from engine.config import ConfigError
 from engine.objectives.base import log_eps
 from engine.objectives.byot import ByotWeights
-from kernels.multi_exit_loss import fused_loss
-from kernels.options import LossOptions
+from kernels.multi_exit.op import fused_loss
+from kernels.multi_exit.options import LossOptions
 
 
 def byot_options(b, weights: ByotWeights) -> LossOptions:

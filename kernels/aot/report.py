@@ -1,4 +1,4 @@
-"""The tables of kernels/aot_check.py: the per-variant summary, the targets and the per-kernel detail, as text or
+"""The tables of kernels/aot/check.py: the per-variant summary, the targets and the per-kernel detail, as text or
 as the markdown committed under bench/results/kernels-sass-<date>.md.
 """
 from __future__ import annotations
@@ -8,10 +8,10 @@ import math
 import os
 import subprocess
 
-from kernels import aot_sass
+from kernels.aot import sass as aot_sass
 
 TARGETS = dict(spill_bytes=0, mufu_per_elem=2.5)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 def _table(head: list[str], rows: list[list]) -> str:
@@ -80,9 +80,9 @@ def _commit() -> str:
 def markdown(results: list[dict], argv: list[str], hw: dict, model_doc: str) -> str:
     """`model_doc`: aot_check's docstring, whose part from "Per kernel:" states the model."""
     model = model_doc.split("Per kernel:")[1].split("Exit status")[0].rstrip()
-    model += "\nSASS model (kernels/aot_sass.py):\n" + aot_sass.__doc__.split("\n", 2)[2].rstrip()
+    model += "\nSASS model (kernels/aot/sass.py):\n" + aot_sass.__doc__.split("\n", 2)[2].rstrip()
     head = [f"# Fused-loss kernels compiled offline: SASS counts and the performance proxy ({datetime.date.today()})",
-            "", f"Command: `python -m kernels.aot_check {' '.join(argv)}` at commit {_commit()}. No GPU was used: "
+            "", f"Command: `python -m kernels.aot.check {' '.join(argv)}` at commit {_commit()}. No GPU was used: "
             "every figure below is a compiler output or a prediction of the model, not a measurement.", "",
             f"Model parameters: {hw['sms']} SMs, {hw['clock_ghz']} GHz, {hw['dram_tbs']} TB/s copy bandwidth "
             "(read + written).", "", "```text", "Per kernel:" + model, "```", ""]

@@ -1,7 +1,7 @@
 """THE PyTorch reference of the fused multi-exit loss, shared by the tests and the benchmarks.
 
-It takes the same keyword options as kernels.options.LossOptions (`**opts.as_kwargs()`) and computes every term
-from its plain definition in `dtype` (float64 for tests, float32 for the benchmarks' eager and torch.compile
+It takes the same keyword options as kernels.multi_exit.options.LossOptions (`**opts.as_kwargs()`) and computes every
+term from its plain definition in `dtype` (float64 for tests, float32 for the benchmarks' eager and torch.compile
 baselines), differentiably, so autograd through the casts gives reference gradients rounded once to the input
 dtype. It is independent of the code it checks: it imports nothing from kernels/, builds every soft target as an
 explicit [B, C] distribution (PyTorch's own `label_smoothing` where PyTorch has the convention), resolves the

@@ -1,5 +1,5 @@
-"""The forward kernel of the fused multi-exit loss (backward: kernels/multi_exit_bwd.py; tiles and constants:
-kernels/multi_exit_tiles.py; launcher, autograd and torch.library: kernels/multi_exit_loss.py).
+"""The forward kernel of the fused multi-exit loss (backward: kernels/multi_exit/backward.py; tiles and constants:
+kernels/multi_exit/tiles.py; launcher, autograd and torch.library: kernels/multi_exit/op.py).
 
 One program owns BLOCK_B rows and every exit of them, so the teacher's exponentials and statistics are computed once
 per element and shared by all the exits it teaches. The grid is one-dimensional over row blocks.
@@ -29,7 +29,7 @@ Why the last program sees every partial sum (the ticket pattern on a GPU):
 4. The last program resets the ticket with `tl.atomic_xchg(TICKET, 0)` (acq_rel, GPU scope). The next launch on the
    same stream starts after this one completes, and kernel completion makes its writes visible to later work in
    the stream (CUDA programming guide, stream semantics), so it finds 0. Launches on other streams use their own
-   ticket and scratch (kernels/multi_exit_loss.py, `Plan.scratch`); a CUDA graph replays the pointers of the
+   ticket and scratch (kernels/multi_exit/op.py, `Plan.scratch`); a CUDA graph replays the pointers of the
    stream it was captured on, and finds 0 for the same reason.
 The interpreter runs programs one at a time and cannot exercise any of this; the GPU check's stress step does
 (`python -m bench.kernel_stress`): thousands of launches over grids of 1 to many times the SM count, results
@@ -54,7 +54,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.multi_exit_tiles import (
+from kernels.multi_exit.tiles import (
     EPS_CE,
     EPS_NONE,
     HINT_L2,

@@ -1,4 +1,4 @@
-"""Evaluation of the kernels' Python source at one launch, for kernels/aot_sass.py: the values of a function's
+"""Evaluation of the kernels' Python source at one launch, for kernels/aot/sass.py: the values of a function's
 locals from the launch values, the call paths from a kernel to a helper (its own file or a sibling module), and
 how often the code under an `if` runs (the rules are in aot_sass's docstring).
 """

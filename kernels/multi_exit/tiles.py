@@ -1,5 +1,5 @@
-"""The tiles of the fused multi-exit loss kernels (kernels/multi_exit_fwd.py, kernels/multi_exit_bwd.py): constants,
-loads, the per-lane online softmax and the exponentials, shared by the forward and the backward.
+"""The tiles of the fused multi-exit loss kernels (kernels/multi_exit/forward.py, kernels/multi_exit/backward.py):
+constants, loads, the per-lane online softmax and the exponentials, shared by the forward and the backward.
 
 A tile is [BLOCK_B, NT, V]: NT lanes of V columns (one 16-byte vector each when the rows are aligned). Every lane
 keeps its own running max and sums and the lanes are combined once per row, so a tile needs no cross-lane

@@ -1,7 +1,7 @@
 """The fused multi-exit loss: every CE / KD / hint term of up to 8 exits, forward in one launch, backward in one.
 
-`fused_loss` takes the exits' logits, the labels and a kernels.options.LossOptions (the terms are defined there),
-plus the features, teacher logits or per-row targets its options call for. It returns the differentiable sum of
+`fused_loss` takes the exits' logits, the labels and a kernels.multi_exit.options.LossOptions (the terms are defined
+there), plus the features, teacher logits or per-row targets its options call for. It returns the differentiable sum of
 every weighted term and the [E, 3] fp32 terms themselves (ce, kd, hint per exit; differentiable too). An objective
 backpropagates through the sum and logs the terms detached: then forward + backward is two Triton launches plus the
 one fill of the sum's `backward()`. `multi_exit_loss(logits, targets, **options)` returns the terms only, and
@@ -39,9 +39,10 @@ import torch
 import triton
 from torch import Tensor, nn
 
-from kernels import multi_exit_bwd, multi_exit_fwd
-from kernels import multi_exit_tiles as K
-from kernels.options import MAX_EXITS, LossOptions, ce_true_mass, options, resolve_weights
+from kernels.multi_exit import backward as bwd
+from kernels.multi_exit import forward as fwd
+from kernels.multi_exit import tiles as K
+from kernels.multi_exit.options import MAX_EXITS, LossOptions, ce_true_mass, options, resolve_weights
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TEACHER = {"none": K.TEACHER_NONE.value, "deepest": K.TEACHER_DEEPEST.value, "logits": K.TEACHER_LOGITS.value,
@@ -123,7 +124,7 @@ def _pow_of(temperature: float) -> tuple[int, bool]:
 
 def _blocks(B: int, C: int, D: int, itemsize: int, block_c: int) -> tuple[int, int, int, int, int]:
     """BLOCK_B, NT, V, BLOCK_D, num_warps. A lane is one 16-byte vector of V classes; a tile is BLOCK_B rows of NT
-    lanes. On the GPU a tile holds 2048 elements, one lane per thread (`python -m kernels.aot_check` reports the
+    lanes. On the GPU a tile holds 2048 elements, one lane per thread (`python -m kernels.aot.check` reports the
     registers); the interpreter prefers few programs with large tiles, since its cost is per op, not per element."""
     tile = 1 << 16 if interpreting() else 2048
     bc = block_c if block_c > 0 else min(triton.next_power_of_2(C), tile)
@@ -261,7 +262,7 @@ def forward(plan: Plan, st: Streams) -> tuple[Tensor, Tensor, Tensor]:
     total, losses, stats = torch.empty((), **f32), torch.empty((plan.E, 3), **f32), torch.empty(plan.stats_size, **f32)
     zst, fst, t_stride = st.strides
     part, ticket = plan.scratch()
-    multi_exit_fwd._fwd_kernel[plan.grid](
+    fwd._fwd_kernel[plan.grid](
         st.zs, zst, st.fs, fst, st.tz, t_stride, st.y, st.brow, plan.weights, stats, part, ticket, total,
         losses, plan.B, plan.C, plan.D, *plan.scalars, plan.inv_bd, **plan.fwd_meta[st.align])
     return total, losses, stats
@@ -272,7 +273,7 @@ def backward(plan: Plan, grad: Tensor, stats: Tensor, st: Streams) -> tuple[Tens
     dz = torch.empty((plan.E, plan.B, plan.C), dtype=st.zs[0].dtype, device=plan.device)
     df = torch.empty((plan.E, plan.B, plan.D), dtype=st.fs[0].dtype, device=plan.device) if plan.D else dz
     zst, fst, t_stride = st.strides
-    multi_exit_bwd._bwd_kernel[plan.grid](
+    bwd._bwd_kernel[plan.grid](
         st.zs, zst, st.fs, fst, st.tz, t_stride, st.y, st.brow, plan.weights, stats, grad,
         *(grad.stride() if grad.dim() else (0, 0)), dz, df, plan.B, plan.C, plan.D, *plan.scalars,
         **plan.meta[st.align])

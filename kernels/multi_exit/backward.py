@@ -1,4 +1,4 @@
-"""The backward kernel of the fused multi-exit loss (the design: kernels/multi_exit_fwd.py).
+"""The backward kernel of the fused multi-exit loss (the design: kernels/multi_exit/forward.py).
 
 The gradient is recomputed from the logits and the per-row statistics the forward saved, so no [E, B, C] buffer is
 kept between the passes; the upstream gradient is folded in before the result is rounded to the logits' dtype.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.multi_exit_tiles import (
+from kernels.multi_exit.tiles import (
     EPS_CE,
     EPS_KD,
     EPS_NONE,

@@ -1,4 +1,4 @@
-"""Dynamic SASS instruction counts of one compiled Triton kernel at one launch (used by kernels/aot_check.py).
+"""Dynamic SASS instruction counts of one compiled Triton kernel at one launch (used by kernels/aot/check.py).
 
 Input: `nvdisasm -c -gi` text (line info) and the launch's values (constexprs, integers, the grid).
     source  each instruction gets a call chain from the kernel to its line: the line info's own where it records
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import triton
 
-from kernels.aot_source import Env, Source, Unknown, _holds, _name, _trip, evaluate
+from kernels.aot.source import Env, Source, Unknown, _holds, _name, _trip, evaluate
 
 
 @dataclass

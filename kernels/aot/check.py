@@ -1,9 +1,9 @@
 """Compile the fused loss's kernels for a GPU on a machine without one, exactly as a launch would, and predict speed.
 
-    TRITON_INTERPRET=0 python -m kernels.aot_check [--arch 90] [--quick] [--md FILE] [--json FILE] [--python PY ...]
+    TRITON_INTERPRET=0 python -m kernels.aot.check [--arch 90] [--quick] [--md FILE] [--json FILE] [--python PY ...]
                                                    [--sms 132] [--clock-ghz 1.98] [--dram-tbs 4.3]
 
-Capture: the public launcher (kernels.multi_exit_loss.multi_exit_loss) runs forward and backward on CPU tensors
+Capture: the public launcher (kernels.multi_exit.op.multi_exit_loss) runs forward and backward on CPU tensors
 of the real shapes (allocated, not filled) with Triton's launch (and its `*check_device*` guard) intercepted: each
 launch is recorded with its arguments (tuples too), grid and options (an autotuned kernel: its first config), then
 compiled by Triton's own JITFunction.run(warmup=True) for a stand-in GPUTarget("cuda", arch, 32) driver, so integer
@@ -50,8 +50,9 @@ from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from kernels import aot_sass, aot_source
-from kernels.aot_report import markdown, render
+from kernels.aot import sass as aot_sass
+from kernels.aot import source as aot_source
+from kernels.aot.report import markdown, render
 
 BYOT = dict(teacher="deepest", ce_weight=0.9, kd_weight=0.1, hint_weight=1e-6, temperature=3.0, kd="kl",
             t_squared=True)
@@ -72,7 +73,7 @@ FULL = QUICK + [(lbl, shape, 512, dt, BYOT_SSE) for shape in (LARGE, HEADLINE) f
     ("byot+l2", HEADLINE, 512, "bf16", dict(BYOT, hint="l2")),
     ("byot+mse", HEADLINE, 512, "bf16", dict(BYOT, hint="mse")),
     ("byot T=1 soft_ce", HEADLINE, 0, "bf16", dict(BYOT, temperature=1.0, kd="soft_ce"))]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 # ------------------------------------------------------------------------------------------------------- capture
@@ -98,7 +99,7 @@ def intercept(launches: list, phase: list):
     """Record instead of launch: JITFunction.run (an autotuned kernel with its first config: which one wins is only
     known on a GPU), plus the launcher's device guard, which refuses CPU tensors outside the interpreter; the
     launcher's caches start empty."""
-    import kernels.multi_exit_loss as launcher  # decorates the kernels: only with TRITON_INTERPRET=0
+    import kernels.multi_exit.op as launcher  # decorates the kernels: only with TRITON_INTERPRET=0
 
     def wrap(a):
         return Arg(a) if isinstance(a, torch.Tensor) else tuple(map(wrap, a)) if isinstance(a, tuple) else a
@@ -131,7 +132,7 @@ def intercept(launches: list, phase: list):
 
 
 def capture(shape: tuple, D: int, dtype: str, options: dict) -> list[Launch]:
-    from kernels.multi_exit_loss import multi_exit_loss  # decorates the kernels: only with TRITON_INTERPRET=0
+    from kernels.multi_exit.op import multi_exit_loss  # decorates the kernels: only with TRITON_INTERPRET=0
 
     E, B, C = shape
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -162,8 +163,10 @@ def compile_launch(launch: Launch, arch: int):
     """(CompiledKernel, bound arguments, {parameter: (type or 'constexpr', specialization or value)}) through
     Triton's own launch path, minus the launch."""
     # Triton's cache is keyed by the source text, not its path: a kernel cached from another checkout of the same
-    # code would bring that checkout's file names in its line info. So one cache per checkout.
-    tag = hashlib.sha1(ROOT.encode()).hexdigest()[:12]
+    # code, or from before its file moved, would bring those file names in its line info. So one cache per checkout
+    # and kernel file.
+    folder = os.path.dirname(launch.fn.fn.__code__.co_filename)
+    tag = hashlib.sha1(" ".join([ROOT, folder, *sorted(os.listdir(folder))]).encode()).hexdigest()[:12]
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"aot_check-triton-{tag}"))
     saved, fn = driver._active, launch.fn
     driver.set_active(_driver(arch))
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     for py in a.python:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            proc = subprocess.run([py, "-m", "kernels.aot_check", *same, *(["--quick"] if a.quick else []), "--json",
+            proc = subprocess.run([py, "-m", "kernels.aot.check", *same, *(["--quick"] if a.quick else []), "--json",
                                    f.name], env=env, text=True)
             if proc.returncode not in (0, 1):
                 raise SystemExit(f"aot_check: {py} failed with exit status {proc.returncode}")
