@@ -95,15 +95,17 @@ def _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C,
         b_on, b_off = _closed_target(b_row[:, None, None], C)
     if TEACHER == TEACHER_DEEPEST:  # the deepest exit first: its softmax at T is the others' teacher
         p = _grad_slot(ZS[N - 1], SZ[N - 1], DZ, N - 1, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[N - 1],
-                       c_all[N - 1], p, rt, b_on, b_off, ce_b, log_eps, inv_t, inv_ts, TEACHER, EPS, True, TWO_T,
-                       ALIGN, EXCL, MASKED)
+                       c_all[N - 1], p, rt, b_on, b_off, ce_b, log_eps, inv_t, inv_ts, TEACHER, EPS,
+                       IS_TEACHER=True, TWO=TWO_T, ALIGN=ALIGN, EXCL=EXCL, MASKED=MASKED)
         for s in tl.static_range(N - 1):
             _grad_slot(ZS[s], SZ[s], DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[s], c_all[s], p,
-                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, ALIGN, EXCL, MASKED)
+                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, IS_TEACHER=False, TWO=TWO_S,
+                       ALIGN=ALIGN, EXCL=EXCL, MASKED=MASKED)
     else:
         for s in tl.static_range(N):
             _grad_slot(ZS[s], SZ[s], DZ, s, rows, rows_ld, row_ok, cols, mask, is_y, B, C, rs_all[s], c_all[s], p,
-                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, False, TWO_S, ALIGN, EXCL, MASKED)
+                       rt, b_on, b_off, ce_b, log_eps, inv_ts, inv_ts, TEACHER, EPS, IS_TEACHER=False, TWO=TWO_S,
+                       ALIGN=ALIGN, EXCL=EXCL, MASKED=MASKED)
 
 
 @triton.jit
@@ -166,13 +168,15 @@ def _bwd_kernel(
         if c0 != c_y:
             _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c0, B, C, y_cls, rs_all, c_all,
                        lse_t, rt, b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN,
-                       BLOCK_B > 1, False)
+                       EXCL=BLOCK_B > 1, MASKED=False)
     if c_full > 0 and (c_y >= 0) & (c_y < c_full):
         _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c_y, B, C, y_cls, rs_all, c_all, lse_t,
-                   rt, b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN, True, False)
+                   rt, b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN, EXCL=True,
+                   MASKED=False)
     if c_full < C:
         _grad_tile(ZS, SZ, DZ, TZ, stride_t, rows, rows_ld, row_ok, lanes, c_full, B, C, y_cls, rs_all, c_all,
-                   lse_t, rt, b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN, True, True)
+                   lse_t, rt, b_row, ce_b, log_eps, inv_t, inv_ts, N, TEACHER, EPS, TWO_S, TWO_T, ALIGN, EXCL=True,
+                   MASKED=True)
 
     if HINT != HINT_NONE:
         for d0 in range(0, D, BLOCK_D):

@@ -98,7 +98,8 @@ def _fwd_tile(ZS, SZ, TZ, stride_t, rows, lanes, c0, C, y_cls, state, tstate, k_
     r_t = tl.zeros([1, 1], tl.float32)
     if TEACHER == TEACHER_LOGITS:
         tz, t = _load(TZ, _row_off(rows, stride_t, ALIGN) + cols, mask, MASKED)
-        m_t, lo_t, _, r_t, e_t = _sweep(t, tstate[0], tstate[1], tstate[1], not_y, k_t, 1, False, EXCL)
+        m_t, lo_t, _, r_t, e_t = _sweep(t, tstate[0], tstate[1], tstate[1], not_y, k_t, POW=1, TWO=False,
+                                        EXCL=EXCL)
         tstate = (m_t, lo_t)
         tt = tz * inv_t
     deep = state[N - 1]
@@ -236,15 +237,15 @@ def _fwd_kernel(
         if c0 != c_y:
             state, tstate = _fwd_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c0, C, y_cls, state, tstate, k_s, k_t,
                                       inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, ALIGN,
-                                      BLOCK_B > 1, False)
+                                      EXCL=BLOCK_B > 1, MASKED=False)
     if c_full > 0 and (c_y >= 0) & (c_y < c_full):
         state, tstate = _fwd_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c_y, C, y_cls, state, tstate, k_s, k_t,
-                                  inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, ALIGN, True,
-                                  False)
+                                  inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, ALIGN,
+                                  EXCL=True, MASKED=False)
     if c_full < C:
         state, tstate = _fwd_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c_full, C, y_cls, state, tstate, k_s,
                                   k_t, inv_t, inv_ts, N, TEACHER, KD_KL, POW_S, TWO_S, POW_T, TWO_T, SUM_Z, ALIGN,
-                                  True, True)
+                                  EXCL=True, MASKED=True)
 
     # teacher statistics at T
     lse_t = tl.zeros([BLOCK_B], tl.float32)
@@ -253,7 +254,8 @@ def _fwd_kernel(
     s_t = zero
     if TEACHER == TEACHER_LOGITS:
         t_y = tl.load(TZ + rows * stride_t + tl.where(has_y, y_cls, 0), mask=row_ok, other=0.0).to(tl.float32)
-        lse_t, r_tch, _, _, l_t, s_t = _row_stats(tstate[0], tstate[1], tstate[1], t_y, has_y, k_t, inv_t, 1, False)
+        lse_t, r_tch, _, _, l_t, s_t = _row_stats(tstate[0], tstate[1], tstate[1], t_y, has_y, k_t, inv_t,
+                                                     POW=1, TWO=False)
     b_row = tl.zeros([BLOCK_B], tl.float32)
     if TEACHER == TEACHER_CLOSED:
         b_row = tl.load(BROW + rows, mask=row_ok, other=1.0).to(tl.float32)
@@ -310,10 +312,10 @@ def _fwd_kernel(
         k_q = LOG2E if EPS == EPS_CE else k_s
         for c0 in range(0, c_full, BLOCK_C):
             acc = _eps_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c0, C, y_cls, acc, lse_q, lse_t, k_q, k_t,
-                            b_row, ce_b, log_eps, N, TEACHER, EPS, ALIGN, False)
+                            b_row, ce_b, log_eps, N, TEACHER, EPS, ALIGN, MASKED=False)
         if c_full < C:
             acc = _eps_tile(ZS, SZ, TZ, stride_t, rows_ld, lanes, c_full, C, y_cls, acc, lse_q, lse_t, k_q, k_t,
-                            b_row, ce_b, log_eps, N, TEACHER, EPS, ALIGN, True)
+                            b_row, ce_b, log_eps, N, TEACHER, EPS, ALIGN, MASKED=True)
         new = ()
         for s in tl.static_range(N):
             tl.store(st_base + (ST_WEPS * N + s) * B, acc[s][1], mask=row_ok)

@@ -75,6 +75,17 @@ def _check_device(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------- the plan
 
 
+class Scalars(NamedTuple):
+    """The runtime scalars both kernels take, in their parameter order (`*plan.scalars` at the launch)."""
+
+    ignore_index: int
+    inv_t: float  # 1 / the teacher's temperature
+    inv_ts: float  # 1 / the students' temperature
+    kd_scale: float  # T^2 where the KD term is scaled by it, else 1
+    ce_b: float  # the CE target's mass on the label (options.ce_true_mass)
+    log_eps: float
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything a launch needs that depends only on the configuration: computed and validated once."""
@@ -87,7 +98,7 @@ class Plan:
     device: torch.device
     hinted: tuple[bool, ...]  # exits whose features get a gradient
     weights: Tensor  # [E, 3] fp32 on the device
-    scalars: tuple  # ignore_index, inv_t, inv_ts, kd_scale, ce_b, log_eps
+    scalars: Scalars
     inv_bd: float
     meta: dict  # the backward's constexprs, by ALIGN (1, or V for rows on 16-byte vectors)
     fwd_meta: dict  # the forward's
@@ -179,7 +190,8 @@ def _plan(opts: LossOptions, E: int, B: int, C: int, D: int, z_dtype: torch.dtyp
     weights = torch.tensor(w, dtype=torch.float32, device=device)  # once per configuration, not per step
     part = torch.empty(grid[0] * part_stride, dtype=torch.float32, device=device)
     ticket = torch.zeros(1, dtype=torch.int32, device=device)
-    scalars = (opts.ignore_index, 1.0 / t, 1.0 / ts, t * t if opts.t_squared else 1.0, ce_b, opts.log_eps)
+    scalars = Scalars(ignore_index=opts.ignore_index, inv_t=1.0 / t, inv_ts=1.0 / ts,
+                      kd_scale=t * t if opts.t_squared else 1.0, ce_b=ce_b, log_eps=opts.log_eps)
     return Plan(opts, E, B, C, D, device, tuple(wh != 0.0 for _, _, wh in w), weights, scalars,
                 1.0 / max(B * D, 1), meta, fwd_meta, grid, (_ROW_STATS * E + 2) * B + E + 1, part_stride,
                 ((C,) * E, (D,) * E), part, ticket, {})
