@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from bench.host_overhead import byot_step, stubbed_launches
-from engine.config import load_config
-from engine.objectives.fused import loss_options
+from bench.kernels import byot_defaults
 from kernels.multi_exit.op import fused_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
@@ -37,7 +36,7 @@ def test_byot_fused_step_host_time(benchmark, shape):
 def test_fused_loss_op_host_time(benchmark):
     """The op alone, without the objective: fused_loss forward + total.backward()."""
 
-    opts = loss_options(load_config(None, []), 4)
+    opts = byot_defaults(4)
     g = torch.Generator().manual_seed(0)
     z = [torch.randn(256, 1000, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(4)]
     f = [torch.randn(256, 512, generator=g).relu().to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(4)]

@@ -31,9 +31,11 @@ from bench.report import (
     write_report,
 )
 from bench.targets import target
-from engine.config import load_config
+from engine.config import ByotConfig
+from engine.objectives.byot import ByotWeights, byot_options
 from engine.objectives.functional import hint_loss
 from kernels import choose_interpreter
+from kernels.multi_exit.options import LossOptions
 from kernels.multi_exit.reference import multi_exit_loss_reference
 
 PROVIDERS = ("eager", "compile", "compile-ro", "liger", "fused")
@@ -192,6 +194,13 @@ def peak_memory(loss: Callable, z, f, y, device: torch.device) -> Optional[int]:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def byot_defaults(num_exits: int, hint: bool = True) -> LossOptions:
+    """The fused call of BYOT with the engine's defaults (objective.byot), without a hint when there are no
+    features."""
+    b = ByotConfig() if hint else ByotConfig(hint="none")
+    return byot_options(b, ByotWeights.from_config(b, num_exits))
+
+
 def _error(e: Exception) -> str:
     return f"error: {type(e).__name__}: {str(e)[:300]}"
 
@@ -199,9 +208,7 @@ def _error(e: Exception) -> str:
 def measure_case(case: Case, device: torch.device, args, fns: dict, copy_gbps: float,
                  flush: Callable[[list], None]) -> list[dict[str, Any]]:
     """Every provider x mode on one shape; `flush(rows so far)` after each provider."""
-    from engine.objectives.fused import loss_options  # loads triton: after fused_status chose the interpreter
-
-    opts = loss_options(load_config(None, [] if case.D else ["objective.byot.hint=none"]), case.E)
+    opts = byot_defaults(case.E, hint=bool(case.D))
     logits, feats, y = make_inputs(case, device)
     rows, ref_loss = [], None
     for provider, factory in fns.items():

@@ -17,8 +17,7 @@ from torch import nn
 from engine.checkpoint import atomic_save
 from engine.config import ConfigError, to_dict
 from engine.models import create_model
-from engine.objectives import build_objective
-from engine.objectives.base import OBJECTIVES, TORCH_ONLY, TRITON_ROUTED
+from engine.objectives import OBJECTIVES, TORCH_ONLY, TRITON_ROUTED, build_objective
 from engine.objectives.functional import LOG_EPS
 from engine.types import Batch, ExitOutputs
 from tests.helpers import tiny_config

@@ -14,9 +14,9 @@ from engine.config import load_config
 from engine.models import create_model
 from engine.objectives import build_objective
 from engine.objectives.base import sum_terms
-from engine.objectives.byot import ByotWeights, byot_terms
+from engine.objectives.byot import ByotWeights, byot_call, byot_terms
 from engine.objectives.functional import kd_loss
-from engine.objectives.fused import FusedCall, byot_call
+from engine.objectives.fused import FusedCall
 from engine.types import Batch
 from kernels.multi_exit.options import LossOptions, ce_true_mass
 from kernels.multi_exit.reference import closed_form_target, multi_exit_loss_reference

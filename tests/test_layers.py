@@ -2,8 +2,8 @@
 
 kernels/ imports nothing of the project; pipelines/ imports neither engine/ nor bench/; engine/ does not import
 bench/. Upward imports count wherever they sit (a function-level import is still a dependency), and so does a
-module named in a string (`importlib.import_module("bench.train")`); cycles count among module-level imports, the
-ones that run when a module is imported.
+module named in a string (`importlib.import_module("bench.train")`). Cycles count among every import, function-level
+ones included: a function-level import only postpones a cycle to the first call.
 """
 from __future__ import annotations
 
@@ -91,8 +91,9 @@ def upward_imports(graph) -> list[str]:
     return bad
 
 
-def cycles(graph) -> list[list[str]]:
-    """The strongly connected components with more than one module (Tarjan), over module-level imports."""
+def cycles(graph, edges: str = "all") -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), over every import ("all") or over
+    module-level ones ("top")."""
     index, low, stack, on_stack, out = {}, {}, [], set(), []
     counter = [0]
 
@@ -101,7 +102,7 @@ def cycles(graph) -> list[list[str]]:
         counter[0] += 1
         stack.append(v)
         on_stack.add(v)
-        for w in sorted(graph[v]["top"]):
+        for w in sorted(graph[v][edges]):
             if w not in index:
                 strong(w)
                 low[v] = min(low[v], low[w])
@@ -129,7 +130,7 @@ def test_no_upward_imports():
 
 
 def test_no_import_cycles():
-    assert cycles(import_graph()) == []
+    assert cycles(import_graph()) == []  # function-level imports included
 
 
 def test_graph_holds_known_edges_of_the_package():
@@ -151,7 +152,8 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 def test_checker_on_a_made_up_tree(tmp_path):
     """An upward import inside a function and one by name are found, the command line's dispatch by name is not;
-    a cycle through a relative `from . import module` is found, one broken by a function-level import is not."""
+    a cycle through a relative `from . import module` is found, and one through a function-level import is found
+    among all imports but not among module-level ones."""
     root = _tree(tmp_path, {
         "kernels/__init__.py": "",
         "kernels/k.py": "def f():\n    from engine.a import x\n",
@@ -168,4 +170,5 @@ def test_checker_on_a_made_up_tree(tmp_path):
     })
     g = import_graph(root)
     assert upward_imports(g) == ["engine.c -> bench.x", "kernels.k -> engine.a"]
-    assert cycles(g) == [["pipelines.p", "pipelines.q"]]
+    assert cycles(g, "top") == [["pipelines.p", "pipelines.q"]]
+    assert cycles(g) == [["engine.a", "engine.b"], ["pipelines.p", "pipelines.q"]]

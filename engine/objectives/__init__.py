@@ -6,4 +6,8 @@ from engine.objectives.base import (  # noqa: F401
     build_objective,
     check_config,
     register_objective,
+    routing,
 )
+
+# objective name -> what runs through the fused kernel on triton / why it always runs PyTorch, as each declares
+TRITON_ROUTED, TORCH_ONLY = routing()

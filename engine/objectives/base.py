@@ -8,11 +8,13 @@ Each objective class declares, as data, what it needs from the rest of the confi
 requirements.py) and whether it has a soft-target cross-entropy (`soft_targets`); `check_config` asks it.
 
 `objective.backend` (torch | triton | auto; auto = Triton on CUDA, PyTorch elsewhere) is resolved once, when the
-objective is built: the objectives in `TRITON_ROUTED` then hold their fused call (engine/objectives/fused.py) in
-`fused` and compute their terms with it, otherwise with their PyTorch twin; both return the same term names and
-values, and the fused total backpropagates through one sum. The others always run PyTorch (`TORCH_ONLY`, with the
-reason). Both backends take the same `objective.log_eps` (`log_eps`): the official log(p + 1e-8) of the
-Beta-smoothing code in the methods that come from it, the exact log-softmax elsewhere.
+objective is built. Each objective declares its kernel wiring itself: `kernel_options` (its
+kernels.multi_exit.options.LossOptions) and `routed` (what runs through the kernel), or `torch_only` (why it always
+runs PyTorch). A routed objective on triton holds its fused call (engine/objectives/fused.py) in `fused` and
+computes its terms with it, otherwise with its PyTorch twin; both return the same term names and values, and the
+fused total backpropagates through one sum. `routing()` lists both kinds. Both backends take the same
+`objective.log_eps` (`log_eps`): the official log(p + 1e-8) of the Beta-smoothing code in the methods that come from
+it, the exact log-softmax elsewhere.
 """
 from __future__ import annotations
 
@@ -39,6 +41,29 @@ class Objective(nn.Module):
     official_log_eps = 0.0  # the eps of log(p + eps) there in the official code (0 = exact log-softmax)
     fused = None  # the fused call, when objective.backend resolved to triton at construction (`use_fused`)
     kernel_checks = None  # the fused call's self-checks (engine/objectives/self_check.py), when it has any
+    routed = ""  # what runs through the fused kernel when objective.backend resolves to triton
+    torch_only = ""  # why the objective always runs PyTorch, whatever objective.backend says (then routed is "")
+
+    @classmethod
+    def kernel_options(cls, cfg, num_exits: int):
+        """The kernels.multi_exit.options.LossOptions of the objective's fused call (for CS-KD: the anchor/partner
+        one); a torch-only objective has none."""
+        raise ConfigError(f"objective.backend: objective {cfg.objective.name!r} has no fused-kernel form "
+                          f"({cls.torch_only}); use objective.backend=torch")
+
+    def fused_call(self, cfg, device: torch.device, names: dict[str, tuple[int, int]], num_exits: int = 1):
+        """The objective's fused call when objective.backend resolves to triton, else None; `names` maps each logged
+        term to its (exit, column) in the kernel's [E, 3] losses."""
+        if resolve_backend(cfg.objective.backend, device) != "triton":
+            return None
+        return self.fused_twin(cfg, names, num_exits)
+
+    def fused_twin(self, cfg, names: dict[str, tuple[int, int]], num_exits: int):
+        """The fused twin of `torch_terms`: one call with `kernel_options` (an objective needing several launches
+        returns its own callable with the same arguments and result)."""
+        from engine.objectives.fused import FusedCall  # loads triton, optional: for this backend only
+
+        return FusedCall(self.kernel_options(cfg, num_exits), names)
 
     def forward(self, model: nn.Module, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out = model(batch.images)
@@ -65,24 +90,11 @@ class Objective(nn.Module):
         return "torch" if self.fused is None else "triton"
 
 
-# objective name -> what runs through the fused kernel when objective.backend resolves to "triton"
-TRITON_ROUTED: dict[str, str] = {
-    "byot": "every term: ce_i, kd_i, hint_i, in one launch",
-    "byot_cskd": "the BYOT terms, and the CS-KD KL terms (one launch per chosen exit and per target)",
-    "cskd": "ce + cskd (+ cskd_sample for CS-KD-E): one launch per chosen exit (+ one for the second view)",
-    "beta": "ce + beta, the Beta targets in closed form from the per-row b",
-    "kd": "ce + kd (Hinton: KL at T, student scaled, T^2)",
-    "sd_generation": "ce + kd (soft CE at T, scale_student / t_squared as configured)",
-    "label_smoothing": "ls, in either convention (eps/(K-1) per wrong class, or eps/K on every class)",
-    "dsn": "ce_i at every exit, one launch",
-    "ce": "ce on the deepest exit",
-    "mixup_cskd": "the cskd KL term only; the mixed CE stays on PyTorch",
-}
-# objective name -> why it always runs PyTorch, whatever objective.backend says
-TORCH_ONLY: dict[str, str] = {
-    "max_entropy": "the entropy bonus of the student's own prediction has no kernel term",
-    "mixup": "the CE against two labels mixed by an on-device l has no kernel form",
-}
+def routing() -> tuple[dict[str, str], dict[str, str]]:
+    """({objective: what runs through the fused kernel}, {objective: why it always runs PyTorch}), as each declares."""
+    classes = {n: OBJECTIVES.get(n) for n in OBJECTIVES.names()}
+    return ({n: c.routed for n, c in classes.items() if c.routed},
+            {n: c.torch_only for n, c in classes.items() if c.torch_only})
 
 
 def objective_class(cfg) -> type[Objective]:
@@ -139,16 +151,6 @@ def resolve_backend(name: str, device: torch.device) -> str:
         raise ConfigError("objective.backend=triton needs triton (pip install triton), which has wheels for Linux "
                           "only; objective.backend=torch runs everywhere")
     return name
-
-
-def fused_call(cfg, device: torch.device, names: dict[str, tuple[int, int]], num_exits: int = 1):
-    """The objective's fused call when objective.backend resolves to triton, else None; `names` maps each logged
-    term to its (exit, column) in the kernel's [E, 3] losses."""
-    if resolve_backend(cfg.objective.backend, device) != "triton":
-        return None
-    from engine.objectives.fused import FusedCall, loss_options  # triton is loaded for this backend only
-
-    return FusedCall(loss_options(cfg, num_exits), names)
 
 
 def build_objective(cfg, num_exits: int, device: torch.device) -> Objective:

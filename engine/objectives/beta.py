@@ -27,9 +27,10 @@ from torch import Tensor
 
 from engine.ema import ModelEMA
 from engine.models import create_model
-from engine.objectives.base import Objective, fused_call, log_eps, register_objective, summed
+from engine.objectives.base import Objective, log_eps, register_objective, summed
 from engine.objectives.functional import LOG_EPS, ce, soft_target_ce, upcast
 from engine.types import Batch, ExitOutputs, LossOutput
+from kernels.multi_exit.options import LossOptions
 
 EMA_SEED_OFFSET = 7_777  # the EMA's own initialisation is drawn from seed + this, off the global RNG stream
 
@@ -82,13 +83,19 @@ def beta_smoothing_terms(logits: Tensor, teacher_logits: Tensor, labels: Tensor,
 class BetaSmoothing(Objective):
     soft_targets = True
     official_log_eps = LOG_EPS
+    routed = "ce + beta, the Beta targets in closed form from the per-row b"
+
+    @classmethod
+    def kernel_options(cls, cfg, num_exits: int) -> LossOptions:
+        a = cfg.objective.beta.alpha
+        return LossOptions(teacher="closed_form", ce_weight=1 - a, kd_weight=a, kd="soft_ce", log_eps=log_eps(cfg))
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
         b = cfg.objective.beta
         self.alpha, self.beta = b.alpha, b.beta
         self.log_eps = log_eps(cfg)
-        self.use_fused(fused_call(cfg, device, {"ce": (0, 0), "beta": (0, 1)}))
+        self.use_fused(self.fused_call(cfg, device, {"ce": (0, 0), "beta": (0, 1)}))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + EMA_SEED_OFFSET)
             teacher = create_model(cfg.model, cfg.exits)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.objectives.base import Objective, register_objective, resolve_backend, summed
+from engine.objectives.base import Objective, register_objective, summed
 from engine.objectives.functional import ce, hint_loss, kd_loss
 from engine.objectives.requirements import Requirement
 from engine.types import Batch, ExitOutputs, LossOutput
+from kernels.multi_exit.options import LossOptions
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,30 @@ def byot_terms(logits: list[Tensor], features: list[Tensor], targets: Tensor, w:
     return terms
 
 
+def byot_options(b, weights: ByotWeights) -> LossOptions:
+    """The options of BYOT's one launch, from objective.byot and its resolved per-exit weights."""
+    hint = b.hint if b.hint != "none" and any(weights.hint) else "none"
+    return LossOptions(teacher="deepest", ce_weight=weights.ce, kd_weight=weights.kd, hint_weight=weights.hint,
+                       temperature=b.temperature, kd=b.kd, t_squared=b.t_squared, hint=hint)
+
+
+def byot_names(weights: ByotWeights) -> dict[str, tuple[int, int]]:
+    """The logged terms of byot_terms at their (exit, column) of the kernel's losses: ce_i for every exit, kd_i and
+    hint_i (nonzero hint weight) for the shallow ones."""
+    n = len(weights.ce)
+    names = {f"ce_{i}": (i, 0) for i in range(n)}
+    names.update({f"kd_{i}": (i, 1) for i in range(n - 1)})
+    names.update({f"hint_{i}": (i, 2) for i in range(n - 1) if weights.hint[i] != 0})
+    return names
+
+
+def byot_call(b, weights: ByotWeights):
+    """The fused twin of byot_terms (a FusedCall)."""
+    from engine.objectives.fused import FusedCall  # loads triton, optional: for this backend only
+
+    return FusedCall(byot_options(b, weights), byot_names(weights))
+
+
 # a shallow exit to teach: without one, BYOT is the deepest exit's CE scaled by 1 - alpha
 SHALLOW_EXIT = Requirement("exits.stages", "min_items", 1, note="a shallow exit to distil into; objective ce trains "
                                                                  "the plain backbone")
@@ -62,17 +87,18 @@ SHALLOW_EXIT = Requirement("exits.stages", "min_items", 1, note="a shallow exit 
 @register_objective("byot")
 class BYOT(Objective):
     requires = (SHALLOW_EXIT,)
+    routed = "every term: ce_i, kd_i, hint_i, in one launch"
+
+    @classmethod
+    def kernel_options(cls, cfg, num_exits: int) -> LossOptions:
+        b = cfg.objective.byot
+        return byot_options(b, ByotWeights.from_config(b, num_exits))
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
         self.b = cfg.objective.byot
         self.weights = ByotWeights.from_config(self.b, num_exits)
-        fused = None
-        if resolve_backend(cfg.objective.backend, device) == "triton":
-            from engine.objectives.fused import byot_call  # triton is loaded for this backend only
-
-            fused = byot_call(self.b, self.weights)
-        self.use_fused(fused)
+        self.use_fused(self.fused_call(cfg, device, byot_names(self.weights), num_exits))
 
     def torch_terms(self, logits: list[Tensor], labels: Tensor,
                     features: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

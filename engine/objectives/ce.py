@@ -4,16 +4,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from engine.objectives.base import Objective, fused_call, register_objective, summed
+from engine.objectives.base import Objective, register_objective, summed
 from engine.objectives.functional import ce
 from engine.types import Batch, ExitOutputs, LossOutput
+from kernels.multi_exit.options import LossOptions
 
 
 @register_objective("ce")
 class CrossEntropy(Objective):
+    routed = "ce on the deepest exit"
+
+    @classmethod
+    def kernel_options(cls, cfg, num_exits: int) -> LossOptions:
+        return LossOptions(teacher="none")
+
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
-        self.use_fused(fused_call(cfg, device, {"ce": (0, 0)}))
+        self.use_fused(self.fused_call(cfg, device, {"ce": (0, 0)}))
 
     def torch_terms(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return summed({"ce": ce(logits, labels)})

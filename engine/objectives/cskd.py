@@ -29,11 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from engine.checkpoint import unwrap
-from engine.objectives.base import Objective, combine, register_objective, resolve_backend, summed
+from engine.objectives.base import Objective, combine, register_objective, summed
 from engine.objectives.byot import BYOT, SHALLOW_EXIT
 from engine.objectives.functional import ce, kd_loss
 from engine.objectives.requirements import Requirement
 from engine.types import Batch, ExitOutputs, LossOutput
+from kernels.multi_exit.options import LossOptions
 
 
 def cskd_kl(student: Tensor, partner: Tensor, temperature: float) -> Tensor:
@@ -121,12 +122,19 @@ class PartnerForward:
             return model(images)
 
 
+def cskd_options(cfg, with_ce: bool = True) -> LossOptions:
+    """CE + lam T^2 KL(partner || anchor) on one exit; the partner logits are the external teacher."""
+    c = cfg.objective.cskd
+    return LossOptions(teacher="logits", ce_weight=1.0 if with_ce else 0.0, kd_weight=c.lam, temperature=c.temperature,
+                       kd="kl", t_squared=True)
+
+
 class FusedCSKD:
     """The fused twin of cskd_terms: per chosen exit, one launch for CE + the partner KL (CE left out for
     byot_cskd) and one for the sample-wise KL."""
 
     def __init__(self, cfg, num_exits: int, with_ce: bool):
-        from engine.objectives.fused import FusedCall, cskd_options  # triton is loaded for this backend only
+        from engine.objectives.fused import FusedCall  # loads triton, optional: for this backend only
 
         pair, view = cskd_options(cfg, with_ce), cskd_options(cfg, with_ce=False)
         self.calls = []
@@ -153,6 +161,14 @@ PAIRS = Requirement("data.sampler", "==", "class_pair", note="CS-KD anchor/partn
 class CSKD(Objective):
     requires = (PAIRS, Requirement("data.extra_view", "==", True, when=("objective.cskd.sample_wise", True),
                                    note="CS-KD-E takes its sample-wise target from a second view of each anchor"))
+    routed = "ce + cskd (+ cskd_sample for CS-KD-E): one launch per chosen exit (+ one for the second view)"
+
+    @classmethod
+    def kernel_options(cls, cfg, num_exits: int) -> LossOptions:
+        return cskd_options(cfg)
+
+    def fused_twin(self, cfg, names, num_exits: int) -> FusedCSKD:
+        return FusedCSKD(cfg, num_exits, self.with_ce)
 
     def __init__(self, cfg, num_exits: int, device: torch.device, with_ce: bool = True):
         super().__init__()
@@ -160,8 +176,7 @@ class CSKD(Objective):
         self.lam, self.temperature, self.exits, self.sample_wise = c.lam, c.temperature, c.exits, c.sample_wise
         self.with_ce = with_ce
         self.partner = PartnerForward(c.partner_updates_bn)
-        on_triton = resolve_backend(cfg.objective.backend, device) == "triton"
-        self.use_fused(FusedCSKD(cfg, num_exits, with_ce) if on_triton else None)
+        self.use_fused(self.fused_call(cfg, device, {}, num_exits))  # names: FusedCSKD's own, per chosen exit
 
     def torch_terms(self, logits: list[Tensor], partner_logits: list[Tensor], labels: Tensor,
                     view_logits: list[Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -191,6 +206,11 @@ class BYOTCSKD(CSKD):
     """BYOT terms (objective.byot.*) + CS-KD KL terms (objective.cskd.*), each on the chosen backend."""
 
     requires = (*CSKD.requires, SHALLOW_EXIT)
+    routed = "the BYOT terms, and the CS-KD KL terms (one launch per chosen exit and per target)"
+
+    @classmethod
+    def kernel_options(cls, cfg, num_exits: int) -> LossOptions:
+        return BYOT.kernel_options(cfg, num_exits)  # its first launch; the CS-KD ones are cskd_options(cfg, False)
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__(cfg, num_exits, device, with_ce=False)

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.objectives.base import Objective, fused_call, log_eps, register_objective, summed
+from engine.objectives.base import Objective, log_eps, register_objective, summed
 from engine.objectives.functional import LOG_EPS, ce, kd_loss, soft_target_ce, upcast
 from engine.objectives.requirements import Requirement
 from engine.objectives.teacher import FrozenTeacher
 from engine.types import Batch, ExitOutputs, LossOutput
+from kernels.multi_exit.options import LossOptions
 
 
 def hinton_kd_terms(student: Tensor, teacher: Tensor, labels: Tensor, alpha: float,
@@ -48,7 +49,7 @@ class TeacherKD(Objective):
         t = cfg.objective.teacher
         self.alpha, self.temperature = t.alpha, t.temperature
         self.teacher = FrozenTeacher.from_config(cfg, device)
-        self.use_fused(fused_call(cfg, device, {"ce": (0, 0), "kd": (0, 1)}))
+        self.use_fused(self.fused_call(cfg, device, {"ce": (0, 0), "kd": (0, 1)}))
 
     def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         out = model(batch.images)
@@ -65,6 +66,13 @@ class TeacherKD(Objective):
 @register_objective("kd")
 class HintonKD(TeacherKD):
     requires = (Requirement("objective.teacher.checkpoint", "set"),)
+    routed = "ce + kd (Hinton: KL at T, student scaled, T^2)"
+
+    @classmethod
+    def kernel_options(cls, cfg, num_exits: int) -> LossOptions:
+        t = cfg.objective.teacher
+        return LossOptions(teacher="logits", ce_weight=1 - t.alpha, kd_weight=t.alpha, temperature=t.temperature,
+                           kd="kl", t_squared=True)
 
     def torch_terms(self, logits: Tensor, labels: Tensor, teacher_logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return summed(hinton_kd_terms(logits, teacher_logits, labels, self.alpha, self.temperature))
@@ -77,6 +85,13 @@ class GenerationKD(TeacherKD):
                             note="or generations > 1"),)
     soft_targets = True
     official_log_eps = LOG_EPS
+    routed = "ce + kd (soft CE at T, scale_student / t_squared as configured)"
+
+    @classmethod
+    def kernel_options(cls, cfg, num_exits: int) -> LossOptions:
+        t = cfg.objective.teacher
+        return LossOptions(teacher="logits", ce_weight=1 - t.alpha, kd_weight=t.alpha, temperature=t.temperature,
+                           kd="soft_ce", t_squared=t.t_squared, scale_student=t.scale_student, log_eps=log_eps(cfg))
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__(cfg, num_exits, device)

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.objectives.base import Objective, fused_call, log_eps, register_objective, summed
+from engine.objectives.base import Objective, log_eps, register_objective, summed
 from engine.objectives.functional import LOG_EPS, soft_target_ce, upcast
 from engine.types import Batch, ExitOutputs, LossOutput
+from kernels.multi_exit.options import LossOptions
 
 # the eps of log(p + eps) in each convention's official form: the Beta-smoothing code's, and PyTorch's exact one
 OFFICIAL_LOG_EPS = {"wrong_classes": LOG_EPS, "all_classes": 0.0}
@@ -48,13 +49,20 @@ LS_LOSSES = {"wrong_classes": ls_wrong_classes_loss, "all_classes": ls_all_class
 @register_objective("label_smoothing")
 class LabelSmoothing(Objective):
     soft_targets = True
+    routed = "ls, in either convention (eps/(K-1) per wrong class, or eps/K on every class)"
+
+    @classmethod
+    def kernel_options(cls, cfg, num_exits: int) -> LossOptions:
+        ls = cfg.objective.label_smoothing
+        return LossOptions(teacher="none", label_smoothing=ls.epsilon, smoothing_convention=ls.convention,
+                           log_eps=log_eps(cfg))
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
         ls = cfg.objective.label_smoothing
         self.eps, self.convention = ls.epsilon, ls.convention
         self.log_eps = log_eps(cfg)
-        self.use_fused(fused_call(cfg, device, {"ls": (0, 0)}))
+        self.use_fused(self.fused_call(cfg, device, {"ls": (0, 0)}))
 
     @classmethod
     def default_log_eps(cls, cfg) -> float:

@@ -24,6 +24,8 @@ def max_entropy_terms(logits: Tensor, labels: Tensor, beta: float) -> dict[str, 
 
 @register_objective("max_entropy")
 class MaxEntropy(Objective):
+    torch_only = "the entropy bonus of the student's own prediction has no kernel term"
+
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
         self.beta = cfg.objective.max_entropy_beta

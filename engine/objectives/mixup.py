@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.objectives.base import Objective, fused_call, register_objective, sum_terms, summed
-from engine.objectives.cskd import PAIRS, PartnerForward, partner_images
+from engine.objectives.base import Objective, register_objective, sum_terms, summed
+from engine.objectives.cskd import PAIRS, PartnerForward, cskd_options, partner_images
 from engine.objectives.functional import kd_loss, upcast
 from engine.objectives.requirements import Requirement
 from engine.types import Batch, ExitOutputs, LossOutput
@@ -52,6 +52,7 @@ class MixupSampler(torch.nn.Module):
 @register_objective("mixup")
 class Mixup(Objective):
     requires = (MIXUP_ALPHA,)
+    torch_only = "the CE against two labels mixed by an on-device l has no kernel form"
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
@@ -71,6 +72,11 @@ class MixupCSKD(Objective):
     requires = (MIXUP_ALPHA, PAIRS,
                 Requirement("objective.cskd.sample_wise", "==", False,
                             note="CS-KD-E is not combined with mixup; use objective cskd"))
+    routed = "the cskd KL term only; the mixed CE stays on PyTorch"
+
+    @classmethod
+    def kernel_options(cls, cfg, num_exits: int):
+        return cskd_options(cfg, with_ce=False)
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
@@ -78,7 +84,7 @@ class MixupCSKD(Objective):
         self.sampler = MixupSampler(cfg.objective.mixup_alpha)
         self.lam, self.temperature = c.lam, c.temperature
         self.partner = PartnerForward(c.partner_updates_bn)
-        self.use_fused(fused_call(cfg, device, {"cskd": (0, 1)}))
+        self.use_fused(self.fused_call(cfg, device, {"cskd": (0, 1)}))
 
     def torch_terms(self, logits: Tensor, labels: Tensor, teacher_logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return summed({"cskd": self.lam * kd_loss(logits, teacher_logits, self.temperature, "kl", t_squared=True)})
