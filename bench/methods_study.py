@@ -51,7 +51,7 @@ METHODS: dict[str, tuple[str, list[str], str | None]] = {
     "ls_all": ("label smoothing, eps/K on every class (eps 0.1)", [*LS[:2], LS[2] + "all_classes"], None),
     "ls_wrong": ("label smoothing, eps/(K-1) on the wrong classes (eps 0.1)",
                  [*LS[:2], LS[2] + "wrong_classes"], None),
-    "max_entropy": ("CE - 0.1 H(p)", ["objective.name=max_entropy", "objective.max_entropy_beta=0.1"], None),
+    "max_entropy": ("CE - 0.1 H(p)", ["objective.name=max_entropy", "objective.max_entropy.beta=0.1"], None),
     "dsn": ("deep supervision: CE at every exit", [*EXITS, "objective.name=dsn"], None),
     "byot_iccv": ("BYOT, ICCV settings (bottleneck heads, KL T=3 T^2, alpha 0.1, SSE hint 1e-6)",
                   [*EXITS, "objective.name=byot"], None),
@@ -68,9 +68,9 @@ METHODS: dict[str, tuple[str, list[str], str | None]] = {
     "sd_gen1": ("self-distillation generation 1 (teacher: the ce run; alpha 0.4, T 4)",
                 ["objective.name=sd_generation"], "ce"),
     "sd_gen2": ("self-distillation generation 2 (teacher: sd_gen1)", ["objective.name=sd_generation"], "sd_gen1"),
-    "mixup": ("mixup (alpha 1)", ["objective.name=mixup", "objective.mixup_alpha=1.0"], None),
+    "mixup": ("mixup (alpha 1)", ["objective.name=mixup", "objective.mixup.alpha=1.0"], None),
     "mixup_cskd": ("mixup + CS-KD (same l and permutation for both halves)",
-                   [*PAIRS, "objective.name=mixup_cskd", "objective.mixup_alpha=1.0"], None),
+                   [*PAIRS, "objective.name=mixup_cskd", "objective.mixup.alpha=1.0"], None),
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from engine.config_errors import ConfigError
-from engine.config_files import find_config, read_yaml, shipped_configs
+from engine.config_files import find_config, flat_keys, migrate, read_yaml, refuse_old_key, shipped_configs
 
 __all__ = ["ConfigError", "Config", "load_config", "config_from_dict", "find_config", "shipped_configs", "to_dict",
            "validate", "dump_yaml", "refuse_repeated_keys"]
@@ -113,6 +113,16 @@ class TeacherKDConfig:
 
 
 @dataclass
+class MaxEntropyConfig:
+    beta: float = _f(0.1, ge=0, doc="CE - beta H(p)")
+
+
+@dataclass
+class MixupConfig:
+    alpha: float = _f(0.0, ge=0, doc="mixup Beta(a, a); 0 = off")
+
+
+@dataclass
 class ObjectiveConfig:
     name: str = _f("byot", doc="registered objective (ce, byot, ...)")
     backend: Literal["torch", "triton", "auto"] = _f("auto", doc="auto = Triton on CUDA, PyTorch on CPU")
@@ -123,8 +133,8 @@ class ObjectiveConfig:
     cskd: CskdConfig = field(default_factory=CskdConfig)
     beta: BetaConfig = field(default_factory=BetaConfig)
     teacher: TeacherKDConfig = field(default_factory=TeacherKDConfig)
-    max_entropy_beta: float = _f(0.1, ge=0)
-    mixup_alpha: float = _f(0.0, ge=0, doc="mixup Beta(a, a); 0 = off")
+    max_entropy: MaxEntropyConfig = field(default_factory=MaxEntropyConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
     log_eps: Optional[float] = _f(None, ge=0, le=0.5, doc="soft-target CEs take log(p + log_eps); null = the method's "
                                   "official form (1e-8 for beta, sd_generation and label_smoothing's wrong_classes "
                                   "convention; else 0 = exact)")
@@ -369,7 +379,13 @@ def _merge(base: dict, path: list[str], value: Any) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """YAML file or shipped recipe (`find_config`; may name `base: other.yaml`, resolved relative to it) + dotted
     overrides -> validated Config."""
-    return config_from_dict(read_yaml(find_config(path)) if path is not None else {}, overrides)
+    if path is None:
+        return config_from_dict({}, overrides)
+    path = find_config(path)
+    data = read_yaml(path)
+    for key in flat_keys(data):
+        refuse_old_key(key, str(path))
+    return config_from_dict(data, overrides)
 
 
 def refuse_repeated_keys(overrides: list[str]) -> None:
@@ -383,20 +399,12 @@ def refuse_repeated_keys(overrides: list[str]) -> None:
         seen[key] = ov
 
 
-# Keys that did nothing and were removed: older checkpoints and YAML files still name them, and still load.
-RETIRED = {("checkpoint", "keep_last")}
-
-
 def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
     """A plain nested dict (YAML, or a checkpoint's saved config) + dotted overrides -> validated Config."""
-    data = copy.deepcopy(data)
-    for section, key in RETIRED:
-        if isinstance(data.get(section), dict):
-            data[section].pop(key, None)
+    data = migrate(copy.deepcopy(data))
     for ov in overrides:
         keys, value = _parse_override(ov)
-        if tuple(keys) in RETIRED:
-            raise ConfigError(f"{'.'.join(keys)}: this key was removed (it had no effect); drop it")
+        refuse_old_key(".".join(keys), "the command line")
         _merge(data, keys, value)
     cfg = _build(Config, data)
     validate(cfg)

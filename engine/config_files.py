@@ -55,3 +55,44 @@ def read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
             raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
         data = _deep_update(read_yaml(path.parent / base, (*chain, path.resolve())), data)
     return data
+
+
+# Keys that moved (old dotted key -> new) and keys that did nothing and were removed. A checkpoint saved before
+# keeps them in its config, and still loads and resumes (`migrate`); a YAML file or a command line naming one is
+# refused with the new key (`refuse_old_key`).
+MOVED = {"objective.max_entropy_beta": "objective.max_entropy.beta", "objective.mixup_alpha": "objective.mixup.alpha"}
+RETIRED = {"checkpoint.keep_last"}
+
+
+def flat_keys(data: dict, prefix: str = "") -> list[str]:
+    """Every dotted key of a nested mapping."""
+    out = []
+    for k, v in data.items():
+        out += flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+def refuse_old_key(key: str, where: str) -> None:
+    if key in MOVED:
+        raise ConfigError(f"{key} ({where}) is now {MOVED[key]}")
+    if key in RETIRED:
+        raise ConfigError(f"{key} ({where}): this key was removed (it had no effect); drop it")
+
+
+def migrate(data: dict) -> dict:
+    """A saved config with moved keys at their new place and retired ones dropped (in place)."""
+    for key in [*MOVED, *RETIRED]:
+        section, _, name = key.rpartition(".")
+        node = data
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node:
+            value = node.pop(name)
+            if key in MOVED:
+                *path, last = MOVED[key].split(".")
+                target = data
+                for part in path:
+                    target = target.setdefault(part, {})
+                target.setdefault(last, value)
+    return data
+

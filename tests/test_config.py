@@ -161,7 +161,7 @@ def test_a_retired_key_in_an_old_checkpoint_config_still_loads():
     old = to_dict(load_config(None, ["seed=3"]))
     old["checkpoint"]["keep_last"] = True
     assert config_from_dict(old).seed == 3
-    with pytest.raises(ConfigError, match="checkpoint.keep_last: this key was removed"):
+    with pytest.raises(ConfigError, match=r"checkpoint.keep_last \(the command line\): this key was removed"):
         load_config(None, ["checkpoint.keep_last=false"])
 
 
@@ -178,3 +178,19 @@ def test_a_closed_pipe_ends_a_listing_quietly():
     p.stdout.close()
     err = p.stderr.read()
     assert p.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_moved_key_names_its_new_place_and_old_checkpoints_migrate(tmp_path):
+    """objective.mixup_alpha became objective.mixup.alpha: a YAML file or command line with the old key is refused
+    with the new one; a config saved in an older checkpoint loads with the value at its new place."""
+    from engine.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=r"objective.mixup_alpha \(the command line\) is now objective.mixup.alpha"):
+        load_config(None, ["objective.mixup_alpha=1.0"])
+    old = tmp_path / "old.yaml"
+    old.write_text("objective:\n  name: max_entropy\n  max_entropy_beta: 0.3\n")
+    with pytest.raises(ConfigError, match=r"objective.max_entropy_beta \(.*old.yaml\) is now objective.max_entropy.beta"):
+        load_config(old)
+    saved = to_dict(load_config(None, ["objective.name=mixup", "objective.mixup.alpha=0.4"]))
+    saved["objective"]["mixup_alpha"] = saved["objective"].pop("mixup")["alpha"]  # as an older checkpoint holds it
+    assert config_from_dict(saved).objective.mixup.alpha == 0.4

@@ -93,7 +93,7 @@ CASES = {
     "label_smoothing_all_2_exits": ("label_smoothing", ["objective.label_smoothing.convention=all_classes"], 2),
     "dsn": ("dsn", [], 3),
     "ce": ("ce", [], 1),
-    "mixup_cskd": ("mixup_cskd", [*PAIR, "objective.mixup_alpha=1.0"], 1),
+    "mixup_cskd": ("mixup_cskd", [*PAIR, "objective.mixup.alpha=1.0"], 1),
 }
 
 

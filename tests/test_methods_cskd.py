@@ -162,7 +162,7 @@ def test_cskd_e_every_exit_and_byot_combination(model_and_batch):
 def test_mixup_cskd_runs_and_mixes(model_and_batch):
     cfg, model, batch = model_and_batch
     cfg.objective.name = "mixup_cskd"
-    cfg.objective.mixup_alpha = 1.0
+    cfg.objective.mixup.alpha = 1.0
     loss, _ = build_objective(cfg, model.num_exits, CPU)(model, batch)
     assert list(loss.terms) == ["ce", "cskd"] and loss.total.requires_grad
 
@@ -178,9 +178,9 @@ def test_missing_partner_is_a_clear_error(model_and_batch):
     (["objective.name=byot_cskd"], "data.sampler=class_pair"),
     (["objective.name=byot_cskd", "data.sampler=class_pair", "exits.stages=[]"], "exits.stages"),
     (["objective.name=cskd", "data.sampler=class_pair", "objective.cskd.sample_wise=true"], "extra_view"),
-    (["objective.name=mixup"], "mixup_alpha"),
-    (["objective.name=mixup_cskd", "objective.mixup_alpha=1.0"], "data.sampler=class_pair"),
-    (["objective.name=mixup_cskd", "objective.mixup_alpha=1.0", "data.sampler=class_pair", "data.extra_view=true",
+    (["objective.name=mixup"], "mixup.alpha"),
+    (["objective.name=mixup_cskd", "objective.mixup.alpha=1.0"], "data.sampler=class_pair"),
+    (["objective.name=mixup_cskd", "objective.mixup.alpha=1.0", "data.sampler=class_pair", "data.extra_view=true",
       "objective.cskd.sample_wise=true"], "objective.cskd.sample_wise=false"),
     (["objective.name=kd"], "teacher.checkpoint"),
     (["objective.name=sd_generation"], "teacher.checkpoint"),
@@ -201,7 +201,7 @@ def test_config_errors(tmp_path, overrides, match):
     ["objective.name=sd_generation", "generations=2"],  # the chain gives every generation its teacher
     ["objective.name=cskd", "data.sampler=class_pair", "objective.cskd.sample_wise=true", "data.extra_view=true"],
     ["objective.name=byot_cskd", "data.sampler=class_pair"],
-    ["objective.name=mixup_cskd", "objective.mixup_alpha=1.0", "data.sampler=class_pair"],
+    ["objective.name=mixup_cskd", "objective.mixup.alpha=1.0", "data.sampler=class_pair"],
     ["objective.name=label_smoothing", "objective.log_eps=0.001"],
 ])
 def test_configs_that_meet_the_requirements_pass(tmp_path, overrides):
@@ -239,7 +239,7 @@ def test_partner_and_view_forwards_record_no_autograd_graph(model_and_batch, nam
     # The partner (and second-view) forward must run under no_grad: with a graph it would still give the same loss
     # and gradients (the targets are detached) but keep every activation alive, doubling activation memory.
     cfg, model, batch = model_and_batch
-    cfg.objective.name, cfg.objective.mixup_alpha, cfg.objective.backend = name, 1.0, "torch"
+    cfg.objective.name, cfg.objective.mixup.alpha, cfg.objective.backend = name, 1.0, "torch"
     for k, v in overrides.items():
         setattr(cfg.objective.cskd, k, v)
     seen = []
@@ -254,7 +254,7 @@ def test_partner_and_view_forwards_record_no_autograd_graph(model_and_batch, nam
 def test_mixup_cskd_one_mixing_weight_and_one_permutation(tmp_path):
     # Anchors are one-hot images at pixels 0..B-1, partners 2 x one-hot at pixels 16..16+B-1: every mixed input
     # reveals its l and permutation, and the partners' must be the anchors'.
-    cfg = tiny_config(tmp_path, "objective.name=mixup_cskd", "data.sampler=class_pair", "objective.mixup_alpha=1.0")
+    cfg = tiny_config(tmp_path, "objective.name=mixup_cskd", "data.sampler=class_pair", "objective.mixup.alpha=1.0")
     B = 6
     eye = torch.eye(64).view(64, 1, 8, 8)
     batch = Batch(eye[:B], torch.tensor([0, 1, 2, 0, 1, 2]), {"partner": 2 * eye[16:16 + B]})

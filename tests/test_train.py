@@ -53,7 +53,7 @@ def test_eval_reproduces_logged_accuracy(trained):
 
 # Mixup draws its Beta(1, 1) weight and its permutation from the global RNG, and crop+flip augments every batch:
 # a resume that lost the RNG state or the cut logging window would log different records. 4 steps per epoch.
-RESUME = ("objective.name=mixup", "objective.mixup_alpha=1.0", "exits.stages=[]", "data.augment=crop_flip",
+RESUME = ("objective.name=mixup", "objective.mixup.alpha=1.0", "exits.stages=[]", "data.augment=crop_flip",
           "data.limit_train=256", "data.val_split=100", "data.limit_eval=100", "logging.log_every=3")
 
 

@@ -1,5 +1,5 @@
 """Confidence penalty (Pereyra et al. 2017) on the deepest exit, as the Beta-smoothing code's `ent_reg`:
-CE - beta·H(p), beta = objective.max_entropy_beta. Always PyTorch: the entropy of the student's own prediction
+CE - beta·H(p), beta = objective.max_entropy.beta. Always PyTorch: the entropy of the student's own prediction
 has no kernel term."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class MaxEntropy(Objective):
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
-        self.beta = cfg.objective.max_entropy_beta
+        self.beta = cfg.objective.max_entropy.beta
 
     def loss(self, out: ExitOutputs, batch: Batch) -> LossOutput:
         return sum_terms(max_entropy_terms(out.logits[-1], batch.labels, self.beta))

@@ -1,6 +1,6 @@
 """Mixup (Zhang et al. 2018), alone and combined with CS-KD, on the deepest exit.
 
-  mixup       x~ = l·x + (1-l)·x[perm], l ~ Beta(a, a) once per batch (a = objective.mixup_alpha), CE mixed the
+  mixup       x~ = l·x + (1-l)·x[perm], l ~ Beta(a, a) once per batch (a = objective.mixup.alpha), CE mixed the
               same way
   mixup_cskd  anchors and partners mixed with the same l and permutation, CE on the mixed anchors, CS-KD KL
               from the mixed partners' (no-grad) prediction to the mixed anchors' one
@@ -21,7 +21,7 @@ from engine.objectives.functional import kd_loss, upcast
 from engine.objectives.requirements import Requirement
 from engine.types import Batch, ExitOutputs, LossOutput
 
-MIXUP_ALPHA = Requirement("objective.mixup_alpha", ">", 0, note="e.g. 1.0 as in Zhang et al. 2018")
+MIXUP_ALPHA = Requirement("objective.mixup.alpha", ">", 0, note="e.g. 1.0 as in Zhang et al. 2018")
 
 
 def mix(x: Tensor, lam: Tensor, perm: Tensor) -> Tensor:
@@ -56,7 +56,7 @@ class Mixup(Objective):
 
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
-        self.sampler = MixupSampler(cfg.objective.mixup_alpha)
+        self.sampler = MixupSampler(cfg.objective.mixup.alpha)
 
     def forward(self, model, batch: Batch) -> tuple[LossOutput, ExitOutputs]:
         lam, perm = self.sampler(len(batch), batch.images.device)
@@ -81,7 +81,7 @@ class MixupCSKD(Objective):
     def __init__(self, cfg, num_exits: int, device: torch.device):
         super().__init__()
         c = cfg.objective.cskd
-        self.sampler = MixupSampler(cfg.objective.mixup_alpha)
+        self.sampler = MixupSampler(cfg.objective.mixup.alpha)
         self.lam, self.temperature = c.lam, c.temperature
         self.partner = PartnerForward(c.partner_updates_bn)
         self.use_fused(self.fused_call(cfg, device, {"cskd": (0, 1)}))
