@@ -18,12 +18,13 @@ from bench.profile_report import add_claims, figures, render_markdown, speedup_c
 from bench.report import base_parser, csv_list, fail, log, provenance, start, write_report
 from engine.checkpoint import load_checkpoint, model_from_checkpoint
 from engine.config import config_from_dict, load_config, to_dict
-from engine.evaluate import autocast, collect_outputs, exit_logits
+from engine.evaluate import collect_outputs, exit_logits
 from engine.evaluate_cli import split_loader
 from engine.metrics import exit_metrics
 from engine.models import create_model
 from engine.models.early_exit import EarlyExitModel, TruncatedModel, exit_index_for_threshold, policy_curve
 from engine.models.exit_flops import exit_costs
+from engine.precision import autocast
 
 MODES = ("eager", "compiled", "cudagraph")
 

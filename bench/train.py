@@ -40,7 +40,7 @@ from engine.config import load_config
 from engine.models.exit_flops import count_flops
 from engine.monitor import Window
 from engine.setup_run import build_components
-from engine.step import train_step
+from engine.step import StepSettings, train_step
 from engine.types import Batch
 
 AXES = ("compile", "amp", "layout", "backend", "loader")
@@ -169,11 +169,12 @@ def measure(cfg, c, args, device: torch.device) -> dict[str, Any]:
     its logging window after its timer stops, as the loop reads them at a logging boundary."""
     data, per_epoch, params = endless(c.data.train), len(c.data.train), list(c.model.parameters())
     window, step = Window(scaler_skips=c.scaler.is_enabled()), 0
+    parts, settings = c.step_parts, StepSettings.from_config(cfg, device, per_epoch)
     c.train_model.train()
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         batch = next(data)
-        train_step(cfg, c, batch, step, per_epoch, window)
+        train_step(parts, settings, batch, step, window)
         step += 1
     synchronize(device)
     out: dict[str, Any] = {"warmup_s": round(time.perf_counter() - t0, 3), "loss": [], "grad_norm": [], "problems": []}
@@ -187,7 +188,7 @@ def measure(cfg, c, args, device: torch.device) -> dict[str, Any]:
             batch = next(data)
             wait += time.perf_counter() - t
             comp.mark()
-            train_step(cfg, c, batch, step, per_epoch, window)
+            train_step(parts, settings, batch, step, window)
             comp.mark()
             step += 1
         wall.mark()

@@ -2,7 +2,6 @@
 ranks, then compute the metrics."""
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable
 
 import torch
@@ -10,13 +9,7 @@ from torch import Tensor, nn
 
 from engine.distributed import DistInfo, all_gather_cat
 from engine.metrics import exit_metrics
-
-
-def autocast(device: torch.device, amp: str, cache: bool = True):
-    """`cache=False` drops autocast's weight-cast cache, which a CUDA-graph capture must not hold."""
-    if amp == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, cache_enabled=cache)
+from engine.precision import autocast
 
 
 @torch.no_grad()

@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from engine.config import Config, ConfigError
-from engine.distributed import DistInfo, init_distributed, wrap_ddp
+from engine.distributed import DistInfo, init_distributed
 from engine.ema import ModelEMA
 from engine.models import MultiExitModel, create_model
 from engine.objectives import Objective, build_objective
 from engine.optim import build_optimizer
+from engine.precision import grad_scaler, training_module
+from engine.step import StepParts
 from pipelines.base import DataBundle
 from pipelines.factory import build_data
 
@@ -29,6 +31,10 @@ class Components:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: Optional[ModelEMA]
+
+    @property
+    def step_parts(self) -> StepParts:
+        return StepParts(self.model, self.train_model, self.objective, self.optimizer, self.scaler, self.ema)
 
 
 def seed_everything(seed: int) -> None:
@@ -69,11 +75,6 @@ def build_components(cfg: Config, device: str | None = None) -> Components:
     objective = build_objective(cfg, model.num_exits, info.device).to(info.device)
     ema = ModelEMA(model, cfg.ema.decay) if cfg.ema.enabled else None
     optimizer = build_optimizer(model, cfg, info.device)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision.amp == "fp16")
-    train_model = wrap_ddp(model, info, cfg.distributed.find_unused_parameters)
-    if cfg.precision.compile:
-        # DDP inside compile: dynamo splits the graph at DDP's gradient buckets, so each bucket's all-reduce
-        # overlaps the rest of the backward; DDP around a compiled module waits for the whole backward
-        train_model = torch.compile(train_model, mode=cfg.precision.compile_mode,
-                                    backend=cfg.precision.compile_backend)
+    scaler = grad_scaler(info.device, cfg.precision.amp)
+    train_model = training_module(model, info, cfg.precision, cfg.distributed.find_unused_parameters)
     return Components(info, data, model, train_model, objective, optimizer, scaler, ema)

@@ -27,7 +27,7 @@ from engine.monitor import StopFlag, TrainingDiverged, Window, raise_if_diverged
 from engine.resume import open_run, restore
 from engine.rundir import RunDir, run_lock
 from engine.setup_run import Components, build_components
-from engine.step import train_step
+from engine.step import StepSettings, train_step
 from engine.summary import eval_model, final_summary
 
 __all__ = ["TrainState", "TrainingDiverged", "train"]
@@ -75,12 +75,13 @@ def _train(cfg: Config, on_step: Optional[Callable[[int], bool]], device: str | 
         params, asked, stopped = list(c.model.parameters()), False, False
         buffers = tuple(b for b in c.model.buffers() if b.is_floating_point())
         c.train_model.train()
+        parts, settings = c.step_parts, StepSettings.from_config(cfg, c.info.device, steps_per_epoch)
         pace = (time.perf_counter(), st.step, steps_per_epoch * cfg.schedule.epochs)  # for the epoch line's ETA
         with StopFlag() as stop:
             while st.epoch < cfg.schedule.epochs and not stopped:
                 loader.set_epoch(st.epoch, st.batch)
                 for batch in loader:
-                    train_step(cfg, c, batch, st.step, steps_per_epoch, window)
+                    train_step(parts, settings, batch, st.step, window)
                     st.step, st.batch = st.step + 1, st.batch + 1
                     bar.update(1)
                     asked = asked or stop.requested or (on_step is not None and on_step(st.step))

@@ -189,7 +189,7 @@ def test_a_moved_key_names_its_new_place_and_old_checkpoints_migrate(tmp_path):
         load_config(None, ["objective.mixup_alpha=1.0"])
     old = tmp_path / "old.yaml"
     old.write_text("objective:\n  name: max_entropy\n  max_entropy_beta: 0.3\n")
-    with pytest.raises(ConfigError, match=r"objective.max_entropy_beta \(.*old.yaml\) is now objective.max_entropy.beta"):
+    with pytest.raises(ConfigError, match=r"max_entropy_beta \(.*old.yaml\) is now objective.max_entropy.beta"):
         load_config(old)
     saved = to_dict(load_config(None, ["objective.name=mixup", "objective.mixup.alpha=0.4"]))
     saved["objective"]["mixup_alpha"] = saved["objective"].pop("mixup")["alpha"]  # as an older checkpoint holds it

@@ -23,11 +23,11 @@ def test_ema_follows_the_recurrence(tmp_path, monkeypatch):
     decay = 0.6
     real, live = engine_train.train_step, []
 
-    def probe(cfg, c, batch, step, per_epoch, window):
+    def probe(parts, settings, batch, step, window):
         if not live:
-            live.append({k: v.clone() for k, v in c.model.state_dict().items()})  # w0: the EMA's starting point
-        out = real(cfg, c, batch, step, per_epoch, window)
-        live.append({k: v.clone() for k, v in c.model.state_dict().items()})
+            live.append({k: v.clone() for k, v in parts.model.state_dict().items()})  # w0: the EMA's starting point
+        out = real(parts, settings, batch, step, window)
+        live.append({k: v.clone() for k, v in parts.model.state_dict().items()})
         return out
 
     monkeypatch.setattr(engine_train, "train_step", probe)

@@ -66,9 +66,9 @@ def test_training_loop_never_waits_for_the_device(tmp_path, monkeypatch, backend
 
 def test_timm_backbone_with_byot_exits_forward_backward(tmp_path):
     """A timm ResNet as the backbone, BYOT exits after stages 0-2: every exit's logits, every head gets a gradient."""
-    from engine.evaluate import autocast
     from engine.models import create_model
     from engine.objectives import build_objective
+    from engine.precision import autocast
     from engine.types import Batch
 
     cfg = tiny_config(tmp_path, "model.name=timm:resnet18", "model.in_chans=3", "exits.stages=[0,1,2]",

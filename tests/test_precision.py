@@ -94,11 +94,11 @@ def test_clipping_sees_unscaled_gradients(tmp_path, monkeypatch):
     lr, clip = 0.1, 1e-3
     real, seen = engine_train.train_step, []
 
-    def probe(cfg, c, batch, step, per_epoch, window):
-        flat = lambda: torch.cat([p.detach().flatten() for p in c.model.parameters()]).clone()  # noqa: E731
-        before, scale = flat(), c.scaler.get_scale()
-        out = real(cfg, c, batch, step, per_epoch, window)
-        seen.append(((flat() - before).double().norm().item(), scale, c.scaler.get_scale(), out[1].item()))
+    def probe(parts, settings, batch, step, window):
+        flat = lambda: torch.cat([p.detach().flatten() for p in parts.model.parameters()]).clone()  # noqa: E731
+        before, scale = flat(), parts.scaler.get_scale()
+        out = real(parts, settings, batch, step, window)
+        seen.append(((flat() - before).double().norm().item(), scale, parts.scaler.get_scale(), out[1].item()))
         return out
 
     monkeypatch.setattr(engine_train, "train_step", probe)
