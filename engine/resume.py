@@ -6,7 +6,9 @@ error lists every key that differs.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
 from engine.checkpoint import CheckpointError, config_diff, load_checkpoint, load_weights, set_rng_state
 from engine.config import Config, to_dict
@@ -19,17 +21,34 @@ RESUME_FREE = ("checkpoint.", "logging.", "generations", "schedule.epochs", "dat
 RESUME_KEYS = ("model", "optimizer", "scaler", "objective", "rng", "state", "config")
 
 
-def open_run(cfg: Config) -> dict | None:
-    """None for a fresh run; for a resume, the checkpoint to continue from ({} when `--resume auto` finds none).
-    Reads only: a refused run leaves the directory exactly as it was."""
+@dataclass(frozen=True)
+class Start:
+    """How a run starts: `fresh`; `resume` from `checkpoint` (read from `path`); or `resume-none`, a `--resume auto`
+    that found no checkpoint yet and starts from step 0 in the directory it was pointed at."""
+
+    kind: Literal["fresh", "resume", "resume-none"]
+    checkpoint: Optional[dict] = None
+    path: Optional[str] = None
+
+    @property
+    def records(self) -> Optional[dict]:
+        """How many metric records to keep: all for a fresh run, none without a checkpoint, else its own count."""
+        if self.kind == "fresh":
+            return None
+        return self.checkpoint.get("records") if self.checkpoint else {"jsonl": 0, "csv": 0, "eval_csv": 0}
+
+
+def open_run(cfg: Config) -> Start:
+    """How the run starts, after the run directory and the checkpoint to resume are checked. Reads only: a refused
+    run leaves the directory exactly as it was."""
     run = Path(cfg.checkpoint.dir)
     resume = cfg.checkpoint.resume
     check_run_dir(run, resuming=resume is not None, overwrite=cfg.checkpoint.overwrite)
     if resume is None:
-        return None
+        return Start("fresh")
     path = run / "last.pt" if resume == "auto" else Path(resume)
     if resume == "auto" and not path.is_file():
-        return {}
+        return Start("resume-none")
     ck = load_checkpoint(path, "cpu")
     missing = [k for k in RESUME_KEYS if k not in ck]
     if missing:
@@ -40,13 +59,12 @@ def open_run(cfg: Config) -> dict | None:
         raise CheckpointError(f"cannot resume from {path}: the config differs in {len(diff)} key(s): "
                               f"{'; '.join(diff)} (checkpoint vs now). Resume with the run's own config "
                               "(its config.yaml), or start a new run in another checkpoint.dir")
-    ck["_path"] = str(path)
-    return ck
+    return Start("resume", ck, str(path))
 
 
-def restore(c, ck: dict, cfg: Config) -> None:
+def restore(c, start: Start, cfg: Config) -> None:
     """Load model, optimizer, scaler, objective, EMA and RNG state; any mismatch names the checkpoint."""
-    path = ck["_path"]
+    ck, path = start.checkpoint, start.path
     load_weights(c.model, ck["model"], path, ck["config"], cfg)
     try:
         c.optimizer.load_state_dict(ck["optimizer"])

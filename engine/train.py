@@ -51,21 +51,21 @@ def train(cfg: Config, on_step: Optional[Callable[[int], bool]] = None, device: 
 
 
 def _train(cfg: Config, on_step: Optional[Callable[[int], bool]], device: str | None) -> dict:
-    ck = open_run(cfg)  # refuses, or loads and checks the checkpoint to resume, before anything is written
+    start = open_run(cfg)  # refuses, or loads and checks the checkpoint to resume, before anything is written
     c = build_components(cfg, device)
+    ck = start.checkpoint
     same_start(ck, c.info)
     run = None
     try:
         st, window = TrainState(), Window(scaler_skips=c.scaler.is_enabled())
-        if ck:
-            restore(c, ck, cfg)  # a state that does not fit stops the run here, still before any write
+        if ck is not None:
+            restore(c, start, cfg)  # a state that does not fit stops the run here, still before any write
             st = TrainState(**ck["state"])
             if ck.get("window"):
                 window.load_state_dict(ck["window"], c.info.device)
         # Resuming cuts the metrics back to what the checkpoint had seen (all of them when there is none yet).
-        records = None if ck is None else (ck.get("records") if ck else {"jsonl": 0, "csv": 0, "eval_csv": 0})
-        run = RunDir(cfg.checkpoint.dir, cfg, enabled=c.info.is_main, records=records,
-                     overwrite=cfg.checkpoint.overwrite and ck is None)
+        run = RunDir(cfg.checkpoint.dir, cfg, enabled=c.info.is_main, records=start.records,
+                     overwrite=cfg.checkpoint.overwrite and start.kind == "fresh")
         loader, steps_per_epoch = c.data.train, len(c.data.train)
         if steps_per_epoch == 0:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training shard "
@@ -127,13 +127,13 @@ def _log_window(cfg: Config, c: Components, run: RunDir, bar, st: TrainState, wi
     return reading.stop
 
 
-def same_start(ck: dict | None, info) -> None:
+def same_start(ck: Optional[dict], info) -> None:
     """Every rank loads the checkpoint it resumes from by itself: on several nodes, one that cannot see the run
     directory would start afresh while the others resume. So the ranks compare what they read (step and a digest
     of the weights) and stop with a CheckpointError if they differ."""
     if not info.enabled:
         return
-    mine = None if not ck else (ck["state"]["step"], _digest(ck["model"]))
+    mine = None if ck is None else (ck["state"]["step"], _digest(ck["model"]))
     seen = all_gather_object(mine, info)
     if len(set(seen)) > 1:
         where = ", ".join(f"rank {r}: {'no checkpoint' if s is None else f'step {s[0]}'}" for r, s in enumerate(seen))
