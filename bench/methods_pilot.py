@@ -29,6 +29,7 @@ from engine.evaluate import collect_outputs
 from engine.metrics import exit_metrics
 from engine.setup_run import data_from_config
 from engine.train import train
+from pipelines.base import LoaderSpec
 from pipelines.torch_loader import TensorLoader
 
 RUNS = Path("runs/methods_pilot")
@@ -69,8 +70,9 @@ def _accuracy_and_calibration(cfg: Config, ckpt: Path, split: str) -> dict:
     loader = data.test
     if split == "train":  # the training subset in order, without augmentation
         t = data.train
-        loader = TensorLoader(t.images, t.labels, cfg.data.eval_batch_size, False, "none", cfg.data.image_size,
-                              t.mean, t.std, cpu, memory_format=torch.channels_last)
+        spec = LoaderSpec(cfg.data.eval_batch_size, False, "none", cfg.data.image_size, tuple(t.mean.tolist()),
+                          tuple(t.std.tolist()), torch.channels_last)
+        loader = TensorLoader(t.images, t.labels, spec, cpu)
     logits, _, labels = collect_outputs(model, loader, cpu, features=False)
     m = exit_metrics(logits, labels, cfg.logging.ece_bins)["exit0"]
     conf = torch.softmax(logits[-1], 1).amax(1).mean().item() * 100

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional, Protocol, runtime_checkable
 
+import torch
+
 from pipelines.batch import Batch
 
 
@@ -33,3 +35,25 @@ class DataBundle:
     class_names: list[str]
     # what the loaders apply, (x / 255 - mean) / std per channel; None for synthetic batches (already normal)
     normalisation: Optional[dict[str, list[float]]] = None
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What one split's loader delivers, whichever backend builds it: batches of `batch_size` (training batches
+    shuffled and augmented with `augment`) at `image_size`, normalised as (x / 255 - mean) / std in `memory_format`,
+    sharded for `rank` of `world` in the order `seed` fixes; for training, CS-KD partners (`pairs`, a class-pair
+    sampler over the same labels) and a second view of each anchor (`extra_view`)."""
+
+    batch_size: int
+    train: bool
+    augment: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    memory_format: torch.memory_format = torch.contiguous_format
+    rank: int = 0
+    world: int = 1
+    seed: int = 0
+    pairs: Optional[object] = None
+    extra_view: bool = False
+

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from pipelines.base import LoaderSpec
 from pipelines.batch import Batch, DataError
 from pipelines.transforms import center_crop_box, normalize, random_crop_flip, random_resized_crop_box, seeded_generator
 
@@ -49,14 +50,18 @@ def batch_slices(count: int, batch_size: int, drop_last: bool) -> list[slice]:
 class _ShardedLoader:
     """Common epoch/shard/resume bookkeeping."""
 
-    def __init__(self, n: int, batch_size: int, train: bool, rank: int, world: int, seed: int, drop_last: bool):
-        self.n, self.batch_size, self.train = n, batch_size, train
-        self.rank, self.world, self.seed = rank, world, seed
-        self.drop_last = drop_last and train
+    def __init__(self, n: int, spec: LoaderSpec, device: torch.device):
+        self.n, self.batch_size, self.train = n, spec.batch_size, spec.train
+        self.rank, self.world, self.seed = spec.rank, spec.world, spec.seed
+        self.drop_last = spec.train  # an evaluation sees every sample
         self.epoch, self.start_batch = 0, 0
-        self.num_samples = len(shard_indices(n, rank, world, train, seed, 0))
-        self.pairs = None  # ClassPairBatchSampler (CS-KD), training only
-        self.extra_view = False
+        self.num_samples = len(shard_indices(n, spec.rank, spec.world, spec.train, spec.seed, 0))
+        self.pairs = spec.pairs  # ClassPairBatchSampler (CS-KD), training only
+        self.extra_view = spec.extra_view
+        self.augment, self.image_size, self.device, self.memory_format = (spec.augment, spec.image_size, device,
+                                                                          spec.memory_format)
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(spec.std, dtype=torch.float32, device=device)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -89,15 +94,9 @@ class TensorLoader(_ShardedLoader):
     `pairs` (a ClassPairBatchSampler over the same labels, training only) and `extra_view` add
     `Batch.extra["partner"]` / `Batch.extra["view"]` (see the module doc)."""
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, train: bool, augment: str, image_size: int,
-                 mean: Tensor, std: Tensor, device: torch.device, rank: int = 0, world: int = 1, seed: int = 0,
-                 memory_format: torch.memory_format = torch.contiguous_format, pairs=None, extra_view: bool = False):
-        super().__init__(len(labels), batch_size, train, rank, world, seed, drop_last=True)
+    def __init__(self, images: Tensor, labels: Tensor, spec: LoaderSpec, device: torch.device):
+        super().__init__(len(labels), spec, device)
         self.images, self.labels = images.to(device), labels.to(device)
-        self.augment, self.image_size, self.device = augment, image_size, device
-        self.mean, self.std = mean.to(device), std.to(device)
-        self.memory_format = memory_format
-        self.pairs, self.extra_view = pairs, extra_view
 
     def _prepare(self, idx: Tensor, b: int, group: int) -> Tensor:
         x = self.images[idx]
@@ -181,16 +180,12 @@ def _collate_groups(items: list, groups: int) -> tuple[list[Tensor], Tensor, lis
 
 
 class FolderLoader(_ShardedLoader):
-    def __init__(self, samples: list[tuple[str, int]], batch_size: int, train: bool, augment: str, image_size: int,
-                 in_chans: int, mean: Tensor, std: Tensor, device: torch.device, workers: int, rank: int = 0,
-                 world: int = 1, seed: int = 0, skip_corrupt: bool = False,
-                 memory_format: torch.memory_format = torch.contiguous_format, pairs=None, extra_view: bool = False):
-        super().__init__(len(samples), batch_size, train, rank, world, seed, drop_last=True)
-        self.dataset = FolderDataset(samples, image_size, train, augment, in_chans, seed, skip_corrupt)
-        self.augment, self.workers, self.device = augment, workers, device
-        self.mean, self.std, self.memory_format = mean.to(device), std.to(device), memory_format
-        self.pairs, self.extra_view = pairs, extra_view
-        self.skip_corrupt = skip_corrupt
+    def __init__(self, samples: list[tuple[str, int]], spec: LoaderSpec, device: torch.device, in_chans: int,
+                 workers: int, skip_corrupt: bool = False):
+        super().__init__(len(samples), spec, device)
+        self.dataset = FolderDataset(samples, spec.image_size, spec.train, spec.augment, in_chans, spec.seed,
+                                     skip_corrupt)
+        self.workers, self.skip_corrupt = workers, skip_corrupt
         self.skipped_files: set[str] = set()  # unreadable files skipped so far (data.skip_corrupt)
 
     def _device_batch(self, x: Tensor, b: int, group: int) -> Tensor:

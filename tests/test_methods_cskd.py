@@ -14,6 +14,7 @@ from engine.objectives.functional import kd_loss
 from engine.setup_run import data_from_config
 from engine.train import train
 from engine.types import Batch, ExitOutputs
+from pipelines.base import LoaderSpec
 from pipelines.samplers import ClassPairBatchSampler
 from pipelines.torch_loader import TensorLoader
 from pipelines.transforms import normalize
@@ -49,8 +50,8 @@ def _one_image_per_class_loader(extra_view=False, seed=0):
     images = torch.randint(0, 256, (6, 1, 8, 8), generator=g, dtype=torch.uint8)
     labels = torch.arange(6)  # every class has one image: each partner *is* its anchor's image
     sampler = ClassPairBatchSampler(labels, 3, seed=seed, drop_last=True)
-    return TensorLoader(images, labels, 3, True, "crop_flip", 8, torch.tensor([0.5]), torch.tensor([0.25]), CPU,
-                        seed=seed, pairs=sampler, extra_view=extra_view)
+    return TensorLoader(images, labels, LoaderSpec(3, True, "crop_flip", 8, (0.5,), (0.25,), seed=seed, pairs=sampler,
+                                                   extra_view=extra_view), CPU)
 
 
 def _batches(loader, epoch, start=0):
