@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench.host_overhead import byot_step, stubbed_launches
-from bench.kernels import byot_defaults
+from bench.kernels_measure import byot_defaults
 from kernels.multi_exit.op import fused_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")

@@ -25,7 +25,7 @@ def env(out: Path) -> int:
     # torch and the bench only for this step: the summary step runs without them
     import torch
 
-    from bench.kernels import copy_bandwidth
+    from bench.kernels_measure import copy_bandwidth
     from bench.report import log, provenance, provenance_md, resolve_device, write_report
 
     device = resolve_device("auto")

@@ -161,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--reps", type=int, default=500, help="timed calls of the fused forward + backward")
     args = p.parse_args(argv)
     device, out_dir = start(args, "kernels-host")
-    from bench.kernels import fused_runs  # chooses the interpreter on CPU before the kernels load
+    from bench.kernels_measure import fused_runs
 
     if not fused_runs(device):
         fail("bench host-overhead: the fused kernel needs TRITON_INTERPRET=1 on CPU")
