@@ -9,6 +9,7 @@ one would.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import time
@@ -111,6 +112,11 @@ def _train(cfg: Config, on_step: Optional[Callable[[int], bool]], device: str | 
     finally:
         if run is not None:
             run.close()
+        # DDP's reducer holds the process group: freed after the group is destroyed, on a rank whose peer has exited,
+        # its destructor can wait for gloo's worker threads until the collective timeout. So release it first, while
+        # every rank is still here.
+        c = parts = None  # noqa: F841
+        gc.collect()
         cleanup()
 
 

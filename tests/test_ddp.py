@@ -168,7 +168,7 @@ def test_ddp_wraps_the_model_before_compile(tmp_path, monkeypatch):
     """torch.compile(DDP(model)), never DDP(torch.compile(model)); `model` stays the bare module."""
     from torch import nn
 
-    import engine.setup_run
+    import engine.precision
     from engine.setup_run import build_components
 
     class Tag(nn.Module):
@@ -176,7 +176,7 @@ def test_ddp_wraps_the_model_before_compile(tmp_path, monkeypatch):
             super().__init__()
             self.kind, self.inner = kind, inner
 
-    monkeypatch.setattr(engine.setup_run, "wrap_ddp", lambda m, info, find_unused: Tag("ddp", m))
+    monkeypatch.setattr(engine.precision, "wrap_ddp", lambda m, info, find_unused: Tag("ddp", m))
     monkeypatch.setattr(torch, "compile", lambda m, mode=None, backend=None: Tag("compile", m))
     c = build_components(tiny_config(tmp_path, *OVERRIDES, "precision.compile=true"), "cpu")
     assert c.train_model.kind == "compile" and c.train_model.inner.kind == "ddp"
