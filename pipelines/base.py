@@ -57,3 +57,10 @@ class LoaderSpec:
     pairs: Optional[object] = None
     extra_view: bool = False
 
+    @classmethod
+    def from_options(cls, d, train: bool, mean, std, memory_format: torch.memory_format, rank: int, world: int,
+                     seed: int, pairs=None) -> "LoaderSpec":
+        """The `data.*` options `d` of one split (train or evaluation), with the normalisation the data chose."""
+        return cls(d.batch_size if train else d.eval_batch_size, train, d.augment, d.image_size, tuple(mean),
+                   tuple(std), memory_format, rank, world, seed, pairs if train else None, d.extra_view and train)
+

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from pipelines.base import DataBundle
+from pipelines.base import DataBundle, LoaderSpec
 from pipelines.batch import DataConfigError
 from pipelines.folder_splits import Samples, folder_splits
 from pipelines.image_check import find_bad_images
@@ -60,9 +60,14 @@ def build_dali_data(d, device: torch.device, rank: int = 0, world: int = 1, *, s
 
     splits = folder_splits(d, seed, in_chans)
     fp16, out_dtype = torch_dtype(amp)
-    recipe = Recipe(size=d.image_size, augment=d.augment, train=True, gray=in_chans == 1,
-                    mean=tuple(splits.mean), std=tuple(splits.std), fp16=fp16,
-                    channels_last=channels_last, decoder=decoder, hw_decoder_load=d.dali_hw_decoder_load)
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    # the same spec as the torch loaders'; DALI adds its decoder, output dtype and prefetch depth
+    train_spec, eval_spec = (LoaderSpec.from_options(d, t, splits.mean, splits.std, mf, rank, world, seed)
+                             for t in (True, False))
+
+    def recipe_of(spec: LoaderSpec) -> Recipe:
+        return Recipe.from_spec(spec, in_chans == 1, fp16, decoder, d.dali_hw_decoder_load)
+
     common = {"device": device, "seed": seed, "threads": d.workers, "prefetch": d.dali_prefetch,
               "out_dtype": out_dtype}
     skipped = {}
@@ -74,16 +79,18 @@ def build_dali_data(d, device: torch.device, rank: int = 0, world: int = 1, *, s
     if d.sampler == "class_pair":
         sampler = ClassPairBatchSampler([y for _, y in train], d.batch_size, rank, world, seed,
                                         allow_self=allow_self_partner)
-        train_loader = DaliPairLoader(train, sampler, recipe, extra_view=d.extra_view, **common)
+        # the pair loader draws the second view itself: its pipeline makes one view per sample
+        train_loader = DaliPairLoader(train, sampler, replace(recipe_of(train_spec), views=1),
+                                      extra_view=train_spec.extra_view, **common)
     else:
-        train_loader = DaliFolderLoader(train, replace(recipe, views=2 if d.extra_view else 1),
-                                        d.batch_size, rank=rank, world=world, **common)
-    eval_recipe = replace(recipe, train=False)
+        train_loader = DaliFolderLoader(train, recipe_of(train_spec), train_spec.batch_size, rank=rank, world=world,
+                                        **common)
+    eval_recipe = recipe_of(eval_spec)
 
     def evaluation(samples: Samples | None, split: str):
         if samples is None:
             return None
-        loader = DaliFolderLoader(samples, eval_recipe, d.eval_batch_size, rank=rank, world=world, **common)
+        loader = DaliFolderLoader(samples, eval_recipe, eval_spec.batch_size, rank=rank, world=world, **common)
         loader.skipped = skipped.get(split, 0)
         return loader
 

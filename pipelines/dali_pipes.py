@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import nvidia.dali.math as dmath
+import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.data_node import DataNode
 
@@ -49,6 +50,13 @@ class Recipe:
     decoder: str = "cpu"  # "cpu" | "mixed" (GPU, nvJPEG + hardware JPEG engine)
     hw_decoder_load: float = 0.65  # share of JPEGs sent to the hardware engine (data.dali_hw_decoder_load)
     views: int = 1  # independent augmentations of each sample in one batch (2 with data.extra_view)
+
+    @classmethod
+    def from_spec(cls, spec, gray: bool, fp16: bool, decoder: str, hw_decoder_load: float) -> "Recipe":
+        """The DALI pipeline of a pipelines.base.LoaderSpec (the torch loaders' spec), plus what only DALI has."""
+        return cls(size=spec.image_size, augment=spec.augment, train=spec.train, gray=gray, mean=spec.mean,
+                   std=spec.std, fp16=fp16, channels_last=spec.memory_format == torch.channels_last, decoder=decoder,
+                   hw_decoder_load=hw_decoder_load, views=2 if spec.extra_view else 1)
 
 
 def _decoder_args(r: Recipe) -> dict:

@@ -58,12 +58,6 @@ def _pair_sampler(d, labels, rank: int, world: int, seed: int, allow_self: bool)
     return ClassPairBatchSampler(labels, d.batch_size, rank, world, seed, allow_self=allow_self)
 
 
-def _spec(d, train: bool, mean, std, mf, rank: int, world: int, seed: int, pairs) -> LoaderSpec:
-    """The `data.*` options of one split as a loader spec."""
-    return LoaderSpec(d.batch_size if train else d.eval_batch_size, train, d.augment, d.image_size, tuple(mean),
-                      tuple(std), mf, rank, world, seed, pairs, d.extra_view and train)
-
-
 def build_data(d, device: torch.device, rank: int = 0, world: int = 1, *, seed: int, num_classes: int,
                in_chans: int, channels_last: bool = False, amp: str = "fp32",
                allow_self_partner: bool = True) -> DataBundle:
@@ -109,8 +103,9 @@ def _in_memory(d, device, rank, world, mf, seed, allow_self) -> DataBundle:
     std = torch.tensor(d.std) if d.std else (xtr.float() / 255).std(dim=(0, 2, 3))
 
     def mk(x, y, train):
-        return TensorLoader(x, y, _spec(d, train, mean.tolist(), std.tolist(), mf, rank, world, seed,
-                                        _pair_sampler(d, y, rank, world, seed, allow_self) if train else None), device)
+        pairs = _pair_sampler(d, y, rank, world, seed, allow_self) if train else None
+        return TensorLoader(x, y, LoaderSpec.from_options(d, train, mean.tolist(), std.tolist(), mf, rank, world, seed,
+                                                          pairs), device)
 
     val = mk(xval[: _limit(len(yval), d.limit_eval)], yval[: _limit(len(yval), d.limit_eval)], False) \
         if xval is not None else None
@@ -124,8 +119,8 @@ def _folder(d, device, rank, world, mf, seed, in_chans, allow_self) -> DataBundl
         if samples is None:
             return None
         pairs = _pair_sampler(d, [y for _, y in samples], rank, world, seed, allow_self) if is_train else None
-        return FolderLoader(samples, _spec(d, is_train, s.mean, s.std, mf, rank, world, seed, pairs), device, in_chans,
-                            d.workers, d.skip_corrupt)
+        return FolderLoader(samples, LoaderSpec.from_options(d, is_train, s.mean, s.std, mf, rank, world, seed, pairs),
+                            device, in_chans, d.workers, d.skip_corrupt)
 
     return DataBundle(mk(s.train, True), mk(s.val, False), mk(s.test, False), len(s.classes), in_chans, s.classes,
                       {"mean": list(s.mean), "std": list(s.std)})
