@@ -24,8 +24,7 @@ from bench.report import base_parser, fail, log, md_table, provenance, provenanc
 @contextlib.contextmanager
 def stubbed_launches() -> Iterator[list[str]]:
     """Replace the fused kernels' launches by no-ops that record the kernel's name."""
-    # loads triton: after bench.kernels has chosen the interpreter on CPU (TRITON_INTERPRET before triton)
-    from kernels.multi_exit import backward as bwd
+    from kernels.multi_exit import backward as bwd  # triton, optional: only when the report is asked for
     from kernels.multi_exit import forward as fwd
 
     launched: list[str] = []

@@ -101,7 +101,7 @@ def loss_fns(providers: list[str], device: torch.device, compile_backend: str) -
         return factory
 
     def fused(opts):
-        from kernels.multi_exit.op import fused_loss  # loads triton: after fused_status chose the interpreter
+        from kernels.multi_exit.op import fused_loss  # triton, optional: only where the fused provider runs
 
         return lambda z, f, y: fused_loss(z, y, opts, features=f or None)[0]
 
@@ -119,7 +119,7 @@ def fused_runs(device: torch.device) -> bool:
 def bench(fn: Callable[[], Any], device: torch.device, args, grads: list[torch.Tensor]) -> list[float]:
     """[median, p20, p80] ms per call; `grads` are reset before every call."""
     if device.type == "cuda":
-        import triton.testing  # loads triton: after fused_status chose the interpreter
+        import triton.testing  # optional dependency: do_bench, on CUDA only
 
         return list(triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, grad_to_none=grads,
                                             quantiles=[0.5, 0.2, 0.8]))
