@@ -17,11 +17,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from engine.config_errors import ConfigError
-from engine.config_files import find_config, flat_keys, migrate, read_yaml, refuse_old_key, shipped_configs
-
-__all__ = ["ConfigError", "Config", "load_config", "config_from_dict", "find_config", "shipped_configs", "to_dict",
-           "validate", "dump_yaml", "refuse_repeated_keys"]
+from engine.config_errors import ConfigError  # noqa: F401  re-exported: every module takes it from here
+from engine.config_files import find_config, flat_keys, migrate, read_yaml, refuse_old_key
 
 
 def _f(default: Any = dataclasses.MISSING, *, factory: Any = None, ge: float | None = None,

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, find_config, load_config
+from engine.config import ConfigError, load_config
+from engine.config_files import find_config
 from engine.objectives.base import resolve_backend
 
 REPO = Path(__file__).resolve().parents[1]
