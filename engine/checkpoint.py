@@ -9,6 +9,7 @@ file and the OS error.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from engine.config import Config, config_from_dict, to_dict
+from engine.config_files import migrate
 from engine.models import MultiExitModel, create_model
 
 TMP_SUFFIX = ".tmp"
@@ -162,12 +164,13 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_diff(saved: dict, current: dict, ignore: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> list[str]:
     """'key: saved vs current' for every config leaf that differs. `ignore` / `only` hold keys or section
-    prefixes ('logging.'); a key missing on one side (an older checkpoint) counts as its default."""
+    prefixes ('logging.'); a key missing on one side (an older checkpoint) counts as its default, and a key that
+    moved or was retired since the checkpoint was saved is read at its new place (config_files.migrate)."""
     def under(key: str, prefixes: tuple[str, ...]) -> bool:
         return any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
 
     defaults = flatten(to_dict(Config()))
-    a, b = flatten(saved), flatten(current)
+    a, b = flatten(migrate(copy.deepcopy(saved))), flatten(current)
     out = []
     for key in sorted(set(a) | set(b)):
         if under(key, ignore) or (only and not under(key, only)):

@@ -62,6 +62,12 @@ def test_resume_gives_identical_records_and_weights(tmp_path):
     stop_at = 5  # mid-epoch 1, and mid-way through the logging window of steps 5-6
     s = train(tiny_config(tmp_path / "b", *RESUME), on_step=lambda step: step == stop_at, device="cpu")
     assert s["interrupted"] and s["step"] == stop_at
+    # as a checkpoint saved before objective.mixup.alpha moved and checkpoint.keep_last went: it resumes all the same
+    last = tmp_path / "b" / "run" / "last.pt"
+    ck = torch.load(last, weights_only=False)
+    ck["config"]["objective"]["mixup_alpha"] = ck["config"]["objective"].pop("mixup")["alpha"]
+    ck["config"]["checkpoint"]["keep_last"] = True
+    torch.save(ck, last)
     train(tiny_config(tmp_path / "b", *RESUME, "checkpoint.resume=auto"), device="cpu")
     a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
     assert [r["step"] for r in records(a) if r["kind"] == "train"] == [3, 4, 6, 8]
