@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from engine.config import Config, config_from_dict, to_dict
-from engine.config_files import migrate
+from engine.config_files import flatten, migrate
 from engine.models import MultiExitModel, create_model
 
 TMP_SUFFIX = ".tmp"
@@ -149,17 +149,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
         raise CheckpointError(f"{path} is not a selfdistill checkpoint (no 'model' weights and 'config')")
     return ck
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def config_diff(saved: dict, current: dict, ignore: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> list[str]:

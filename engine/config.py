@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from engine.config_errors import ConfigError  # noqa: F401  re-exported: every module takes it from here
-from engine.config_files import find_config, flat_keys, migrate, read_yaml, refuse_old_key
+from engine.config_files import find_config, flatten, migrate, read_yaml, refuse_old_key
 
 
 def _f(default: Any = dataclasses.MISSING, *, factory: Any = None, ge: float | None = None,
@@ -380,7 +380,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         return config_from_dict({}, overrides)
     path = find_config(path)
     data = read_yaml(path)
-    for key in flat_keys(data):
+    for key in flatten(data):
         refuse_old_key(key, str(path))
     return config_from_dict(data, overrides)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -64,11 +65,14 @@ MOVED = {"objective.max_entropy_beta": "objective.max_entropy.beta", "objective.
 RETIRED = {"checkpoint.keep_last"}
 
 
-def flat_keys(data: dict, prefix: str = "") -> list[str]:
-    """Every dotted key of a nested mapping."""
-    out = []
-    for k, v in data.items():
-        out += flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
     return out
 
 

@@ -98,7 +98,10 @@ class BYOT(Objective):
         super().__init__()
         self.b = cfg.objective.byot
         self.weights = ByotWeights.from_config(self.b, num_exits)
-        self.use_fused(self.fused_call(cfg, device, byot_names(self.weights), num_exits))
+        self.use_fused(self.fused_call(cfg, device, {}, num_exits))  # names: byot_call's own, from the weights
+
+    def fused_twin(self, cfg, names, num_exits: int):
+        return byot_call(self.b, self.weights)  # with the weights resolved above, not resolved again
 
     def torch_terms(self, logits: list[Tensor], labels: Tensor,
                     features: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
