@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 import torch
 
-from bench.kernels_measure import DTYPES, MODES, PROVIDERS, Case, copy_bandwidth, loss_fns, measure_case
-from bench.kernels_render import add_speedups, figures, key, markdown, targets
+from bench.kernels_measure import DTYPES, MODES, PROVIDERS, Case, Row, copy_bandwidth, loss_fns, measure_case
+from bench.kernels_render import add_speedups, figures, markdown, targets
 from bench.report import base_parser, csv_list, log, provenance, start, write_report
 
 SWEEPS = {"cuda": dict(exits="2,4", batch="64,256,1024", classes="10,100,1000,32000", dtypes="fp32,bf16",
@@ -69,15 +69,15 @@ def run(argv: list[str]) -> dict[str, Any]:
                    gbps_definition=("useful = logits+features read once (fwd), their gradients written once (bwd), "
                                     "both (fwd+bwd); kernel = every buffer the fused kernels read or write, once"))
 
-    def write(rows: list[dict], final: bool) -> dict[str, Any]:
+    def write(rows: list[Row], final: bool) -> dict[str, Any]:
         add_speedups(rows)
-        liger = next((r["status"] for r in rows if r["provider"] == "liger"), "not requested")
+        liger = next((r.status for r in rows if r.provider == "liger"), "not requested")
         payload["provenance"]["liger_kernel"] = "installed" if liger == "ok" else liger
-        payload.update(rows=rows, complete=final, targets=targets(rows, device))
-        plots = figures(payload) if final and not args.no_plots else None
-        return dict(payload, written=write_report(out_dir, payload, markdown(payload, device), plots))
+        payload.update(rows=[r.json() for r in rows], complete=final, targets=targets(rows, device))
+        plots = figures(rows, args.providers, payload["dtypes"]) if final and not args.no_plots else None
+        return dict(payload, written=write_report(out_dir, payload, markdown(payload, rows, device), plots))
 
-    rows: list[dict[str, Any]] = []
+    rows: list[Row] = []
     for case in todo:
         t0, done = time.perf_counter(), list(rows)
         rows += measure_case(case, device, args, fns, copy_gbps, lambda part: write(done + part, False))
@@ -91,7 +91,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     payload = run(sys.argv[1:] if argv is None else argv)
     failed = [r for r in payload["rows"] if r["status"].startswith("error")]
     for r in failed:
-        log(f"FAILED {r['provider']} {Case(*key(r)[:3], r['D'], r['dtype']).label()} {r['mode']}: {r['status']}")
+        log(f"FAILED {r['provider']} {Case(r['E'], r['B'], r['C'], r['D'], r['dtype']).label()} {r['mode']}: "
+            f"{r['status']}")
     return 1 if failed else 0
 
 

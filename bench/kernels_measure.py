@@ -1,10 +1,10 @@
 """The measuring half of `selfdistill bench kernels`: one shape (`Case`) against every provider and mode, its
 inputs, the providers' losses (eager, torch.compile, Liger-Kernel, the fused kernel), timing, peak memory and CUDA-graph
-replays. Each measurement is a row (a dict, as the report's JSON holds it)."""
+replays. Each measurement is a `Row`; `Row.json()` is its form in the report's JSON."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -37,6 +37,48 @@ class Case:
     def io_bytes(self) -> int:
         """Logits and features once, in the input dtype: what a forward must read and a backward must write."""
         return self.E * self.B * (self.C + self.D) * DTYPES[self.dtype].itemsize
+
+
+MEASURED = ("ms_p50", "ms_p20", "ms_p80", "gbps", "copy_fraction", "peak_mem_gib", "peak_mem_over_grads", "loss",
+            "abs_diff_vs_eager")
+
+
+@dataclass
+class Row:
+    """One provider in one mode on one shape. The measured fields are set when `status` is "ok"; the kernel's own
+    traffic and the speed-ups over the other providers only on the fused provider's rows."""
+    case: Case
+    provider: str
+    mode: str
+    status: str
+    ms_p50: Optional[float] = None
+    ms_p20: Optional[float] = None
+    ms_p80: Optional[float] = None
+    gbps: Optional[float] = None
+    copy_fraction: Optional[float] = None
+    peak_mem_gib: Optional[float] = None  # None off CUDA
+    peak_mem_over_grads: Optional[float] = None
+    loss: Optional[float] = None
+    abs_diff_vs_eager: Optional[float] = None
+    kernel_gbps: Optional[float] = None
+    kernel_copy_fraction: Optional[float] = None
+    speedups: dict[str, Optional[float]] = field(default_factory=dict)  # provider -> its ms / this row's ms
+    graph: dict[str, Any] = field(default_factory=dict)  # graph_status, and graph_ms_* and host_ms when replayed
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def key(self) -> tuple:
+        return self.case.E, self.case.B, self.case.C, self.case.dtype, self.mode, self.provider
+
+    def json(self) -> dict[str, Any]:
+        out = dict(asdict(self.case), provider=self.provider, mode=self.mode, status=self.status)
+        if self.ok:
+            out.update({k: getattr(self, k) for k in MEASURED})
+        if self.kernel_gbps is not None:
+            out.update(kernel_gbps=self.kernel_gbps, kernel_copy_fraction=self.kernel_copy_fraction)
+        return {**out, **self.graph, **{f"speedup_vs_{p}": v for p, v in self.speedups.items()}}
 
 
 # Bytes moved, in units of io_bytes: `useful` is what any implementation must read (fwd) and write (bwd); `kernel`
@@ -179,17 +221,17 @@ def _error(e: Exception) -> str:
 
 
 def measure_case(case: Case, device: torch.device, args, fns: dict, copy_gbps: float,
-                 flush: Callable[[list], None]) -> list[dict[str, Any]]:
+                 flush: Callable[[list[Row]], None]) -> list[Row]:
     """Every provider x mode on one shape; `flush(rows so far)` after each provider."""
     opts = byot_defaults(case.E, hint=bool(case.D))
     logits, feats, y = make_inputs(case, device)
-    rows, ref_loss = [], None
+    rows: list[Row] = []
+    ref_loss = None
     for provider, factory in fns.items():
         flush(rows)
-        base = dict(asdict(case), provider=provider)
         loss = factory(opts) if callable(factory) else factory
         if isinstance(loss, str):
-            rows += [dict(base, mode=m, status=loss) for m in args.modes]
+            rows += [Row(case, provider, m, loss) for m in args.modes]
             continue
         # every provider gets its own copies: Liger's CE overwrites its input logits with their gradient
         z = [t.detach().clone().requires_grad_(True) for t in logits]
@@ -199,24 +241,24 @@ def measure_case(case: Case, device: torch.device, args, fns: dict, copy_gbps: f
             ref_loss = value if provider == "eager" else ref_loss
             mem = peak_memory(loss, z, f, y, device)
         except Exception as e:  # noqa: BLE001 - one failing provider must not lose the others' numbers
-            rows += [dict(base, mode=m, status=_error(e)) for m in args.modes]
+            rows += [Row(case, provider, m, _error(e)) for m in args.modes]
             continue
         for mode in args.modes:
             try:
                 med, p20, p80 = bench(mode_fn(mode, loss, z, f, y), device, args, z + f)
             except Exception as e:  # noqa: BLE001
-                rows.append(dict(base, mode=mode, status=_error(e)))
+                rows.append(Row(case, provider, mode, _error(e)))
                 continue
             gbps = case.io_bytes() * TRAFFIC["useful"][mode] / (med * 1e-3) / 1e9
-            row = dict(base, mode=mode, status="ok", ms_p50=med, ms_p20=p20, ms_p80=p80, gbps=gbps,
-                       copy_fraction=gbps / copy_gbps, peak_mem_gib=None if mem is None else mem / 2**30,
-                       peak_mem_over_grads=None if mem is None else mem / case.io_bytes(), loss=value.item(),
-                       abs_diff_vs_eager=None if ref_loss is None else abs(value - ref_loss).item())
+            row = Row(case, provider, mode, "ok", ms_p50=med, ms_p20=p20, ms_p80=p80, gbps=gbps,
+                      copy_fraction=gbps / copy_gbps, peak_mem_gib=None if mem is None else mem / 2**30,
+                      peak_mem_over_grads=None if mem is None else mem / case.io_bytes(), loss=value.item(),
+                      abs_diff_vs_eager=None if ref_loss is None else abs(value - ref_loss).item())
             if provider == "fused":
-                kgbps = case.io_bytes() * TRAFFIC["kernel"][mode] / (med * 1e-3) / 1e9
-                row.update(kernel_gbps=kgbps, kernel_copy_fraction=kgbps / copy_gbps)
+                row.kernel_gbps = case.io_bytes() * TRAFFIC["kernel"][mode] / (med * 1e-3) / 1e9
+                row.kernel_copy_fraction = row.kernel_gbps / copy_gbps
             if args.graphs:
-                row.update(graph_fields(provider, mode, mode_fn(mode, loss, z, f, y), device, args, z + f, med))
+                row.graph = graph_fields(provider, mode, mode_fn(mode, loss, z, f, y), device, args, z + f, med)
             rows.append(row)
     flush(rows)
     return rows
