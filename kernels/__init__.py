@@ -7,7 +7,8 @@
 
 The package imports nothing from the rest of the project. Importing it does not import triton; the submodules do.
 `choose_interpreter()` is the one place that decides, before triton loads, whether the kernels run compiled (CUDA)
-or in Triton's interpreter (CPU): entry points and tests/conftest.py call it first.
+or in Triton's interpreter (CPU): the bench entry points and tests/conftest.py call it first. `selfdistill train`
+does not: on CPU it runs objective.backend=triton only when the environment already sets TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 

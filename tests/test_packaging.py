@@ -63,3 +63,16 @@ def test_without_triton_auto_is_pytorch_and_an_explicit_triton_is_a_config_error
         resolve_backend("triton", cuda)
     monkeypatch.undo()
     assert resolve_backend("auto", cuda) == "triton" and resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_an_explicit_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    """On CPU the kernels run only in Triton's interpreter: without TRITON_INTERPRET=1, objective.backend=triton is
+    a config error naming both ways out (a kernel launched for CPU would fail mid-step with a traceback)."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", cpu) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match=r"needs a CUDA device \(this run is on cpu\).*TRITON_INTERPRET=1.*"
+                                          r"objective.backend=torch or auto runs here"):
+        resolve_backend("triton", cpu)
+    assert resolve_backend("triton", torch.device("cuda")) == "triton"  # resolving only: nothing runs on it

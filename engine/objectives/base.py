@@ -19,6 +19,7 @@ it, the exact log-softmax elsewhere.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import Tensor, nn
@@ -150,6 +151,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name == "triton" and not has_triton:
         raise ConfigError("objective.backend=triton needs triton (pip install triton), which has wheels for Linux "
                           "only; objective.backend=torch runs everywhere")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"objective.backend=triton needs a CUDA device (this run is on {device.type}); on CPU the "
+                          "kernels run only in Triton's interpreter, with TRITON_INTERPRET=1 in the environment "
+                          "(slow: for checking, not training). objective.backend=torch or auto runs here")
     return name
 
 
