@@ -48,6 +48,9 @@ COMPARISONS: list[dict] = [
          held="network, data, schedule (fresh initialisation)", claim="a second generation beats its teacher",
          paper=None, source="Zhang & Sabuncu 2020; no figure found"),
 ]
+# what the json keeps of each run: the test figures at the best validation epoch (every exit and ensemble), the last
+# epoch's test top-1 (where label noise is memorised late, the best epoch hides it), and the cost
+PER_SEED = ("test_best", "test_last_top1", "best_epoch", "epochs", "cpu_s")
 METRIC_NAMES = {"top1": "top-1 (points)", "ece15": "ECE-15 (points)"}
 SCOPE = ("Fashion-MNIST, CIFAR-stem ResNet-18 at width 0.25 (one block per stage), {images:,} class-balanced "
          "training images{noise}, no augmentation, {epochs} epochs: the papers ran 150-300 epochs on CIFAR-100 and "
@@ -106,7 +109,9 @@ def section(runs: Path, methods: dict[str, str], images: int, epochs: int, noise
     per_seed = {m: dict(v) for m, v in (earlier or {}).items()}
     for m, v in load_runs(runs).items():  # a committed result stays (a teacher trained again does not replace it)
         for seed, r in v.items():
-            per_seed.setdefault(m, {}).setdefault(seed, r)
+            old = per_seed.setdefault(m, {}).get(seed)
+            if old is None or old["test_best"] == r["test_best"]:  # the same run: its fields fill what the json lacks
+                per_seed[m][seed] = {**(old or {}), **r}
     noise_text = f" with {noise:.0%} symmetric label noise" if noise else ""
     code = (runs / "code_commit.txt").read_text().strip() if (runs / "code_commit.txt").is_file() else "unknown"
     if earlier_commit and code not in earlier_commit:
@@ -117,7 +122,6 @@ def section(runs: Path, methods: dict[str, str], images: int, epochs: int, noise
     return {"scope": SCOPE.format(images=images, noise=noise_text, epochs=epochs), "runs_commit": code,
             "train_images": images, "epochs": epochs, "label_noise": noise, "methods": methods,
             "cpu_hours": round(cpu_h, 2),
-            "per_seed": {m: {s: {"test_best": r["test_best"], "best_epoch": r["best_epoch"], "epochs": r["epochs"],
-                                 "cpu_s": r["cpu_s"]} for s, r in sorted(v.items(), key=lambda kv: int(kv[0]))}
-                         for m, v in per_seed.items()},
+            "per_seed": {m: {s: {k: r[k] for k in PER_SEED if k in r}
+                             for s, r in sorted(v.items(), key=lambda kv: int(kv[0]))} for m, v in per_seed.items()},
             "comparisons": compare(per_seed)}

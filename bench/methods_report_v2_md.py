@@ -10,6 +10,7 @@ from pathlib import Path
 from bench.methods_report_v2 import COMPARISONS, EXIT_KEYS, METRIC_NAMES, STEM, value
 from bench.report import commit
 from bench.study_stats import ALPHA, LEVEL
+from engine.evaluate import deepest_key
 
 PREDICTORS = (*EXIT_KEYS, "ens_logits")
 MULTI_EXIT = ("dsn", "dsn_journal", "byot_iccv", "byot_journal")
@@ -38,20 +39,32 @@ def _ms(values: list[float], fmt: str = "{:.2f}") -> str:
 
 
 def _method_rows(sec: dict) -> list[str]:
-    rows = ["| method | seeds | deepest top-1 | ECE-15 | NLL | conf − acc | best epoch | per exit top-1 "
-            "(0 / 1 / 2 / 3 / ensemble) |", "|---|---|---|---|---|---|---|---|"]
+    runs_of = {m: list(sec["per_seed"].get(m, {}).values()) for m in sec["methods"]}
+    # the last epoch's deepest top-1 beside the best epoch's, where every run has it (older json entries lack it)
+    last = all("test_last_top1" in r for runs in runs_of.values() for r in runs)
+    rows = ["| method | seeds | deepest top-1 | " + ("last epoch top-1 | " if last else "") +
+            "ECE-15 | NLL | conf − acc | best epoch | per exit top-1 (0 / 1 / 2 / 3 / ensemble) |",
+            "|---" * (8 + last) + "|"]
     for m, what in sec["methods"].items():
-        runs = list(sec["per_seed"].get(m, {}).values())
+        runs = runs_of[m]
         if not runs:
-            rows.append(f"| `{m}` ({what}) | 0 | not run | | | | | |")
+            rows.append(f"| `{m}` ({what}) | 0 | not run |" + " |" * (5 + last))
             continue
         exits = " / ".join(_ms([value(r, p, "top1") for r in runs]) for p in PREDICTORS) if m in MULTI_EXIT else ""
+        at_last = (_ms([r["test_last_top1"][deepest_key(r["test_last_top1"])] for r in runs]) + " | ") if last else ""
         rows.append(f"| `{m}` ({what}) | {len(runs)} | {_ms([value(r, 'deepest', 'top1') for r in runs])} | "
-                    f"{_ms([value(r, 'deepest', 'ece15') for r in runs])} | "
+                    f"{at_last}{_ms([value(r, 'deepest', 'ece15') for r in runs])} | "
                     f"{_ms([value(r, 'deepest', 'nll') for r in runs], '{:.3f}')} | "
                     f"{_ms([value(r, 'deepest', 'overconf') for r in runs], '{:+.2f}')} | "
                     f"{_ms([r['best_epoch'] for r in runs], '{:.0f}')} / {runs[0]['epochs']} | {exits} |")
     return rows
+
+
+def _why(c: dict) -> str:
+    """What made a comparison contradicted: the wrong sign, or an effect whose whole interval is below the paper's."""
+    if c["verdict"] != "contradicted":
+        return ""
+    return " (wrong sign)" if c["interval"]["mean"] < 0 else " (an effect, smaller than the paper's)"
 
 
 def _comparison_rows(sec: dict) -> list[str]:
@@ -67,7 +80,7 @@ def _comparison_rows(sec: dict) -> list[str]:
         rows.append(f"| {c['claim']} (`{c['a']}` {c['pa']} − `{c['b']}` {c['pb']}, {METRIC_NAMES[c['metric']]}"
                     f"{', sign flipped: lower is better' if c['sign'] < 0 else ''}) | {c['held']} | {iv['n']} | "
                     f"{iv['mean']:+.2f} | [{iv['lo']:+.2f}, {iv['hi']:+.2f}] | {iv['p']:.3f} | {c['p_holm']:.3f} | "
-                    f"{eff} | **{c['verdict']}** |")
+                    f"{eff} | **{c['verdict']}**{_why(c)} |")
     return rows
 
 

@@ -190,6 +190,35 @@ def test_v2_comparisons_from_hand_made_runs():
     assert min(r["p_holm"] for r in rows.values()) == pytest.approx(min(1.0, 9 * ps[0]))
 
 
+def test_v2_report_says_why_a_claim_is_contradicted_and_shows_the_last_epoch_where_every_run_has_it():
+    from bench.methods_report_v2 import compare
+    from bench.methods_report_v2_md import markdown
+
+    jit = [0.0, 0.1, -0.1, 0.05, -0.05]
+    ex = lambda base, d: {"exit0": base - 4 + d, "exit1": base - 2 + d, "exit2": base - 1 + d, "exit3": base + d,
+                          "ens_logits": base + 0.5 + d}
+    per_seed = {"ce": {str(s): _v2_run({"exit0": 88.0 + j}) for s, j in enumerate(jit)},
+                "cskd": {str(s): _v2_run({"exit0": 88.4 + 1.1 * j}) for s, j in enumerate(jit)},  # +0.4 < 1.32
+                "dsn": {str(s): _v2_run(ex(88.0, j)) for s, j in enumerate(jit)},
+                "byot_iccv": {str(s): _v2_run(ex(87.0, 1.1 * j)) for s, j in enumerate(jit)}}  # 1 point worse
+    rows = {r["name"]: r for r in compare(per_seed)}
+    sec = {"scope": "s", "runs_commit": "abc", "cpu_hours": 0.1, "per_seed": per_seed,
+           "comparisons": list(rows.values()), "methods": {m: m.upper() for m in per_seed}}
+    lines = {ln.split(" (`")[0].lstrip("| "): ln for ln in markdown({"main": sec}).splitlines()}
+    assert rows["cskd_error_vs_ce"]["verdict"] == rows["byot_vs_dsn_bottleneck"]["verdict"] == "contradicted"
+    assert lines["CS-KD has lower error than CE"].endswith("**contradicted** (an effect, smaller than the paper's) |")
+    assert lines["BYOT's distillation improves the exits over deep supervision alone (bottleneck heads)"].endswith(
+        "**contradicted** (wrong sign) |")
+    assert "last epoch top-1" not in markdown({"main": sec})  # no run has it
+    for m, runs in per_seed.items():
+        for r in runs.values():
+            r["test_last_top1"] = {k: v["top1"] - (1.0 if m == "ce" else 0.0) for k, v in r["test_best"].items()}
+    md = markdown({"main": sec})
+    assert "| deepest top-1 | last epoch top-1 |" in md and "| `ce` (CE) | 5 | 88.00 ± 0.08 | 87.00 ± 0.08 |" in md
+    per_seed["ce"]["0"].pop("test_last_top1")  # one run without it: no column, rather than a mean over the rest
+    assert "last epoch top-1" not in markdown({"main": sec})
+
+
 def _flat(cfg) -> dict:
     import dataclasses
 
