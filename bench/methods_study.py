@@ -22,7 +22,7 @@ import torch
 
 from bench.methods_report_md import write_study_report
 from bench.study_runner import generation as study_generation
-from bench.study_runner import launch, run_waves
+from bench.study_runner import launch, run_queue
 from engine.checkpoint import load_checkpoint, model_from_checkpoint
 from engine.config import Config, load_config
 from engine.evaluate import collect_outputs
@@ -144,10 +144,10 @@ def _teacher(method: str) -> str | None:
 
 
 def run_all(args: argparse.Namespace) -> None:
-    """Every pending run, `args.jobs` at a time, a teacher before its student (bench.study_runner.run_waves)."""
+    """Every pending run, `args.jobs` at a time, a teacher before its student (bench.study_runner.run_queue)."""
     done = {(m, s) for m in METHODS for s in args.seeds if (run_dir(args.runs, m, s) / "study.json").is_file()}
     todo = [(m, s) for s in args.seeds for m in args.methods if (m, s) not in done]
-    run_waves(todo, done, args.seeds, _teacher, lambda job: _launch(job, args), args.jobs, args.threads, args.runs)
+    run_queue(todo, done, args.seeds, _teacher, lambda job: _launch(job, args), args.jobs, args.threads, args.runs)
 
 
 def main(argv: list[str] | None = None) -> int:

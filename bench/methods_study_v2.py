@@ -35,7 +35,7 @@ from bench.methods_pilot import DATA, NET, OPTIM
 from bench.methods_report_v2 import committed, section
 from bench.methods_report_v2_md import STEM, write_report
 from bench.methods_study import evaluate_best
-from bench.study_runner import launch, run_waves
+from bench.study_runner import launch, run_queue
 from engine.config import Config, load_config
 from engine.train import train
 
@@ -134,7 +134,7 @@ def _launch(job: tuple[str, int], args: argparse.Namespace) -> bool:
 
 def run_all(args: argparse.Namespace, earlier: dict) -> None:
     """Every pending run, `args.jobs` at a time, seed by seed, a teacher before its student
-    (bench.study_runner.run_waves). A run is done when its study.json is in the runs folder or its result is in the
+    (bench.study_runner.run_queue). A run is done when its study.json is in the runs folder or its result is in the
     committed json (`earlier`); a student whose teacher's checkpoint is gone (a new checkout) has its teacher
     trained again first, into the runs folder, without replacing the teacher's committed result."""
     done = {(m, s) for m in METHODS for s in args.seeds
@@ -145,7 +145,7 @@ def run_all(args: argparse.Namespace, earlier: dict) -> None:
         if teacher and not (run_dir(args.runs, teacher, s) / "best.pt").is_file() and (teacher, s) in done:
             done.discard((teacher, s))
             todo.insert(todo.index((m, s)), (teacher, s))
-    run_waves(todo, done, args.seeds, lambda m: METHODS[m][2], lambda job: _launch(job, args), args.jobs,
+    run_queue(todo, done, args.seeds, lambda m: METHODS[m][2], lambda job: _launch(job, args), args.jobs,
               args.threads, args.runs)
 
 
