@@ -9,6 +9,7 @@ import json
 import math
 import statistics
 from pathlib import Path
+from typing import Iterable, Optional
 
 from bench.study_stats import Interval, holm, t_interval, verdict
 from engine.evaluate import deepest_key
@@ -66,10 +67,11 @@ def value(run: dict, predictor: str, metric: str) -> float:
     return res[predictor][metric]
 
 
-def compare(per_seed: dict[str, dict[str, dict]]) -> list[dict]:
-    """Every declared comparison over the seeds both sides have: differences, interval, Holm p, verdict."""
+def compare(per_seed: dict[str, dict[str, dict]], family: Optional[Iterable[str]] = None) -> list[dict]:
+    """Every declared comparison over the seeds both sides have: differences, interval, Holm p, verdict. With a
+    `family` of methods (the stress test's), only the comparisons between two of them, Holm-corrected together."""
     rows = []
-    for c in COMPARISONS:
+    for c in COMPARISONS if family is None else [c for c in COMPARISONS if {c["a"], c["b"]} <= set(family)]:
         a, b = per_seed.get(c["a"], {}), per_seed.get(c["b"], {})
         seeds = sorted(set(a) & set(b), key=int)
         diffs = [c["sign"] * (value(a[s], c["pa"], c["metric"]) - value(b[s], c["pb"], c["metric"])) for s in seeds]
@@ -124,4 +126,4 @@ def section(runs: Path, methods: dict[str, str], images: int, epochs: int, noise
             "cpu_hours": round(cpu_h, 2),
             "per_seed": {m: {s: {k: r[k] for k in PER_SEED if k in r}
                              for s, r in sorted(v.items(), key=lambda kv: int(kv[0]))} for m, v in per_seed.items()},
-            "comparisons": compare(per_seed)}
+            "comparisons": compare(per_seed, family=methods)}

@@ -219,6 +219,23 @@ def test_v2_report_says_why_a_claim_is_contradicted_and_shows_the_last_epoch_whe
     assert "last epoch top-1" not in markdown({"main": sec})
 
 
+def test_v2_stress_family_compares_only_its_own_methods_holm_over_them():
+    from bench.methods_report_v2 import COMPARISONS, compare
+    from bench.methods_study_v2 import METHODS, STRESS
+
+    family = STRESS["methods"]
+    assert all(METHODS[m][2] in (None, *family) for m in family)  # every student's teacher is in the family
+    jit = [0.0, 0.1, -0.1]
+    per_seed = {m: {str(s): _v2_run({"exit0": 88.0 + j * (i + 1), "exit1": 88.0, "exit2": 88.0, "exit3": 88.0 + j,
+                                     "ens_logits": 88.0}) for s, j in enumerate(jit)} for i, m in enumerate(family)}
+    rows = compare(per_seed, family=family)
+    names = {c["name"] for c in COMPARISONS if {c["a"], c["b"]} <= set(family)}
+    assert {r["name"] for r in rows} == names and "journal_vs_bottleneck_heads" not in names and len(names) == 7
+    ps = sorted(r["interval"]["p"] for r in rows)
+    assert min(r["p_holm"] for r in rows) == pytest.approx(min(1.0, len(names) * ps[0]))  # m = 7, not 9
+    assert len(compare(per_seed)) == len(COMPARISONS)
+
+
 def _flat(cfg) -> dict:
     import dataclasses
 
