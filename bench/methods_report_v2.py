@@ -52,6 +52,10 @@ COMPARISONS: list[dict] = [
 # what the json keeps of each run: the test figures at the best validation epoch (every exit and ensemble), the last
 # epoch's test top-1 (where label noise is memorised late, the best epoch hides it), and the cost
 PER_SEED = ("test_best", "test_last_top1", "best_epoch", "epochs", "cpu_s")
+# The stress test, declared before it ran: 2 seeds of the family without the journal-head pair (whose claim is about
+# heads, not noise), since one seed of the whole family costs about 4 wall-hours on 2 cores (6,000 steps per run)
+STRESS = {"limit_train": 25600, "label_noise": 0.3, "epochs": 30, "seeds": [0, 1],
+          "methods": ["ce", "ls", "dsn", "byot_iccv", "cskd", "beta", "sd_gen1"]}
 METRIC_NAMES = {"top1": "top-1 (points)", "ece15": "ECE-15 (points)"}
 SCOPE = ("Fashion-MNIST, CIFAR-stem ResNet-18 at width 0.25 (one block per stage), {images:,} class-balanced "
          "training images{noise}, no augmentation, {epochs} epochs: the papers ran 150-300 epochs on CIFAR-100 and "

@@ -7,13 +7,18 @@ import math
 import statistics
 from pathlib import Path
 
-from bench.methods_report_v2 import COMPARISONS, EXIT_KEYS, METRIC_NAMES, STEM, value
+from bench.methods_report_v2 import COMPARISONS, EXIT_KEYS, METRIC_NAMES, STEM, STRESS, value
 from bench.report import commit
 from bench.study_stats import ALPHA, LEVEL
 from engine.evaluate import deepest_key
 
 PREDICTORS = (*EXIT_KEYS, "ens_logits")
 MULTI_EXIT = ("dsn", "dsn_journal", "byot_iccv", "byot_journal")
+STRESS_PLAN = (f" Declared: {STRESS['label_noise']:.0%} symmetric label noise on {STRESS['limit_train']:,} training "
+               f"images (validation and test clean), {STRESS['epochs']} epochs, seeds "
+               f"{', '.join(map(str, STRESS['seeds']))}, methods {', '.join(f'`{m}`' for m in STRESS['methods'])} "
+               "(the journal-head pair left out: its claim is about heads, not noise); the comparisons between these "
+               "methods, Holm-corrected together.")
 
 
 def write_report(out: Path, key: str, sec: dict | None) -> str:
@@ -116,7 +121,7 @@ def markdown(doc: dict) -> str:
     for key, title in (("main", "Results"), ("stress", "Stress test: label noise (shown separately)")):
         sec = doc.get(key)
         if sec is None:
-            text += ["", f"## {title}", "", "Not run yet."]
+            text += ["", f"## {title}", "", "Not run yet." + (STRESS_PLAN if key == "stress" else "")]
             continue
         text += ["", f"## {title}", "", f"**Scope.** {sec['scope']}", "",
                  f"Runs trained at commit `{sec['runs_commit'][:12]}`; {sec['cpu_hours']:.1f} CPU-hours in the "

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from bench.methods_pilot import DATA, NET, OPTIM
-from bench.methods_report_v2 import committed, section
+from bench.methods_report_v2 import STRESS, committed, section
 from bench.methods_report_v2_md import STEM, write_report
 from bench.methods_study import evaluate_best
 from bench.study_runner import launch, run_queue
@@ -42,10 +42,6 @@ from engine.train import train
 
 RUNS = Path("runs/methods_v2")
 EPOCHS, TRAIN_IMAGES, BATCH = 60, 5000, 128
-# The stress test, declared before it ran: 2 seeds of the family without the journal-head pair (whose claim is about
-# heads, not noise), since one seed of the whole family costs about 4 wall-hours on 2 cores (6,000 steps per run)
-STRESS = {"limit_train": 25600, "label_noise": 0.3, "epochs": 30, "seeds": [0, 1],
-          "methods": ["ce", "ls", "dsn", "byot_iccv", "cskd", "beta", "sd_gen1"]}
 # Beta smoothing's EMA teacher: 0.999 in the official code is a horizon of 1,000 steps, 1.28 % of its CIFAR run
 # (200 epochs x 391 steps). The same share of this run's steps sets the decay here.
 PAPER_EMA_SHARE = 1000 / (200 * 391)
