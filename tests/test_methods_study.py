@@ -349,3 +349,18 @@ def test_v2_resumes_from_the_committed_json_in_a_new_checkout(tmp_path, monkeypa
     (tmp_path / "runs" / "ce" / "seed0" / "study.json").write_text(json.dumps(retrained))
     sec = section(tmp_path / "runs", {"ce": "CE"}, 100, 1, 0.0, earlier, "abc")
     assert sec["per_seed"]["ce"]["0"]["test_best"]["exit0"]["top1"] == 88.0  # the committed result stays
+
+
+def test_the_earlier_report_is_labelled_the_under_fit_regime_from_its_own_json():
+    """The committed v1 report carries the banner its writer makes from the committed json: 37 of 42 runs peaked at
+    their last epoch, CE's ECE 0.60 %, and it points to the study v2."""
+    import json
+    from pathlib import Path
+
+    from bench.methods_report_md import regime_note
+
+    res = Path(__file__).resolve().parents[1] / "bench" / "results"
+    doc = json.loads((res / "methods_fashion_mnist.json").read_text())
+    note = regime_note(doc["runs"], doc["summary"])
+    assert "In 37 of 42 runs" in note and "CE's test ECE is 0.60 %" in note and "methods_fashion_mnist_v2.md" in note
+    assert (res / "methods_fashion_mnist.md").read_text().startswith(f"# Methods study on Fashion-MNIST\n\n{note}\n")
