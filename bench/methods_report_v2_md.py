@@ -14,6 +14,7 @@ from engine.evaluate import deepest_key
 
 PREDICTORS = (*EXIT_KEYS, "ens_logits")
 MULTI_EXIT = ("dsn", "dsn_journal", "byot_iccv", "byot_journal")
+RESULTS = Path(__file__).resolve().parent / "results"
 STRESS_PLAN = (f" Declared: {STRESS['label_noise']:.0%} symmetric label noise on {STRESS['limit_train']:,} training "
                f"images (validation and test clean), {STRESS['epochs']} epochs, seeds "
                f"{', '.join(map(str, STRESS['seeds']))}, methods {', '.join(f'`{m}`' for m in STRESS['methods'])} "
@@ -32,6 +33,8 @@ def write_report(out: Path, key: str, sec: dict | None) -> str:
         path.write_text(json.dumps(doc, indent=1) + "\n")
     md = markdown(doc)
     (out / f"{STEM}.md").write_text(md)
+    if out.resolve() == RESULTS:  # the repository's own report: its README summary follows
+        update_readme(RESULTS.parents[1] / "README.md", doc)
     plot(doc, out / f"{STEM}.png")
     return md
 
@@ -87,6 +90,43 @@ def _comparison_rows(sec: dict) -> list[str]:
                     f"{iv['mean']:+.2f} | [{iv['lo']:+.2f}, {iv['hi']:+.2f}] | {iv['p']:.3f} | {c['p_holm']:.3f} | "
                     f"{eff} | **{c['verdict']}**{_why(c)} |")
     return rows
+
+
+def readme_summary(doc: dict) -> str:
+    """The README's summary of the main study, one line per declared comparison, from the json alone (a test holds
+    the README to it)."""
+    sec = doc["main"]
+    seeds = sorted({len(v) for v in sec["per_seed"].values()})
+    span = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    lines = [f"Its verdicts at {span} seeds per method ({sec['cpu_hours']:.1f} CPU-hours; Fashion-MNIST, width-0.25 "
+             f"ResNet-18, {sec['epochs']} epochs on {sec['train_images']:,} images, against the papers' 150-300 "
+             "epochs on CIFAR-100 and ImageNet), paired difference in points with its 95 % interval:"]
+    for c in sec["comparisons"]:
+        iv = c["interval"]
+        eff = "" if c["paper_effect_here"] is None else f"; the paper's effect here {c['paper_effect_here']:+.2f}"
+        diff = (f"{iv['mean']:+.2f} [{iv['lo']:+.2f}, {iv['hi']:+.2f}]" if iv["n"] >= 2 else
+                f"{c['diffs'][0]:+.2f}, one seed" if c["diffs"] else "no seed yet")
+        flip = ", sign flipped: lower is better" if c["sign"] < 0 else ""
+        lines.append(f"- {c['claim']} ({METRIC_NAMES[c['metric']].split(' (')[0]}{flip}): **{c['verdict']}**"
+                     f"{_why(c)}, {diff}{eff}")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, doc: dict) -> bool:
+    """Replace the README's summary block (its first line starts "  Its verdicts at", one "  - " line per
+    comparison follows) with the json's; False where the README has no such block."""
+    if "main" not in doc or not readme.is_file():
+        return False
+    lines = readme.read_text().split("\n")
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("  Its verdicts at ")), None)
+    if start is None:
+        return False
+    end = start + 1
+    while end < len(lines) and lines[end].startswith("  - "):
+        end += 1
+    lines[start:end] = ["  " + ln for ln in readme_summary(doc).splitlines()]
+    readme.write_text("\n".join(lines))
+    return True
 
 
 def markdown(doc: dict) -> str:

@@ -364,3 +364,38 @@ def test_the_earlier_report_is_labelled_the_under_fit_regime_from_its_own_json()
     note = regime_note(doc["runs"], doc["summary"])
     assert "In 37 of 42 runs" in note and "CE's test ECE is 0.60 %" in note and "methods_fashion_mnist_v2.md" in note
     assert (res / "methods_fashion_mnist.md").read_text().startswith(f"# Methods study on Fashion-MNIST\n\n{note}\n")
+
+
+def test_readme_summary_of_the_study_v2_agrees_with_the_committed_json():
+    """The README's verdict lines are what the json gives, so a new seed that changes a verdict changes both."""
+    import json
+    from pathlib import Path
+
+    from bench.methods_report_v2_md import STEM, readme_summary
+
+    root = Path(__file__).resolve().parents[1]
+    doc = json.loads((root / "bench" / "results" / f"{STEM}.json").read_text())
+    block = readme_summary(doc)
+    assert len(block.splitlines()) == 1 + len(doc["main"]["comparisons"])
+    assert "\n".join("  " + ln for ln in block.splitlines()) in (root / "README.md").read_text()
+    md = (root / "bench" / "results" / f"{STEM}.md").read_text()
+    results = md.split("\n## Results\n")[1].split("\n## Stress test")[0]
+    for c in doc["main"]["comparisons"]:  # the md's results show the same verdict for each claim
+        assert f"**{c['verdict']}**" in next(ln for ln in results.splitlines() if ln.startswith(f"| {c['claim']} "))
+
+
+def test_update_readme_replaces_only_the_summary_block(tmp_path):
+    import json
+    from pathlib import Path
+
+    from bench.methods_report_v2_md import STEM, readme_summary, update_readme
+
+    doc = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results" / f"{STEM}.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n- v2:\n  Its verdicts at 1 seed (stale):\n  - old claim: **supported**\n  - another\n"
+                      "- The earlier study\n")
+    assert update_readme(readme, doc)
+    block = "\n".join("  " + ln for ln in readme_summary(doc).splitlines())
+    assert readme.read_text() == f"intro\n- v2:\n{block}\n- The earlier study\n"
+    readme.write_text("no block here\n")
+    assert not update_readme(readme, doc) and readme.read_text() == "no block here\n"
