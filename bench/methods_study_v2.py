@@ -133,7 +133,7 @@ def _launch(job: tuple[str, int], args: argparse.Namespace) -> bool:
 
 
 def run_all(args: argparse.Namespace, earlier: dict) -> None:
-    """Every pending run, `args.jobs` at a time, seed by seed, a teacher before its student
+    """Every pending run, `args.jobs` at a time, lower seeds first, a teacher before its student
     (bench.study_runner.run_queue). A run is done when its study.json is in the runs folder or its result is in the
     committed json (`earlier`); a student whose teacher's checkpoint is gone (a new checkout) has its teacher
     trained again first, into the runs folder, without replacing the teacher's committed result."""
