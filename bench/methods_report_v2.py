@@ -53,7 +53,8 @@ COMPARISONS: list[dict] = [
 # epoch's test top-1 (where label noise is memorised late, the best epoch hides it), and the cost
 PER_SEED = ("test_best", "test_last_top1", "best_epoch", "epochs", "cpu_s")
 # The stress test, declared before it ran: 2 seeds of the family without the journal-head pair (whose claim is about
-# heads, not noise), since one seed of the whole family costs about 4 wall-hours on 2 cores (6,000 steps per run)
+# heads, not noise). A run is 6,000 steps, 2.6 times a main-study run: one seed of all nine methods would be about
+# 2 wall-hours with two runs at a time on 2 cores.
 STRESS = {"limit_train": 25600, "label_noise": 0.3, "epochs": 30, "seeds": [0, 1],
           "methods": ["ce", "ls", "dsn", "byot_iccv", "cskd", "beta", "sd_gen1"]}
 METRIC_NAMES = {"top1": "top-1 (points)", "ece15": "ECE-15 (points)"}
