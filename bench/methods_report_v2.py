@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -50,8 +51,8 @@ COMPARISONS: list[dict] = [
          paper=None, source="Zhang & Sabuncu 2020; no figure found"),
 ]
 # what the json keeps of each run: the test figures at the best validation epoch (every exit and ensemble), the last
-# epoch's test top-1 (where label noise is memorised late, the best epoch hides it), and the cost
-PER_SEED = ("test_best", "test_last_top1", "best_epoch", "epochs", "cpu_s")
+# epoch's test top-1 (where label noise is memorised late, the best epoch hides it), the cost and the commit
+PER_SEED = ("test_best", "test_last_top1", "best_epoch", "epochs", "cpu_s", "commit")
 # The stress test, declared before it ran: 2 seeds of the family without the journal-head pair (whose claim is about
 # heads, not noise). A run is 6,000 steps, 2.6 times a main-study run: one seed of all nine methods would be about
 # 2 wall-hours with two runs at a time on 2 cores.
@@ -97,6 +98,9 @@ def load_runs(runs: Path) -> dict[str, dict[str, dict]]:
     out: dict = {}
     for p in sorted(runs.glob("*/seed*/study.json")):
         r = json.loads(p.read_text())
+        meta = p.with_name("meta.json")  # the commit of the run's last start
+        if meta.is_file():
+            r.setdefault("commit", json.loads(meta.read_text()).get("commit"))
         out.setdefault(r["method"], {})[str(r["seed"])] = r
     return out
 
@@ -126,9 +130,10 @@ def section(runs: Path, methods: dict[str, str], images: int, epochs: int, noise
     elif earlier_commit:
         code = earlier_commit
     cpu_h = sum(r["cpu_s"] for m in per_seed.values() for r in m.values()) / 3600
+    commits = Counter(r["commit"] for m in per_seed.values() for r in m.values() if r.get("commit"))
     return {"scope": SCOPE.format(images=images, noise=noise_text, epochs=epochs), "runs_commit": code,
             "train_images": images, "epochs": epochs, "label_noise": noise, "methods": methods,
-            "cpu_hours": round(cpu_h, 2),
+            "cpu_hours": round(cpu_h, 2), "run_commits": dict(commits.most_common()),
             "per_seed": {m: {s: {k: r[k] for k in PER_SEED if k in r}
                              for s, r in sorted(v.items(), key=lambda kv: int(kv[0]))} for m, v in per_seed.items()},
             "comparisons": compare(per_seed, family=methods)}

@@ -68,6 +68,15 @@ def _method_rows(sec: dict) -> list[str]:
     return rows
 
 
+def _commits(sec: dict) -> str:
+    """The commits the runs were trained at: each run's own (its meta.json), else the study's first stamp."""
+    if not sec.get("run_commits"):
+        return f"Runs trained at commit `{sec['runs_commit'][:12]}`"
+    parts = [f"`{c[:12]}{'-dirty' if c.endswith('-dirty') else ''}` ({n} run{'s' * (n > 1)})"
+             for c, n in sec["run_commits"].items()]
+    return "Runs trained at commits " + ", ".join(parts) + " (each run's last start, from its meta.json)"
+
+
 def _why(c: dict) -> str:
     """What made a comparison contradicted: the wrong sign, or an effect whose whole interval is below the paper's."""
     if c["verdict"] != "contradicted":
@@ -164,8 +173,8 @@ def markdown(doc: dict) -> str:
             text += ["", f"## {title}", "", "Not run yet." + (STRESS_PLAN if key == "stress" else "")]
             continue
         text += ["", f"## {title}", "", f"**Scope.** {sec['scope']}", "",
-                 f"Runs trained at commit `{sec['runs_commit'][:12]}`; {sec['cpu_hours']:.1f} CPU-hours in the "
-                 "finished runs' last attempts.", "", *_method_rows(sec), "", *_comparison_rows(sec)]
+                 f"{_commits(sec)}; {sec['cpu_hours']:.1f} CPU-hours in the finished runs' last attempts.", "",
+                 *_method_rows(sec), "", *_comparison_rows(sec)]
     return "\n".join(text) + "\n"
 
 
