@@ -6,7 +6,6 @@ oriented so that the paper predicts a positive value, with the settings it holds
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -81,8 +80,9 @@ def compare(per_seed: dict[str, dict[str, dict]], family: Optional[Iterable[str]
         a, b = per_seed.get(c["a"], {}), per_seed.get(c["b"], {})
         seeds = sorted(set(a) & set(b), key=int)
         diffs = [c["sign"] * (value(a[s], c["pa"], c["metric"]) - value(b[s], c["pb"], c["metric"])) for s in seeds]
-        base_err = statistics.fmean(100 - value(b[s], c["pb"], "top1") for s in seeds) if seeds else math.nan
-        effect = c["paper"] * base_err if c["paper"] is not None else None
+        # no paired seed yet: no baseline error to scale the paper's effect by (None, not NaN: the json stays strict)
+        effect = (c["paper"] * statistics.fmean(100 - value(b[s], c["pb"], "top1") for s in seeds)
+                  if c["paper"] is not None and seeds else None)
         rows.append({**{k: c[k] for k in ("name", "claim", "a", "pa", "b", "pb", "metric", "sign", "held",
                                           "source")}, "seeds": [int(s) for s in seeds], "diffs": diffs,
                      "interval": t_interval(diffs).as_dict(), "paper_rel_error_reduction": c["paper"],

@@ -91,7 +91,7 @@ def _comparison_rows(sec: dict) -> list[str]:
         iv = c["interval"]
         if iv["n"] < 2:  # one seed: its difference, no interval
             diff = f"{c['diffs'][0]:+.2f} (one seed)" if c["diffs"] else "—"
-            rows.append(f"| {c['claim']} | {c['held']} | {iv['n']} | {diff} | — | — | — | — | {c['verdict']} |")
+            rows.append(f"| {c['claim']} | {c['held']} | {iv['n']} | {diff} | — | — | — | — | **{c['verdict']}** |")
             continue
         eff = "—" if c["paper_effect_here"] is None else f"{c['paper_effect_here']:+.2f}"
         rows.append(f"| {c['claim']} (`{c['a']}` {c['pa']} − `{c['b']}` {c['pb']}, {METRIC_NAMES[c['metric']]}"
@@ -102,14 +102,33 @@ def _comparison_rows(sec: dict) -> list[str]:
 
 
 def readme_summary(doc: dict) -> str:
-    """The README's summary of the main study, one line per declared comparison, from the json alone (a test holds
-    the README to it)."""
+    """The README's summary of the study, one line per declared comparison of the main study and then of the stress
+    test where it has run, from the json alone (a test holds the README to it)."""
     sec = doc["main"]
+    lines = [f"Its verdicts at {_seed_span(sec)} seeds per method ({sec['cpu_hours']:.1f} CPU-hours; Fashion-MNIST, "
+             f"width-0.25 ResNet-18, {sec['epochs']} epochs on {sec['train_images']:,} images, against the papers' "
+             "150-300 epochs on CIFAR-100 and ImageNet), paired difference in points with its 95 % interval:",
+             *_summary_lines(sec)]
+    if "stress" in doc:
+        sec = doc["stress"]
+        done, planned = sum(map(len, sec["per_seed"].values())), len(sec["methods"]) * len(STRESS["seeds"])
+        lines += [f"{STRESS_HEAD} at {_seed_span(sec)} seed(s) per method ({done} of {planned} runs, "
+                  f"{sec['cpu_hours']:.1f} CPU-hours; {sec['label_noise']:.0%} of the {sec['train_images']:,} "
+                  f"training labels replaced at random, {sec['epochs']} epochs), its declared comparisons:",
+                  *_summary_lines(sec)]
+    return "\n".join(lines)
+
+
+STRESS_HEAD = "Its label-noise stress test"
+
+
+def _seed_span(sec: dict) -> str:
     seeds = sorted({len(v) for v in sec["per_seed"].values()})
-    span = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-    lines = [f"Its verdicts at {span} seeds per method ({sec['cpu_hours']:.1f} CPU-hours; Fashion-MNIST, width-0.25 "
-             f"ResNet-18, {sec['epochs']} epochs on {sec['train_images']:,} images, against the papers' 150-300 "
-             "epochs on CIFAR-100 and ImageNet), paired difference in points with its 95 % interval:"]
+    return f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+
+
+def _summary_lines(sec: dict) -> list[str]:
+    lines = []
     for c in sec["comparisons"]:
         iv = c["interval"]
         eff = "" if c["paper_effect_here"] is None else f"; the paper's effect here {c['paper_effect_here']:+.2f}"
@@ -118,12 +137,12 @@ def readme_summary(doc: dict) -> str:
         flip = ", sign flipped: lower is better" if c["sign"] < 0 else ""
         lines.append(f"- {c['claim']} ({METRIC_NAMES[c['metric']].split(' (')[0]}{flip}): **{c['verdict']}**"
                      f"{_why(c)}, {diff}{eff}")
-    return "\n".join(lines)
+    return lines
 
 
 def update_readme(readme: Path, doc: dict) -> bool:
-    """Replace the README's summary block (its first line starts "  Its verdicts at", one "  - " line per
-    comparison follows) with the json's; False where the README has no such block."""
+    """Replace the README's summary block (its first line starts "  Its verdicts at"; "  - " lines and the stress
+    test's heading follow) with the json's; False where the README has no such block."""
     if "main" not in doc or not readme.is_file():
         return False
     lines = readme.read_text().split("\n")
@@ -131,7 +150,7 @@ def update_readme(readme: Path, doc: dict) -> bool:
     if start is None:
         return False
     end = start + 1
-    while end < len(lines) and lines[end].startswith("  - "):
+    while end < len(lines) and lines[end].startswith(("  - ", f"  {STRESS_HEAD} at ")):
         end += 1
     lines[start:end] = ["  " + ln for ln in readme_summary(doc).splitlines()]
     readme.write_text("\n".join(lines))

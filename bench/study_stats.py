@@ -32,7 +32,8 @@ class Interval:
     p: float  # two-sided paired t-test of mean = 0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Fewer than two seeds leave no sd or interval: None there, not NaN or infinity, so the json stays strict."""
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
 
 
 def t_interval(diffs: list[float], level: float = LEVEL) -> Interval:

@@ -318,6 +318,9 @@ def test_v2_runs_a_teacher_and_a_fresh_student_then_reports_from_the_json(tmp_pa
     gen_vs_ce = {c["name"]: c for c in sec["comparisons"]}["sd_gen1_vs_ce"]
     assert gen_vs_ce["diffs"] == [pytest.approx(gen["test_best"]["exit0"]["top1"] - ce["test_best"]["exit0"]["top1"])]
     assert gen_vs_ce["verdict"] == "inconclusive"  # one seed
+    unpaired = [c for c in sec["comparisons"] if not c["seeds"]]  # e.g. BYOT against CE: no byot run
+    assert unpaired and all(c["paper_effect_here"] is None for c in unpaired)
+    json.dumps(sec, allow_nan=False)  # strict json: no NaN where a comparison has no seed
     assert v2.main(["--report-only", "--out", str(out)]) == 0  # no json yet: every section says not run
     assert "Not run yet." in (out / f"{STEM}.md").read_text()
     from bench.methods_report_v2_md import write_report
@@ -367,21 +370,26 @@ def test_the_earlier_report_is_labelled_the_under_fit_regime_from_its_own_json()
 
 
 def test_readme_summary_of_the_study_v2_agrees_with_the_committed_json():
-    """The README's verdict lines are what the json gives, so a new seed that changes a verdict changes both."""
+    """The README's verdict lines are what the json gives, for the main study and the stress test, so a new seed
+    that changes a verdict changes both."""
     import json
     from pathlib import Path
 
-    from bench.methods_report_v2_md import STEM, readme_summary
+    from bench.methods_report_v2_md import STEM, STRESS_HEAD, readme_summary
 
     root = Path(__file__).resolve().parents[1]
     doc = json.loads((root / "bench" / "results" / f"{STEM}.json").read_text())
-    block = readme_summary(doc)
-    assert len(block.splitlines()) == 1 + len(doc["main"]["comparisons"])
-    assert "\n".join("  " + ln for ln in block.splitlines()) in (root / "README.md").read_text()
+    block = readme_summary(doc).splitlines()
+    sections = [k for k in ("main", "stress") if k in doc]
+    assert len(block) == sum(1 + len(doc[k]["comparisons"]) for k in sections)
+    assert "\n".join("  " + ln for ln in block) in (root / "README.md").read_text()
     md = (root / "bench" / "results" / f"{STEM}.md").read_text()
-    results = md.split("\n## Results\n")[1].split("\n## Stress test")[0]
-    for c in doc["main"]["comparisons"]:  # the md's results show the same verdict for each claim
-        assert f"**{c['verdict']}**" in next(ln for ln in results.splitlines() if ln.startswith(f"| {c['claim']} "))
+    for key, part in zip(sections, md.split("\n## Results\n")[1].split("\n## Stress test")):
+        at = 0 if key == "main" else next(i for i, ln in enumerate(block) if ln.startswith(STRESS_HEAD))
+        assert block[at].startswith(STRESS_HEAD if key == "stress" else "Its verdicts at")
+        for c, line in zip(doc[key]["comparisons"], block[at + 1:]):  # README and md give each claim one verdict
+            assert line.startswith(f"- {c['claim']} (") and f"**{c['verdict']}**" in line
+            assert f"**{c['verdict']}**" in next(ln for ln in part.splitlines() if ln.startswith(f"| {c['claim']} "))
 
 
 def test_update_readme_replaces_only_the_summary_block(tmp_path):
@@ -393,7 +401,7 @@ def test_update_readme_replaces_only_the_summary_block(tmp_path):
     doc = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results" / f"{STEM}.json").read_text())
     readme = tmp_path / "README.md"
     readme.write_text("intro\n- v2:\n  Its verdicts at 1 seed (stale):\n  - old claim: **supported**\n  - another\n"
-                      "- The earlier study\n")
+                      "  Its label-noise stress test at 1 seed (stale):\n  - old noise claim\n- The earlier study\n")
     assert update_readme(readme, doc)
     block = "\n".join("  " + ln for ln in readme_summary(doc).splitlines())
     assert readme.read_text() == f"intro\n- v2:\n{block}\n- The earlier study\n"
