@@ -114,7 +114,7 @@ def readme_summary(doc: dict) -> str:
         done, planned = sum(map(len, sec["per_seed"].values())), len(sec["methods"]) * len(STRESS["seeds"])
         lines += [f"{STRESS_HEAD} at {_seed_span(sec)} seed(s) per method ({done} of {planned} runs, "
                   f"{sec['cpu_hours']:.1f} CPU-hours; {sec['label_noise']:.0%} of the {sec['train_images']:,} "
-                  f"training labels replaced at random, {sec['epochs']} epochs), its declared comparisons:",
+                  f"training labels moved to another class at random, {sec['epochs']} epochs), its declared comparisons:",
                   *_summary_lines(sec)]
     return "\n".join(lines)
 
