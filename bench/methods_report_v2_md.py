@@ -114,7 +114,8 @@ def readme_summary(doc: dict) -> str:
         done, planned = sum(map(len, sec["per_seed"].values())), len(sec["methods"]) * len(STRESS["seeds"])
         lines += [f"{STRESS_HEAD} at {_seed_span(sec)} seed(s) per method ({done} of {planned} runs, "
                   f"{sec['cpu_hours']:.1f} CPU-hours; {sec['label_noise']:.0%} of the {sec['train_images']:,} "
-                  f"training labels moved to another class at random, {sec['epochs']} epochs), its declared comparisons:",
+                  f"training labels moved to another class at random, {sec['epochs']} epochs), its declared "
+                  "comparisons:",
                   *_summary_lines(sec)]
     return "\n".join(lines)
 
@@ -193,8 +194,27 @@ def markdown(doc: dict) -> str:
             continue
         text += ["", f"## {title}", "", f"**Scope.** {sec['scope']}", "",
                  f"{_commits(sec)}; {sec['cpu_hours']:.1f} CPU-hours in the finished runs' last attempts.", "",
-                 *_method_rows(sec), "", *_comparison_rows(sec)]
+                 *_method_rows(sec), "", *_comparison_rows(sec), *_memorisation(sec, key)]
     return "\n".join(text) + "\n"
+
+
+def _memorisation(sec: dict, key: str) -> list[str]:
+    """The stress test's loss from training on to the last epoch, per method: descriptive, not a declared
+    comparison, so it gets no verdict."""
+    runs_of = {m: rs for m in sec["methods"] if (rs := list(sec["per_seed"].get(m, {}).values()))}
+    if key != "stress" or not runs_of or not all("test_last_top1" in r for rs in runs_of.values() for r in rs):
+        return []
+
+    def drop(rs: list[dict], predictor: str) -> str:
+        last = [r["test_last_top1"][deepest_key(r["test_last_top1"]) if predictor == "deepest" else predictor]
+                for r in rs]
+        return f"{statistics.fmean(value(r, predictor, 'top1') for r in rs) - statistics.fmean(last):.2f}"
+
+    drops = ", ".join(f"`{m}` {drop(rs, 'deepest')}" + (f" (its exit ensemble {drop(rs, 'ens_logits')})"
+                                                        if m in MULTI_EXIT else "") for m, rs in runs_of.items())
+    return ["", "**Not declared, so no verdict.** The best-validation checkpoint is chosen on clean validation "
+            "images, so it stops before the noise is memorised; how much the deepest exit's test top-1 falls from "
+            f"there to the last epoch (points, mean over seeds): {drops}."]
 
 
 def plot(doc: dict, path: Path) -> None:
