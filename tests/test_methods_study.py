@@ -396,6 +396,11 @@ def test_readme_summary_of_the_study_v2_agrees_with_the_committed_json():
         for c, line in zip(doc[key]["comparisons"], block[at + 1:]):  # README and md give each claim one verdict
             assert line.startswith(f"- {c['claim']} (") and f"**{c['verdict']}**" in line
             assert f"**{c['verdict']}**" in next(ln for ln in part.splitlines() if ln.startswith(f"| {c['claim']} "))
+    # the README's prose on the stress test quotes the md's best-to-last-epoch drops, not figures of its own
+    import re
+    prose = " ".join((root / "README.md").read_text().split()).split("from there to the last epoch")[1].split(". ")[0]
+    quoted = re.findall(r"\d+\.\d\d", prose)
+    assert len(quoted) == 7 and set(quoted) <= set(re.findall(r"\d+\.\d\d", md.split("**Not declared")[1]))
 
 
 def test_update_readme_replaces_only_the_summary_block(tmp_path):
