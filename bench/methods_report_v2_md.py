@@ -15,6 +15,7 @@ from engine.evaluate import deepest_key
 PREDICTORS = (*EXIT_KEYS, "ens_logits")
 MULTI_EXIT = ("dsn", "dsn_journal", "byot_iccv", "byot_journal")
 RESULTS = Path(__file__).resolve().parent / "results"
+STRESS_HEAD = "Its label-noise stress test"  # the README summary's second heading
 STRESS_PLAN = (f" Declared: {STRESS['label_noise']:.0%} symmetric label noise on {STRESS['limit_train']:,} training "
                f"images (validation and test clean), {STRESS['epochs']} epochs, seeds "
                f"{', '.join(map(str, STRESS['seeds']))}, methods {', '.join(f'`{m}`' for m in STRESS['methods'])} "
@@ -118,9 +119,6 @@ def readme_summary(doc: dict) -> str:
                   "comparisons:",
                   *_summary_lines(sec)]
     return "\n".join(lines)
-
-
-STRESS_HEAD = "Its label-noise stress test"
 
 
 def _seed_span(sec: dict) -> str:
