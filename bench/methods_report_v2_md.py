@@ -47,10 +47,22 @@ def _ms(values: list[float], fmt: str = "{:.2f}") -> str:
     return fmt.format(statistics.fmean(values)) + ("" if math.isnan(sd) else " ± " + fmt.format(sd).lstrip("+"))
 
 
+def _runs_of(sec: dict) -> dict[str, list[dict]]:
+    return {m: list(sec["per_seed"].get(m, {}).values()) for m in sec["methods"]}
+
+
+def _every_run_has_last(runs_of: dict[str, list[dict]]) -> bool:
+    """Whether every run keeps its last epoch's test top-1 (older json entries lack it)."""
+    return all("test_last_top1" in r for runs in runs_of.values() for r in runs)
+
+
+def _last_top1(r: dict, predictor: str = "deepest") -> float:
+    return r["test_last_top1"][deepest_key(r["test_last_top1"]) if predictor == "deepest" else predictor]
+
+
 def _method_rows(sec: dict) -> list[str]:
-    runs_of = {m: list(sec["per_seed"].get(m, {}).values()) for m in sec["methods"]}
-    # the last epoch's deepest top-1 beside the best epoch's, where every run has it (older json entries lack it)
-    last = all("test_last_top1" in r for runs in runs_of.values() for r in runs)
+    runs_of = _runs_of(sec)
+    last = _every_run_has_last(runs_of)  # the last epoch's deepest top-1 beside the best epoch's
     rows = ["| method | seeds | deepest top-1 | " + ("last epoch top-1 | " if last else "") +
             "ECE-15 | NLL | conf − acc | best epoch | per exit top-1 (0 / 1 / 2 / 3 / ensemble) |",
             "|---" * (8 + last) + "|"]
@@ -60,7 +72,7 @@ def _method_rows(sec: dict) -> list[str]:
             rows.append(f"| `{m}` ({what}) | 0 | not run |" + " |" * (5 + last))
             continue
         exits = " / ".join(_ms([value(r, p, "top1") for r in runs]) for p in PREDICTORS) if m in MULTI_EXIT else ""
-        at_last = (_ms([r["test_last_top1"][deepest_key(r["test_last_top1"])] for r in runs]) + " | ") if last else ""
+        at_last = (_ms([_last_top1(r) for r in runs]) + " | ") if last else ""
         rows.append(f"| `{m}` ({what}) | {len(runs)} | {_ms([value(r, 'deepest', 'top1') for r in runs])} | "
                     f"{at_last}{_ms([value(r, 'deepest', 'ece15') for r in runs])} | "
                     f"{_ms([value(r, 'deepest', 'nll') for r in runs], '{:.3f}')} | "
@@ -192,24 +204,23 @@ def markdown(doc: dict) -> str:
             continue
         text += ["", f"## {title}", "", f"**Scope.** {sec['scope']}", "",
                  f"{_commits(sec)}; {sec['cpu_hours']:.1f} CPU-hours in the finished runs' last attempts.", "",
-                 *_method_rows(sec), "", *_comparison_rows(sec), *_memorisation(sec, key)]
+                 *_method_rows(sec), "", *_comparison_rows(sec), *(_memorisation(sec) if key == "stress" else [])]
     return "\n".join(text) + "\n"
 
 
-def _memorisation(sec: dict, key: str) -> list[str]:
+def _memorisation(sec: dict) -> list[str]:
     """The stress test's loss from training on to the last epoch, per method: descriptive, not a declared
     comparison, so it gets no verdict."""
-    runs_of = {m: rs for m in sec["methods"] if (rs := list(sec["per_seed"].get(m, {}).values()))}
-    if key != "stress" or not runs_of or not all("test_last_top1" in r for rs in runs_of.values() for r in rs):
+    runs_of = {m: runs for m, runs in _runs_of(sec).items() if runs}
+    if not runs_of or not _every_run_has_last(runs_of):
         return []
 
-    def drop(rs: list[dict], predictor: str) -> str:
-        last = [r["test_last_top1"][deepest_key(r["test_last_top1"]) if predictor == "deepest" else predictor]
-                for r in rs]
-        return f"{statistics.fmean(value(r, predictor, 'top1') for r in rs) - statistics.fmean(last):.2f}"
+    def drop(runs: list[dict], predictor: str) -> str:
+        best = statistics.fmean(value(r, predictor, "top1") for r in runs)
+        return f"{best - statistics.fmean(_last_top1(r, predictor) for r in runs):.2f}"
 
-    drops = ", ".join(f"`{m}` {drop(rs, 'deepest')}" + (f" (its exit ensemble {drop(rs, 'ens_logits')})"
-                                                        if m in MULTI_EXIT else "") for m, rs in runs_of.items())
+    drops = ", ".join(f"`{m}` {drop(runs, 'deepest')}" + (f" (its exit ensemble {drop(runs, 'ens_logits')})"
+                                                          if m in MULTI_EXIT else "") for m, runs in runs_of.items())
     return ["", "**Not declared, so no verdict.** The best-validation checkpoint is chosen on clean validation "
             "images, so it stops before the noise is memorised; how much the deepest exit's test top-1 falls from "
             f"there to the last epoch (points, mean over seeds): {drops}."]
