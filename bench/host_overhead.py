@@ -155,7 +155,8 @@ def host_report(device: torch.device, reps: int, out_dir: Path) -> dict:
     return payload
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def run(argv: Optional[list[str]]) -> dict:
+    """Measure and write the report; its payload, with the written paths."""
     p = base_parser("selfdistill bench host-overhead", __doc__, repeats=1)
     p.add_argument("--reps", type=int, default=500, help="timed calls of the fused forward + backward")
     args = p.parse_args(argv)
@@ -164,7 +165,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if not fused_runs(device):
         fail("bench host-overhead: the fused kernel needs TRITON_INTERPRET=1 on CPU")
-    host_report(device, args.reps, out_dir)
+    return host_report(device, args.reps, out_dir)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    run(argv)
     return 0
 
 

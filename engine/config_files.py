@@ -80,7 +80,7 @@ def refuse_old_key(key: str, where: str) -> None:
     if key in MOVED:
         raise ConfigError(f"{key} ({where}) is now {MOVED[key]}")
     if key in RETIRED:
-        raise ConfigError(f"{key} ({where}): this key was removed (it had no effect); drop it")
+        raise ConfigError(f"{key}: this key was removed (it had no effect); drop it from {where}")
 
 
 def migrate(data: dict) -> dict:

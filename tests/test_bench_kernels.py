@@ -61,18 +61,24 @@ def test_tiny_sweep_report_is_well_formed(tmp_path):
 
 
 def test_host_overhead_report(tmp_path):
-    """`bench host-overhead` writes host_us and launches (the BYOT objective's fused step: 2 launches + the seed
-    fill)."""
-    from engine.cli import main
-
-    assert main(["bench", "host-overhead", "--device", DEVICE, "--reps", "20", "--out", str(tmp_path / "host")]) == 0
+    """--host-overhead writes host_us and launches (the BYOT objective's fused step: 2 launches + the seed fill)."""
+    payload = run(["--device", DEVICE, "--host-overhead", "--host-reps", "20", "--out", str(tmp_path / "host")])
     report = json.loads((tmp_path / "host" / "report.json").read_text())
-    assert report["launches"] == 3 and report["triton_launches"] == 2
+    assert report["launches"] == payload["launches"] == 3 and report["triton_launches"] == 2
     assert 0 < report["host_us"]["p20"] <= report["host_us"]["median"] <= report["host_us"]["p80"]
     floor = report["torch_floor_us"]["median"]
     assert 0 < floor and report["own_host_us"] == pytest.approx(report["host_us"]["median"] - floor)
     assert report["eager_launches"] > 100
     assert "host us" in (tmp_path / "host" / "report.md").read_text()
+
+
+def test_host_overhead_is_its_own_subcommand(tmp_path):
+    """`selfdistill bench host-overhead` writes the same report; `bench kernels --host-overhead` is its alias."""
+    from engine.cli import main as cli
+
+    assert cli(["bench", "host-overhead", "--device", DEVICE, "--reps", "20", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["launches"] == 3 and report["triton_launches"] == 2 and report["host_us"]["reps"] == 20
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
