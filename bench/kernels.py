@@ -54,7 +54,7 @@ def cases(args, device: torch.device) -> list[Case]:
 
 def run(argv: list[str]) -> dict[str, Any]:
     """Measure and write the report, rewritten after every provider; the payload, with the written paths."""
-    if "--host-overhead" in argv:  # the flag that `bench host-overhead` replaced keeps working, as timm keeps aliases
+    if "--host-overhead" in argv:  # the flag that `bench host-overhead` replaced: scripts written for it still run
         from bench import host_overhead
 
         log("bench kernels --host-overhead is now `selfdistill bench host-overhead` (--host-reps is its --reps)")
