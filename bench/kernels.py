@@ -58,7 +58,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         from bench import host_overhead
 
         log("bench kernels --host-overhead is now `selfdistill bench host-overhead` (--host-reps is its --reps)")
-        return host_overhead.run(["--reps" if a == "--host-reps" else a for a in argv if a != "--host-overhead"])
+        return host_overhead.run([a.replace("--host-reps", "--reps", 1) if a.split("=")[0] == "--host-reps" else a
+                                  for a in argv if a != "--host-overhead"])
     args = parse_args(argv)
     device, out_dir = start(args, "kernels")
     fns, todo = loss_fns(args.providers, device, args.compile_backend), cases(args, device)
